@@ -1,0 +1,46 @@
+"""a2a: MoE expert-parallel all-to-all (dispatch, sanitize, combine) in Triton over symmetric memory.
+
+The API follows FlashInfer's `flashinfer.comm` MoE all-to-all (`MoeAlltoAll` and the `moe_a2a_*`
+functions), so switching is one import. Without a CUDA device the kernels run under the Triton
+interpreter (TRITON_INTERPRET=1 is set here before any kernel is defined, unless already set).
+"""
+
+from a2a import envs
+
+envs.configure_triton_for_host()
+
+from a2a.errors import A2AError, A2ATimeoutError, PhaseError  # noqa: E402
+from a2a.functional import (  # noqa: E402
+    moe_a2a_combine,
+    moe_a2a_dispatch,
+    moe_a2a_get_aux_data_size,
+    moe_a2a_get_metainfo_index_pairs,
+    moe_a2a_get_workspace_size_per_rank,
+    moe_a2a_initialize,
+    moe_a2a_sanitize_expert_ids,
+    moe_a2a_wrap_payload_tensor_in_workspace,
+)
+from a2a.layout import MAX_PAYLOADS, MAX_RANKS, MAX_TOP_K, WorkspaceLayout  # noqa: E402
+from a2a.moe_alltoall import Mapping, MoeAlltoAll  # noqa: E402
+from a2a.runtime.simulated import SimulatedWorld  # noqa: E402
+
+__all__ = [
+    "A2AError",
+    "A2ATimeoutError",
+    "MAX_PAYLOADS",
+    "MAX_RANKS",
+    "MAX_TOP_K",
+    "Mapping",
+    "MoeAlltoAll",
+    "PhaseError",
+    "SimulatedWorld",
+    "WorkspaceLayout",
+    "moe_a2a_combine",
+    "moe_a2a_dispatch",
+    "moe_a2a_get_aux_data_size",
+    "moe_a2a_get_metainfo_index_pairs",
+    "moe_a2a_get_workspace_size_per_rank",
+    "moe_a2a_initialize",
+    "moe_a2a_sanitize_expert_ids",
+    "moe_a2a_wrap_payload_tensor_in_workspace",
+]

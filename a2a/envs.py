@@ -1,0 +1,115 @@
+"""Every environment variable a2a reads, in one place.
+
+| variable | type | default | effect |
+|---|---|---|---|
+| `A2A_SIGNAL_TIMEOUT_S` | float | 300 | host-side waits for a peer's flag (CPU path, watchdogs) give up after this many seconds and raise `A2ATimeoutError` naming the missing ranks |
+| `A2A_HOST_POLL_S` | float | 0.0005 | sleep between two polls of a flag in a blocking host wait |
+| `TRITON_INTERPRET` | bool | set to 1 by a2a when no CUDA device exists | run the Triton kernels under the Triton interpreter on the CPU (read by Triton itself) |
+| `CUDA_DEVICE_MAX_CONNECTIONS` | int | set to 32 by `SimulatedWorld` on CUDA if CUDA is not initialised yet | hardware queues per device; a simulated world needs one per rank stream, or a parked wait blocks another rank's work |
+| `CUDA_MODULE_LOADING` | str | set to EAGER by `SimulatedWorld` on CUDA if CUDA is not initialised yet | lazy loading of a kernel while a stream is parked in a wait can deadlock a single-thread simulation |
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def _float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError as exc:
+        raise ValueError(f"environment variable {name} must be a number, got {raw!r}") from exc
+
+
+def signal_timeout_s() -> float:
+    """Seconds a host wait for a peer flag may take before `A2ATimeoutError`."""
+    return _float("A2A_SIGNAL_TIMEOUT_S", 300.0)
+
+
+def host_poll_s() -> float:
+    """Seconds between two polls of a flag in a blocking host wait."""
+    return _float("A2A_HOST_POLL_S", 0.0005)
+
+
+def use_triton_interpreter() -> bool:
+    """Whether Triton kernels run under the interpreter (decided before any kernel is defined)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def configure_triton_for_host() -> None:
+    """Select the Triton interpreter when this machine has no CUDA device.
+
+    Must run before `a2a.kernels` is imported: Triton decides between compiling and interpreting
+    when a kernel is decorated. An explicit `TRITON_INTERPRET` from the user always wins. The
+    device check goes through NVML, so it does not initialise the CUDA driver (CUDA_MODULE_LOADING
+    and CUDA_DEVICE_MAX_CONNECTIONS can still be set afterwards).
+    """
+    if "TRITON_INTERPRET" in os.environ:
+        return
+    if not cuda_device_present():
+        os.environ["TRITON_INTERPRET"] = "1"
+
+
+def cuda_device_present() -> bool:
+    """Whether torch sees a CUDA device, asked through NVML (no cuInit)."""
+    import torch
+
+    if torch.version.cuda is None:
+        return False
+    previous = os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK")
+    os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
+    try:
+        return torch.cuda.is_available()
+    finally:
+        if previous is None:
+            del os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"]
+        else:
+            os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = previous
+
+
+SIMULATION_ENV = {"CUDA_DEVICE_MAX_CONNECTIONS": "32", "CUDA_MODULE_LOADING": "EAGER"}
+
+
+def set_simulation_env() -> None:
+    """Set what a one-process simulated world on CUDA needs; call before torch touches CUDA."""
+    for name, value in SIMULATION_ENV.items():
+        os.environ.setdefault(name, value)
+
+
+def prepare_cuda_for_simulation(num_streams: int) -> None:
+    """Give a one-process simulated world on CUDA what it needs, or explain why it can't run.
+
+    Both variables only take effect before CUDA initialises in this process; with one rank there is
+    nothing to deadlock, so nothing is required.
+    """
+    import torch
+
+    if not torch.cuda.is_initialized():
+        set_simulation_env()
+    if num_streams <= 1:
+        return
+    fix = (
+        "Set CUDA_MODULE_LOADING=EAGER and CUDA_DEVICE_MAX_CONNECTIONS=32 in the environment before the "
+        "process first uses CUDA (or call a2a.envs.set_simulation_env() first thing)."
+    )
+    from a2a.runtime.driver import check, driver
+
+    cu = driver()
+    check("cuInit", cu.cuInit(0))
+    mode = check("cuModuleGetLoadingMode", cu.cuModuleGetLoadingMode())
+    if mode != cu.CUmoduleLoadingMode.CU_MODULE_EAGER_LOADING:
+        raise RuntimeError(
+            f"a simulated world of {num_streams} ranks on CUDA needs eager module loading (got {mode.name}): "
+            "with lazy loading, the first launch of a kernel while a rank's stream is parked in a wait "
+            f"never returns, and the one host thread that would unblock it hangs. {fix}"
+        )
+    connections = int(os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS", "8"))
+    if connections < num_streams + 1:
+        raise RuntimeError(
+            f"a simulated world of {num_streams} ranks on CUDA needs CUDA_DEVICE_MAX_CONNECTIONS >= "
+            f"{num_streams + 1} (got {connections}): otherwise two ranks' streams share a hardware queue "
+            f"and a parked wait blocks the peer it waits for. {fix}"
+        )

@@ -1,0 +1,92 @@
+"""The functional API, named and ordered as FlashInfer's `flashinfer.comm` MoE all-to-all ops.
+
+Every op runs on the current stream (on CUDA: torch's current stream; with a rank stream
+activated: that stream) and none synchronises, except `moe_a2a_initialize`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from a2a import validation
+from a2a.combine import moe_a2a_combine
+from a2a.dispatch import moe_a2a_dispatch
+from a2a.layout import WorkspaceLayout, aux_data_size, metainfo_index_pairs, workspace_size_per_rank
+from a2a.sanitize import moe_a2a_sanitize_expert_ids
+
+
+def moe_a2a_get_workspace_size_per_rank(
+    ep_size: int,
+    max_num_tokens: int,
+    total_dispatch_payload_size_per_token: int | Sequence[int],
+    combine_payload_size_per_token: int,
+) -> int:
+    """Bytes per rank for rounds of up to `max_num_tokens` tokens (see `a2a.layout`)."""
+    return workspace_size_per_rank(
+        ep_size, max_num_tokens, total_dispatch_payload_size_per_token, combine_payload_size_per_token
+    )
+
+
+def moe_a2a_get_aux_data_size(ep_size: int, max_num_tokens: int) -> int:
+    """Byte offset where payload data begins in each segment."""
+    return aux_data_size(ep_size, max_num_tokens)
+
+
+def moe_a2a_get_metainfo_index_pairs() -> list[tuple[str, int]]:
+    """(name, index) pairs of the metainfo tensor, names prefixed `MOE_A2A_`."""
+    return metainfo_index_pairs()
+
+
+def moe_a2a_initialize(workspace: torch.Tensor, ep_rank: int, ep_size: int, max_num_tokens: int) -> torch.Tensor:
+    """Zero this rank's segment (row `ep_rank`) and return the layout as a CPU int64 metainfo tensor.
+
+    Synchronises the current stream. Peers must not dispatch into this segment before it is zeroed:
+    put a barrier across ranks between every rank's initialize and the first dispatch.
+    """
+    validation.check_geometry(ep_size, ep_rank)
+    workspace = validation.check_workspace(workspace, ep_size)
+    layout = WorkspaceLayout.compute(ep_size, max_num_tokens)
+    validation.check_fits("the aux region", layout.aux_size, workspace.shape[1])
+    workspace[ep_rank].zero_()
+    if workspace.is_cuda:
+        torch.cuda.current_stream(workspace.device).synchronize()
+    return layout.to_metainfo()
+
+
+def moe_a2a_wrap_payload_tensor_in_workspace(
+    workspace: torch.Tensor,
+    leading_shape: Sequence[int],
+    slice_start: int,
+    slice_end: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """View bytes `[slice_start, slice_end)` of the workspace as `[*leading_shape, -1]` of `dtype`.
+
+    Offsets are absolute (`rank * workspace.stride(0) + local`); a 1-D workspace is one segment.
+    """
+    if workspace.dim() == 1:
+        workspace = workspace.unsqueeze(0)
+    workspace = validation.require_tensor("workspace", workspace, dtypes=[torch.uint8], ndim=2, contiguous=False)
+    stride = workspace.stride(0)
+    rank, local = divmod(slice_start, stride)
+    length = slice_end - slice_start
+    if length < 0 or length > workspace.shape[1] or local + length > workspace.shape[1] or rank >= workspace.shape[0]:
+        raise ValueError(
+            f"slice [{slice_start}, {slice_end}) does not lie inside one segment of a workspace "
+            f"{list(workspace.shape)} with stride {stride}"
+        )
+    return workspace[rank, local : local + length].view(dtype).view(*leading_shape, -1)
+
+
+__all__ = [
+    "moe_a2a_combine",
+    "moe_a2a_dispatch",
+    "moe_a2a_get_aux_data_size",
+    "moe_a2a_get_metainfo_index_pairs",
+    "moe_a2a_get_workspace_size_per_rank",
+    "moe_a2a_initialize",
+    "moe_a2a_sanitize_expert_ids",
+    "moe_a2a_wrap_payload_tensor_in_workspace",
+]

@@ -1,0 +1,79 @@
+"""Dispatch copy: every local token's payload rows into each target rank's receive planes.
+
+Grid `(num_tokens, num_tiles)`: program `(i, c)` copies column tile `c` of every payload row of
+token `i` (payloads narrower than `c * TILE` units skip it). The row is read once and stored to
+each unique target `t` of the token at receive plane row `[ep_rank][slot]` of segment `t`, where
+`slot = block_offsets[i // BLOCK_TOKENS, t] + topk_local_slots[i, k]` (see routing). Programs of
+tile 0 also store the final slots in `topk_send_indices` for combine.
+
+Payloads are copied as opaque units (int32 / int16 / uint8 views chosen by the launcher from row
+bytes and alignment); VEC_UNITS[p] > 1 promises that every source and destination row of payload
+p starts on a VEC_UNITS-unit boundary, so loads and stores can be 16-byte vectors.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _copy_row_tile(src_ptr, dst_ptr, dst_stride, token, tile, block, topk_row, first_row,
+                   topk_target_ranks_ptr, topk_local_slots_ptr, block_offsets_ptr,
+                   ROW_UNITS: tl.constexpr, VEC_UNITS: tl.constexpr, TOP_K: tl.constexpr,
+                   EP_SIZE: tl.constexpr, TILE: tl.constexpr):
+    """Tile `tile` of one payload row of `token`, read once, stored to each unique target."""
+    if tile * TILE < ROW_UNITS:
+        cols = tile * TILE + tl.arange(0, TILE)
+        col_mask = cols < ROW_UNITS
+        src = src_ptr
+        if VEC_UNITS > 1:
+            src = tl.multiple_of(src, 16)  # VEC_UNITS > 1 means 16-byte aligned rows
+        row = tl.load(src + token * ROW_UNITS + cols, mask=col_mask)
+        for k in range(TOP_K):
+            target = tl.load(topk_target_ranks_ptr + topk_row + k)
+            if target >= 0:
+                slot = tl.load(topk_local_slots_ptr + topk_row + k) + tl.load(
+                    block_offsets_ptr + block * EP_SIZE + target)
+                dst = dst_ptr + target.to(tl.int64) * dst_stride
+                tl.store(dst + (first_row + slot) * ROW_UNITS + cols, row, mask=col_mask)
+
+
+@triton.jit(do_not_specialize=["runtime_max_tokens", "ep_rank"],
+            do_not_specialize_on_alignment=["src_ptrs"])
+def _dispatch_copy_kernel(
+    src_ptrs,  # tuple of NUM_PAYLOADS: [num_tokens, ROW_UNITS[p]] copy units, the caller's payloads
+    dst_ptrs,  # tuple: receive plane p of segment 0, [EP_SIZE, runtime_max_tokens, ROW_UNITS[p]]
+    dst_strides,  # tuple: copy units between the same plane of two consecutive segments
+    topk_target_ranks_ptr,  # [num_tokens, TOP_K] int32, own segment
+    topk_local_slots_ptr,  # [num_tokens, TOP_K] int32, own segment
+    block_offsets_ptr,  # [num_blocks, EP_SIZE] int32, own segment
+    topk_send_indices_ptr,  # [num_tokens, TOP_K] int32, own segment (written here)
+    runtime_max_tokens,
+    ep_rank,
+    NUM_PAYLOADS: tl.constexpr,
+    ROW_UNITS: tl.constexpr,  # tuple: copy units per row of each payload
+    VEC_UNITS: tl.constexpr,  # tuple: proven alignment (in units) of every row of each payload
+    TOP_K: tl.constexpr,
+    K_PAD: tl.constexpr,
+    EP_SIZE: tl.constexpr,
+    BLOCK_TOKENS: tl.constexpr,
+    TILE: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    tile = tl.program_id(1)
+    block = token // BLOCK_TOKENS
+    topk_row = token * TOP_K
+
+    if tile == 0:
+        ks = tl.arange(0, K_PAD)
+        k_mask = ks < TOP_K
+        targets = tl.load(topk_target_ranks_ptr + topk_row + ks, mask=k_mask, other=-1)
+        sends = targets >= 0
+        local = tl.load(topk_local_slots_ptr + topk_row + ks, mask=k_mask, other=0)
+        base = tl.load(block_offsets_ptr + block * EP_SIZE + targets, mask=sends, other=0)
+        tl.store(topk_send_indices_ptr + topk_row + ks, tl.where(sends, local + base, -1), mask=k_mask)
+
+    first_row = ep_rank.to(tl.int64) * runtime_max_tokens
+    for p in tl.static_range(NUM_PAYLOADS):
+        _copy_row_tile(src_ptrs[p], dst_ptrs[p], dst_strides[p], token, tile, block, topk_row, first_row,
+                       topk_target_ranks_ptr, topk_local_slots_ptr, block_offsets_ptr,
+                       ROW_UNITS[p], VEC_UNITS[p], TOP_K, EP_SIZE, TILE)

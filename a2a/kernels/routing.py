@@ -1,0 +1,124 @@
+"""Routing: expert -> owner rank, first-occurrence de-duplication, deterministic slots, counters.
+
+One program per block of BLOCK_TOKENS local tokens. Each program:
+1. maps every (token, k) to its owner rank (-1 for an id outside [0, num_experts) or a rank the
+   token already sends to through an earlier k) and stores `topk_target_ranks`;
+2. counts, per target rank, the block's tokens sent there and stores the slot each token gets
+   inside its block (`topk_local_slots`: earlier tokens of the block sending to the same target);
+3. publishes its per-target counts in `block_counts[block]`.
+The last program to finish (an acq_rel election counter, reset by that program so the next round,
+or a graph replay, starts from zero) turns the counts into exclusive per-block offsets, writes
+`send_counters`, and stores `recv_counters[ep_rank]` into every target's segment. A token's final
+slot at target t is `block_offsets[block, t] + topk_local_slots`: the number of earlier local tokens
+sent to t, so receive order equals source order and two runs are bitwise identical.
+
+This pass also does the "prepare" work of a round: every per-round counter it reads is fully
+rewritten here, so no separate reset launch is needed.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _owner_rank(expert, experts_base, experts_remainder):
+    # Contiguous ownership; the first `remainder` ranks own base + 1 experts.
+    split = experts_remainder * (experts_base + 1)
+    big = expert // (experts_base + 1)
+    small = experts_remainder + (expert - split) // tl.maximum(experts_base, 1)
+    return tl.where(expert < split, big, small)
+
+
+@triton.jit
+def _first_targets(expert_ids_ptr, tokens, token_mask, k, num_experts, experts_base, experts_remainder,
+                   sends, ranks, TOP_K: tl.constexpr):
+    """Target of column k for each token (-1: invalid id or rank already hit), and its one-hot row."""
+    expert = tl.load(expert_ids_ptr + tokens * TOP_K + k, mask=token_mask, other=-1)
+    valid = token_mask & (expert >= 0) & (expert < num_experts)
+    owner = _owner_rank(tl.where(valid, expert, 0), experts_base, experts_remainder)
+    owner = tl.where(valid, owner, -1)
+    hit = ranks[None, :] == owner[:, None]  # [BLOCK_TOKENS, EP_PAD]
+    seen = tl.sum(tl.where(hit, sends, 0), axis=1) > 0
+    first = valid & (~seen)
+    invalid = token_mask & (~valid)
+    return tl.where(first, owner, -1), hit & first[:, None], invalid
+
+
+@triton.jit(do_not_specialize=["num_tokens", "num_blocks", "num_experts", "experts_base", "experts_remainder",
+                               "ep_rank", "stride_recv_rank"],
+            do_not_specialize_on_alignment=["expert_ids_ptr"])
+def _route_kernel(
+    expert_ids_ptr,  # [num_tokens, TOP_K] int32: the caller's routing
+    topk_target_ranks_ptr,  # [num_tokens, TOP_K] int32, own segment
+    topk_local_slots_ptr,  # [num_tokens, TOP_K] int32, own segment
+    block_counts_ptr,  # [num_blocks, EP_SIZE] int32, own segment: counts, then exclusive offsets
+    block_invalid_ptr,  # [num_blocks] int32, own segment
+    round_state_ptr,  # [4] int32, own segment: [0] election counter, [1] invalid pairs
+    send_counters_ptr,  # [EP_SIZE] int32, own segment
+    recv_counters_ptr,  # [EP_SIZE] int32 in segment 0; segment t at + t * stride_recv_rank
+    stride_recv_rank,  # int32 elements between two segments
+    num_tokens,
+    num_blocks,  # max(1, cdiv(num_tokens, BLOCK_TOKENS)): the grid size
+    num_experts,
+    experts_base,
+    experts_remainder,
+    ep_rank,
+    TOP_K: tl.constexpr,
+    EP_SIZE: tl.constexpr,
+    EP_PAD: tl.constexpr,
+    BLOCK_TOKENS: tl.constexpr,
+    SCAN_BLOCKS: tl.constexpr,
+):
+    block = tl.program_id(0)
+    tokens = block.to(tl.int64) * BLOCK_TOKENS + tl.arange(0, BLOCK_TOKENS)
+    token_mask = tokens < num_tokens
+    ranks = tl.arange(0, EP_PAD)
+    rank_mask = ranks < EP_SIZE
+
+    # Pass 1: which ranks each token sends to (one-hot rows), de-duplicated per token.
+    sends = tl.zeros([BLOCK_TOKENS, EP_PAD], dtype=tl.int32)
+    num_invalid = tl.zeros([BLOCK_TOKENS], dtype=tl.int32)
+    for k in range(TOP_K):
+        target, new_hit, invalid = _first_targets(expert_ids_ptr, tokens, token_mask, k, num_experts,
+                                                  experts_base, experts_remainder, sends, ranks, TOP_K)
+        sends = tl.where(new_hit, 1, sends)
+        num_invalid += invalid.to(tl.int32)
+        tl.store(topk_target_ranks_ptr + tokens * TOP_K + k, target, mask=token_mask)
+
+    # Pass 2: slot inside the block = earlier tokens of the block sending to the same rank.
+    earlier = tl.cumsum(sends, axis=0) - sends
+    seen = tl.zeros([BLOCK_TOKENS, EP_PAD], dtype=tl.int32)
+    for k in range(TOP_K):
+        target, new_hit, invalid = _first_targets(expert_ids_ptr, tokens, token_mask, k, num_experts,
+                                                  experts_base, experts_remainder, seen, ranks, TOP_K)
+        seen = tl.where(new_hit, 1, seen)
+        local_slot = tl.sum(tl.where(new_hit, earlier, 0), axis=1)
+        tl.store(topk_local_slots_ptr + tokens * TOP_K + k, tl.where(target >= 0, local_slot, -1),
+                 mask=token_mask)
+
+    counts = tl.sum(sends, axis=0)
+    tl.store(block_counts_ptr + block * EP_SIZE + ranks, counts, mask=rank_mask)
+    tl.store(block_invalid_ptr + block, tl.sum(num_invalid, axis=0))
+
+    # Every thread's stores above must be visible before the election increment.
+    tl.debug_barrier()
+    finished = tl.atomic_add(round_state_ptr, 1, sem="acq_rel", scope="gpu")
+    if finished == num_blocks - 1:
+        carry = tl.zeros([EP_PAD], dtype=tl.int32)
+        total_invalid = 0
+        for first_block in range(0, num_blocks, SCAN_BLOCKS):
+            blocks = first_block + tl.arange(0, SCAN_BLOCKS)
+            block_mask = blocks < num_blocks
+            mask = block_mask[:, None] & rank_mask[None, :]
+            offsets = blocks[:, None] * EP_SIZE + ranks[None, :]
+            block_counts = tl.load(block_counts_ptr + offsets, mask=mask, other=0, cache_modifier=".cg")
+            inclusive = tl.cumsum(block_counts, axis=0)
+            tl.store(block_counts_ptr + offsets, inclusive - block_counts + carry[None, :], mask=mask)
+            carry += tl.sum(block_counts, axis=0)
+            total_invalid += tl.sum(tl.load(block_invalid_ptr + blocks, mask=block_mask, other=0,
+                                            cache_modifier=".cg"), axis=0)
+        tl.store(send_counters_ptr + ranks, carry, mask=rank_mask)
+        remote = recv_counters_ptr + ranks.to(tl.int64) * stride_recv_rank + ep_rank
+        tl.store(remote, carry, mask=rank_mask)
+        tl.store(round_state_ptr + 1, total_invalid)
+        tl.store(round_state_ptr, 0)

@@ -1,0 +1,214 @@
+"""The workspace layout: every region of a rank's workspace segment, computed in one place.
+
+A workspace is a uint8 matrix `[ep_size, size_per_rank]` (row stride may exceed `size_per_rank`);
+segment `r` belongs to rank `r` and every rank can address every segment. All offsets here are
+byte offsets relative to a segment start and are identical in every segment.
+
+Aux region (static for a given `(ep_size, max_num_tokens)`), each field 128-byte aligned:
+
+| field | type, shape | written by | read by |
+|---|---|---|---|
+| send_counters | i32 [ep] | own routing (last program) | host / tests |
+| recv_counters | i32 [ep] | source `s` writes `[s]` remotely (routing, last program) | own sanitize, combine staging |
+| dispatch_flags | u32 [ep] | peer `s` sets `[s]` = 1 (stream write after its dispatch) | own stream waits, then resets to 0 |
+| combine_flags | u32 [ep] | peer `s` sets `[s]` = 1 (its combine plane is ready) | own stream waits, then resets to 0 |
+| round_state | i32 [4] | own routing | `[0]` last-program election counter (self-resetting), `[1]` invalid (token, k) pairs skipped in the last dispatch |
+| topk_target_ranks | i32 [max_num_tokens * top_k] | own routing | own combine |
+| topk_send_indices | i32 [max_num_tokens * top_k] | own dispatch copy | own combine |
+| topk_local_slots | i32 [max_num_tokens * top_k] | own routing (slot inside its token block) | own dispatch copy |
+| block_counts | i32 [num_route_blocks, ep] | own routing: per-block counts, then exclusive offsets | own dispatch copy |
+| block_invalid | i32 [num_route_blocks] | own routing | own routing (last program) |
+
+The top-k arrays reserve `MAX_TOP_K` entries per token but are indexed with the runtime `top_k`
+as row stride: entry `(token i, k)` sits at element `i * top_k + k`.
+
+Payload region (per round: depends on `runtime_max_tokens_per_rank` and the payload list):
+receive plane `p` is `[ep, rt, bytes_p]` (row `source * rt + slot`), planes packed in payload order,
+each starting on a 16-byte boundary so the widest vector copy is always legal. The combine plane
+`[ep, rt, combine_bytes]` starts at the next 128-byte boundary after the last receive plane.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+MAX_RANKS = 64
+MAX_TOP_K = 22
+MAX_PAYLOADS = 8
+# Tokens handled by one routing program; the per-block scratch is sized by it.
+ROUTE_BLOCK_TOKENS = 64
+REGION_ALIGN = 128
+PLANE_ALIGN = 16
+
+ROUND_STATE_LEN = 4
+ROUND_STATE_ELECTION = 0
+ROUND_STATE_INVALID_COUNT = 1
+
+# Flag protocol values (see a2a.runtime.streams): a peer sets 1, the owner waits for 1 then resets 0.
+FLAG_SET = 1
+
+
+def align_up(value: int, alignment: int) -> int:
+    return (value + alignment - 1) // alignment * alignment
+
+
+def num_route_blocks(num_tokens: int) -> int:
+    """Routing programs for `num_tokens` local tokens (at least one, so zero-token ranks publish)."""
+    return max(1, (num_tokens + ROUTE_BLOCK_TOKENS - 1) // ROUTE_BLOCK_TOKENS)
+
+
+@dataclass(frozen=True)
+class RoundLayout:
+    """Where one round's payload planes lie inside a segment (byte offsets, segment-relative)."""
+
+    runtime_max_tokens: int
+    recv_plane_offsets: tuple[int, ...]
+    recv_plane_sizes: tuple[int, ...]
+    combine_offset: int
+
+    def combine_end(self, ep_size: int, combine_bytes_per_token: int) -> int:
+        return self.combine_offset + ep_size * self.runtime_max_tokens * combine_bytes_per_token
+
+
+@dataclass(frozen=True)
+class WorkspaceLayout:
+    """Static regions of a segment for `(ep_size, max_num_tokens)`; see the module docstring."""
+
+    ep_size: int
+    max_num_tokens: int
+    send_counters_offset: int
+    recv_counters_offset: int
+    dispatch_flags_offset: int
+    combine_flags_offset: int
+    round_state_offset: int
+    topk_target_ranks_offset: int
+    topk_send_indices_offset: int
+    topk_local_slots_offset: int
+    block_counts_offset: int
+    block_invalid_offset: int
+    payload_offset: int
+
+    @classmethod
+    def compute(cls, ep_size: int, max_num_tokens: int) -> WorkspaceLayout:
+        if not 1 <= ep_size <= MAX_RANKS:
+            raise ValueError(f"ep_size must be in [1, {MAX_RANKS}], got {ep_size}")
+        if max_num_tokens < 1:
+            raise ValueError(f"max_num_tokens must be >= 1, got {max_num_tokens}")
+        topk_bytes = 4 * max_num_tokens * MAX_TOP_K
+        max_blocks = num_route_blocks(max_num_tokens)
+        sizes = [
+            ("send_counters_offset", 4 * ep_size),
+            ("recv_counters_offset", 4 * ep_size),
+            ("dispatch_flags_offset", 4 * ep_size),
+            ("combine_flags_offset", 4 * ep_size),
+            ("round_state_offset", 4 * ROUND_STATE_LEN),
+            ("topk_target_ranks_offset", topk_bytes),
+            ("topk_send_indices_offset", topk_bytes),
+            ("topk_local_slots_offset", topk_bytes),
+            ("block_counts_offset", 4 * max_blocks * ep_size),
+            ("block_invalid_offset", 4 * max_blocks),
+        ]
+        offsets: dict[str, int] = {}
+        cursor = 0
+        for name, size in sizes:
+            offsets[name] = cursor
+            cursor = align_up(cursor + size, REGION_ALIGN)
+        return cls(ep_size=ep_size, max_num_tokens=max_num_tokens, payload_offset=cursor, **offsets)
+
+    @property
+    def aux_size(self) -> int:
+        return self.payload_offset
+
+    def round_layout(
+        self, runtime_max_tokens: int, dispatch_bytes_per_token: Sequence[int]
+    ) -> RoundLayout:
+        """Receive planes and the combine plane for one round."""
+        offsets, sizes = [], []
+        cursor = self.payload_offset
+        for row_bytes in dispatch_bytes_per_token:
+            size = self.ep_size * runtime_max_tokens * row_bytes
+            offsets.append(cursor)
+            sizes.append(size)
+            cursor = align_up(cursor + size, PLANE_ALIGN)
+        return RoundLayout(
+            runtime_max_tokens=runtime_max_tokens,
+            recv_plane_offsets=tuple(offsets),
+            recv_plane_sizes=tuple(sizes),
+            combine_offset=align_up(cursor, REGION_ALIGN),
+        )
+
+    # The metainfo tensor: the same facts as this dataclass, as the CPU int64 tensor the
+    # FlashInfer-style functional API passes around.
+    def to_metainfo(self) -> torch.Tensor:
+        return torch.tensor([getattr(self, name) for name in METAINFO_FIELDS], dtype=torch.int64)
+
+    @classmethod
+    def from_metainfo(cls, metainfo: torch.Tensor) -> WorkspaceLayout:
+        if not isinstance(metainfo, torch.Tensor):
+            raise TypeError(f"metainfo must be a torch.Tensor, got {type(metainfo).__name__}")
+        if metainfo.device.type != "cpu" or metainfo.dtype != torch.int64 or metainfo.shape != (
+            len(METAINFO_FIELDS),
+        ):
+            raise ValueError(
+                f"metainfo must be a CPU int64 tensor of shape ({len(METAINFO_FIELDS)},) as returned by "
+                f"moe_a2a_initialize, got {metainfo.device.type} {metainfo.dtype} {tuple(metainfo.shape)}"
+            )
+        values = dict(zip(METAINFO_FIELDS, metainfo.tolist()))
+        layout = cls.compute(values["ep_size"], values["max_num_tokens"])
+        if layout.to_metainfo().tolist() != metainfo.tolist():
+            raise ValueError("metainfo does not describe a layout of this a2a version (recreate it with moe_a2a_initialize)")
+        return layout
+
+
+METAINFO_FIELDS: tuple[str, ...] = (
+    "ep_size",
+    "max_num_tokens",
+    "send_counters_offset",
+    "recv_counters_offset",
+    "dispatch_flags_offset",
+    "combine_flags_offset",
+    "round_state_offset",
+    "topk_target_ranks_offset",
+    "topk_send_indices_offset",
+    "topk_local_slots_offset",
+    "block_counts_offset",
+    "block_invalid_offset",
+    "payload_offset",
+)
+
+
+def metainfo_index_pairs() -> list[tuple[str, int]]:
+    """(name, index) of every metainfo entry, names as `MOE_A2A_<FIELD>_INDEX`."""
+    return [(f"MOE_A2A_{name.upper()}_INDEX", i) for i, name in enumerate(METAINFO_FIELDS)]
+
+
+def aux_data_size(ep_size: int, max_num_tokens: int) -> int:
+    """Bytes of the aux region: where payload data begins in every segment."""
+    return WorkspaceLayout.compute(ep_size, max_num_tokens).aux_size
+
+
+def workspace_size_per_rank(
+    ep_size: int,
+    max_num_tokens: int,
+    total_dispatch_payload_size_per_token: int | Sequence[int],
+    combine_payload_size_per_token: int,
+) -> int:
+    """Bytes each rank's segment needs for rounds of up to `max_num_tokens` tokens per rank.
+
+    `total_dispatch_payload_size_per_token` is either the summed bytes per token of all dispatch
+    payloads (room for the 16-byte alignment of up to MAX_PAYLOADS planes is added) or the list of
+    each payload's bytes per token (exact).
+    """
+    layout = WorkspaceLayout.compute(ep_size, max_num_tokens)
+    if isinstance(total_dispatch_payload_size_per_token, int):
+        dispatch = ep_size * max_num_tokens * total_dispatch_payload_size_per_token
+        dispatch_end = layout.payload_offset + dispatch + PLANE_ALIGN * MAX_PAYLOADS
+    else:
+        rows = list(total_dispatch_payload_size_per_token)
+        round_layout = layout.round_layout(max_num_tokens, rows)
+        dispatch_end = round_layout.combine_offset
+    combine = ep_size * max_num_tokens * combine_payload_size_per_token
+    return align_up(dispatch_end, REGION_ALIGN) + align_up(combine, REGION_ALIGN)

@@ -1,0 +1,205 @@
+"""`MoeAlltoAll`: the stateful class engines use, named and shaped as FlashInfer's."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from a2a import validation
+from a2a.errors import PhaseError
+from a2a.functional import (
+    moe_a2a_combine,
+    moe_a2a_dispatch,
+    moe_a2a_get_workspace_size_per_rank,
+    moe_a2a_sanitize_expert_ids,
+)
+from a2a.layout import ROUND_STATE_INVALID_COUNT, WorkspaceLayout, metainfo_index_pairs
+from a2a.runtime.simulated import SimulatedWorld
+from a2a.workspace import rank_workspace_of, segment_view
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """The part of FlashInfer's `Mapping` that `MoeAlltoAll` reads: EP size and this rank's EP index."""
+
+    world_size: int = 1
+    rank: int = 0
+    moe_ep_size: int | None = None
+
+    @property
+    def moe_ep_rank(self) -> int:
+        return self.rank % (self.moe_ep_size or self.world_size)
+
+    def __post_init__(self) -> None:
+        if self.moe_ep_size is None:
+            object.__setattr__(self, "moe_ep_size", self.world_size)
+
+
+@dataclass
+class _RoundState:
+    phase: str = "idle"  # idle -> dispatched -> idle; "deleted" after _reset_workspace
+    local_num_tokens: int | None = None
+    runtime_max_tokens: int | None = None
+    combine_payload_offset: int | None = None
+
+
+class MoeAlltoAll:
+    """Expert-parallel dispatch / combine for one rank, over a workspace shared with its peers.
+
+    `world` supplies the workspace and this rank's stream: an `a2a.SimulatedWorld` (N ranks in one
+    process) or None for a single rank. Instances with the same (workspace size, max_num_tokens)
+    in one world share one workspace (e.g. one instance per layer); their rounds must not interleave.
+    """
+
+    _METAINFO_INDEX = {name.removeprefix("MOE_A2A_"): index for name, index in metainfo_index_pairs()}
+
+    def __init__(
+        self,
+        mapping,
+        max_num_tokens: int,
+        top_k: int,
+        num_experts: int,
+        workspace_size_per_rank: int | None = None,
+        hidden_size: int | None = None,
+        mnnvl_config=None,
+        *,
+        world: SimulatedWorld | None = None,
+    ):
+        self.ep_size = int(mapping.moe_ep_size)
+        self.ep_rank = int(mapping.moe_ep_rank)
+        validation.check_geometry(self.ep_size, self.ep_rank)
+        for name, value in (("top_k", top_k), ("num_experts", num_experts), ("max_num_tokens", max_num_tokens)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        validation.check_geometry(self.ep_size, self.ep_rank, top_k, num_experts)
+        if mnnvl_config is not None:
+            raise ValueError("mnnvl_config is not supported; pass world= to choose where the workspace lives")
+        if workspace_size_per_rank is None:
+            if hidden_size is None:
+                raise ValueError("hidden_size is required when workspace_size_per_rank is not given")
+            workspace_size_per_rank = self.get_moe_workspace_size_per_rank(
+                self.ep_size, top_k, max_num_tokens, hidden_size
+            )
+        if world is None:
+            if self.ep_size != 1:
+                raise ValueError(f"ep_size={self.ep_size} needs a world (e.g. a2a.SimulatedWorld) to reach the peers")
+            world = SimulatedWorld(1, "cuda" if torch.cuda.is_available() else "cpu")
+        if world.ep_size != self.ep_size:
+            raise ValueError(f"world has {world.ep_size} ranks but mapping.moe_ep_size is {self.ep_size}")
+        self.world = world
+        self.max_num_tokens = max_num_tokens
+        self.top_k = top_k
+        self.num_experts = num_experts
+        self.workspace_size_per_rank = workspace_size_per_rank
+        self.layout = WorkspaceLayout.compute(self.ep_size, max_num_tokens)
+        validation.check_fits("the aux region", self.layout.aux_size, workspace_size_per_rank)
+        self._workspace_key = ("moe_alltoall", workspace_size_per_rank, max_num_tokens)
+        self.workspace = world.workspace(self._workspace_key, workspace_size_per_rank)
+        self.metainfo = self.layout.to_metainfo()
+        self._stream = world.stream(self.ep_rank)
+        self._state = _RoundState()
+
+    @staticmethod
+    def get_moe_workspace_size_per_rank(
+        ep_size: int, top_k: int, max_num_tokens: int, hidden_size: int, extra_payload_bytes_per_token: int = 0
+    ) -> int:
+        """Size for 16-bit hidden states + int32 ids + fp32 weights dispatched, 16-bit combine."""
+        dispatch = 2 * hidden_size + 4 * top_k + 4 * top_k + extra_payload_bytes_per_token
+        return moe_a2a_get_workspace_size_per_rank(ep_size, max_num_tokens, dispatch, 2 * hidden_size)
+
+    @contextmanager
+    def _on_rank_stream(self) -> Iterator[None]:
+        self.world.wait_for_caller(self.ep_rank)
+        with self._stream.activate():
+            yield
+
+    def dispatch(
+        self,
+        token_selected_experts: torch.Tensor,
+        input_payloads: Sequence[torch.Tensor],
+        runtime_max_tokens_per_rank: int,
+        invalid_token_expert_id: int | None = None,
+        expert_id_payload_index: int | None = None,
+    ) -> list[torch.Tensor]:
+        """Dispatch this rank's tokens; returns `[ep_size, rt, W_p]` receive views (see moe_a2a_dispatch).
+
+        With `invalid_token_expert_id`, the receive plane `input_payloads[expert_id_payload_index]`
+        (an int32 `[num_tokens, top_k]` expert-id payload) is sanitized: stale rows get that id.
+        """
+        if self._state.phase != "idle":
+            raise PhaseError(f"dispatch called in phase {self._state.phase!r}: dispatch called twice without combine")
+        if invalid_token_expert_id is not None:
+            if expert_id_payload_index is None:
+                raise ValueError("expert_id_payload_index is required when invalid_token_expert_id is given")
+            validation.require_int("expert_id_payload_index", expert_id_payload_index, 0, len(input_payloads) - 1)
+        with self._on_rank_stream():
+            recv, combine_offset = moe_a2a_dispatch(
+                token_selected_experts, input_payloads, self.workspace, self.metainfo,
+                runtime_max_tokens_per_rank, self.ep_rank, self.ep_size, self.top_k, self.num_experts,
+            )  # fmt: skip
+            if invalid_token_expert_id is not None:
+                moe_a2a_sanitize_expert_ids(
+                    recv[expert_id_payload_index], self.workspace, self.metainfo, self.ep_rank, invalid_token_expert_id
+                )
+        self._state = _RoundState("dispatched", token_selected_experts.shape[0], runtime_max_tokens_per_rank, combine_offset)
+        return recv
+
+    def _check_dispatched(self, what: str, runtime_max_tokens_per_rank: int) -> None:
+        if self._state.phase != "dispatched":
+            raise PhaseError(f"{what} called in phase {self._state.phase!r}: it needs a successful dispatch first")
+        if runtime_max_tokens_per_rank != self._state.runtime_max_tokens:
+            raise ValueError(
+                f"runtime_max_tokens_per_rank ({runtime_max_tokens_per_rank}) must equal the dispatch's "
+                f"({self._state.runtime_max_tokens})"
+            )
+
+    def combine(
+        self,
+        payload: torch.Tensor,
+        runtime_max_tokens_per_rank: int,
+        payload_in_workspace: bool = False,
+        *,
+        output: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Combine this round's expert outputs `[ep_size, rt, H]`; returns `[num_local_tokens, H]`."""
+        self._check_dispatched("combine", runtime_max_tokens_per_rank)
+        with self._on_rank_stream():
+            result = moe_a2a_combine(
+                payload, self._state.local_num_tokens, self.workspace, self.metainfo, runtime_max_tokens_per_rank,
+                self.ep_rank, self.ep_size, self.top_k, self._state.combine_payload_offset, payload_in_workspace,
+                output=output,
+            )  # fmt: skip
+        self._state = _RoundState()
+        return result
+
+    def get_combine_payload_tensor_in_workspace(
+        self, runtime_max_tokens_per_rank: int, hidden_size: int, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """This rank's combine plane `[ep_size, rt, hidden_size]`: write expert outputs here, then
+        `combine(..., payload_in_workspace=True)` skips the staging copy."""
+        self._check_dispatched("get_combine_payload_tensor_in_workspace", runtime_max_tokens_per_rank)
+        validation.require_int("hidden_size", hidden_size, 1)
+        shape = (self.ep_size, runtime_max_tokens_per_rank, hidden_size)
+        offset = self._state.combine_payload_offset
+        validation.check_fits(
+            "the combine plane", offset + self.ep_size * runtime_max_tokens_per_rank * hidden_size * dtype.itemsize,
+            self.workspace.shape[1],
+        )  # fmt: skip
+        return segment_view(self.workspace, self.ep_rank, offset, dtype, shape)
+
+    def num_invalid_expert_ids(self) -> int:
+        """(token, k) pairs skipped in this rank's last dispatch for an id outside [0, num_experts).
+
+        Reads device memory: synchronises this rank's stream.
+        """
+        self._stream.synchronize()
+        state = rank_workspace_of(self.workspace, self.layout, self.ep_rank).round_state
+        return int(state[ROUND_STATE_INVALID_COUNT].item())
+
+    def _reset_workspace(self) -> None:
+        """Test helper: drop this geometry's shared workspace and retire the instance."""
+        self.world.release_workspace(self._workspace_key)
+        self._state = _RoundState("deleted")

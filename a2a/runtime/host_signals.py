@@ -1,0 +1,167 @@
+"""The flag protocol on the host: the CPU path of every rank stream.
+
+`HostSignalStream` runs submitted work in order on the calling thread. Flags are u32 words read and
+written through their addresses (a CPU workspace, possibly shared between processes; x86 stores of
+aligned words are atomic and not reordered with earlier stores, so data written before a flag is
+visible to whoever sees the flag).
+
+Two ways to wait:
+- blocking (no scheduler): poll until the flags are set or `A2A_SIGNAL_TIMEOUT_S` passes, then
+  raise `A2ATimeoutError` naming the missing ranks. Used when each rank is its own process.
+- cooperative (a `CooperativeScheduler` shared by the streams of a one-process simulated world):
+  a wait that cannot complete parks the stream; every submission lets every parked stream try
+  again, so N ranks driven from one thread progress like N CUDA streams would. `drain()` raises
+  `A2ATimeoutError` when work is left that nothing can unblock (a rank that never signals).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from a2a import envs
+from a2a.errors import A2ATimeoutError
+from a2a.runtime.streams import FLAG_CLEAR, FLAG_SET, FlagWait, SignalStream
+
+
+def _word(address: int) -> ctypes.c_uint32:
+    return ctypes.c_uint32.from_address(address)
+
+
+@dataclass
+class _Work:
+    run: Callable[[], None]
+
+
+@dataclass
+class _SetFlags:
+    addresses: tuple[int, ...]
+
+
+@dataclass
+class _WaitFlags:
+    addresses: tuple[int, ...]
+    wait: FlagWait
+
+    def missing(self) -> list[int]:
+        return [
+            peer
+            for peer, address in zip(self.wait.peer_ranks, self.addresses)
+            if _word(address).value != FLAG_SET
+        ]
+
+
+_Op = _Work | _SetFlags | _WaitFlags
+
+
+class CooperativeScheduler:
+    """Lets the host streams of one simulated world take turns until none can progress."""
+
+    def __init__(self) -> None:
+        self.streams: list[HostSignalStream] = []
+        self._running = False
+
+    def progress(self) -> None:
+        if self._running:  # a work item that submits more work: the outer loop picks it up
+            return
+        self._running = True
+        try:
+            advanced = True
+            while advanced:
+                advanced = False
+                for stream in self.streams:
+                    advanced |= stream._run_ready()
+        finally:
+            self._running = False
+
+    def drain(self) -> None:
+        self.progress()
+        for stream in self.streams:
+            if stream._pending:
+                head = stream._pending[0]
+                assert isinstance(head, _WaitFlags)
+                raise A2ATimeoutError(head.wait.what, head.wait.waiting_rank, head.missing(), None)
+
+
+class HostSignalStream(SignalStream):
+    """A rank stream on the host; see the module docstring for the two waiting modes."""
+
+    def __init__(self, scheduler: CooperativeScheduler | None = None) -> None:
+        self.device = torch.device("cpu")
+        self._scheduler = scheduler
+        self._pending: deque[_Op] = deque()
+        if scheduler is not None:
+            scheduler.streams.append(self)
+
+    def submit(self, work: Callable[[], None]) -> None:
+        self._enqueue(_Work(work))
+
+    def set_flags(self, addresses: Sequence[int]) -> None:
+        self._enqueue(_SetFlags(tuple(addresses)))
+
+    def wait_flags(self, addresses: Sequence[int], wait: FlagWait) -> None:
+        if len(addresses) != len(wait.peer_ranks):
+            raise ValueError("wait_flags needs one peer rank per address")
+        self._enqueue(_WaitFlags(tuple(addresses), wait))
+
+    def synchronize(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.drain()
+
+    def _enqueue(self, op: _Op) -> None:
+        if self._scheduler is None:
+            self._run_blocking(op)
+            return
+        self._pending.append(op)
+        self._scheduler.progress()
+
+    def _run_ready(self) -> bool:
+        """Run queued ops until the head is an unsatisfied wait; True if anything ran."""
+        advanced = False
+        while self._pending:
+            op = self._pending[0]
+            if isinstance(op, _WaitFlags) and op.missing():
+                break
+            self._pending.popleft()
+            _execute(op)
+            advanced = True
+        return advanced
+
+    @staticmethod
+    def _run_blocking(op: _Op) -> None:
+        if isinstance(op, _WaitFlags):
+            timeout_s = envs.signal_timeout_s()
+            poll_s = envs.host_poll_s()
+            deadline = time.monotonic() + timeout_s
+            while op.missing():
+                if time.monotonic() > deadline:
+                    raise A2ATimeoutError(op.wait.what, op.wait.waiting_rank, op.missing(), timeout_s)
+                time.sleep(poll_s)
+        _execute(op)
+
+
+def _execute(op: _Op) -> None:
+    if isinstance(op, _Work):
+        op.run()
+    elif isinstance(op, _SetFlags):
+        for address in op.addresses:
+            _word(address).value = FLAG_SET
+    else:
+        for address in op.addresses:
+            _word(address).value = FLAG_CLEAR
+
+
+_default: HostSignalStream | None = None
+
+
+def default_host_stream() -> HostSignalStream:
+    """The blocking host stream used by ops on CPU tensors when no stream is activated."""
+    global _default
+    if _default is None:
+        _default = HostSignalStream()
+    return _default
