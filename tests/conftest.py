@@ -1,7 +1,7 @@
 """Test configuration: environment before CUDA starts, devices, hypothesis profiles.
 
-Every test that takes the `device` fixture runs on the CPU (Triton interpreter, cooperative host
-streams) and, where CUDA exists, on the GPU (compiled kernels, stream memory operations).
+Every test that takes the `device` fixture runs on the GPU where CUDA exists (compiled kernels,
+stream memory operations), else on the CPU (Triton interpreter, cooperative host streams).
 Profiles: `ci` (CPU budget; default without CUDA) and `device` (more examples; default with CUDA);
 override with `--hypothesis-profile`.
 """
@@ -15,6 +15,9 @@ import torch  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
+# One process either compiles Triton kernels for CUDA or interprets them on the CPU (decided when
+# a2a is imported): CPU-tensor kernel tests run where the interpreter is on (CI), CUDA ones elsewhere.
+INTERPRETING = envs.use_triton_interpreter()
 
 settings.register_profile(
     "ci",
@@ -31,7 +34,7 @@ settings.register_profile(
 )
 settings.load_profile("device" if HAS_CUDA else "ci")
 
-DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
+DEVICES = ["cpu"] if INTERPRETING else ["cuda"]
 
 
 @pytest.fixture(params=DEVICES)
@@ -39,4 +42,7 @@ def device(request) -> str:
     return request.param
 
 
-requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+requires_cuda = pytest.mark.skipif(INTERPRETING, reason="needs a CUDA device (kernels compiled, not interpreted)")
+requires_interpreter = pytest.mark.skipif(
+    not INTERPRETING, reason="runs kernels on CPU tensors: needs the Triton interpreter (TRITON_INTERPRET=1)"
+)

@@ -8,6 +8,7 @@ import torch
 import a2a
 from a2a.runtime.host_signals import CooperativeScheduler, HostSignalStream
 from a2a.runtime.streams import FLAG_CLEAR, FLAG_SET, FlagWait
+from tests.conftest import requires_interpreter
 
 
 def flags(count: int) -> tuple[torch.Tensor, list[int]]:
@@ -49,6 +50,7 @@ def test_blocking_wait_times_out_naming_the_missing_rank(monkeypatch):
         HostSignalStream().wait_flags(addresses, FlagWait("dispatch", 3, (0, 1)))
 
 
+@requires_interpreter  # on CUDA the same fault is issue 5's watchdog
 def test_simulated_world_with_a_silent_rank_raises_instead_of_hanging():
     world = a2a.SimulatedWorld(2, "cpu")
     moe = a2a.MoeAlltoAll(a2a.Mapping(2, 0), 4, 1, 2, hidden_size=4, world=world)

@@ -84,12 +84,15 @@ def test_zero_tokens_everywhere(device):
 
 
 def test_single_rank_needs_no_world():
-    moe = a2a.MoeAlltoAll(a2a.Mapping(1, 0), 4, 2, 3, hidden_size=8, world=world_for(1, "cpu"))
-    experts = torch.tensor([[0, 2], [1, 1], [2, 0]], dtype=torch.int32)
-    x = torch.arange(24, dtype=torch.float32).view(3, 8)
+    moe = a2a.MoeAlltoAll(a2a.Mapping(1, 0), 4, 2, 3, hidden_size=8)
+    device = moe.workspace.device
+    experts = torch.tensor([[0, 2], [1, 1], [2, 0]], dtype=torch.int32, device=device)
+    x = torch.arange(24, dtype=torch.float32, device=device).view(3, 8)
     (recv,) = moe.dispatch(experts, [x], 3)
+    moe.world.synchronize()
     assert torch.equal(recv[0], x)  # one rank: every token lands at its own index
     out = moe.combine(recv.clone(), 3)
+    moe.world.synchronize()
     assert torch.equal(out, x)  # one unique target per token: the sum is the row itself
     assert moe.num_invalid_expert_ids() == 0
 

@@ -14,6 +14,7 @@ import torch
 
 import a2a
 from a2a.layout import MAX_PAYLOADS
+from tests.conftest import requires_interpreter
 
 EP, RANK, TOP_K, EXPERTS, RT, CAPACITY, HIDDEN = 2, 0, 2, 4, 3, 4, 8
 
@@ -116,6 +117,7 @@ SANITIZE_RULES: list[tuple[str, Mutation, type, str]] = [
 ]
 
 
+@requires_interpreter
 def test_valid_calls_pass_validation():
     """The unbroken calls get past every check (they then wait for rank 1, which never comes)."""
     dispatch, combine, sanitize = make_call()
@@ -172,9 +174,9 @@ def test_class_rule(name, build, error, message):
         build()
 
 
-def test_sanitize_request_needs_the_payload_index():
-    moe = a2a.MoeAlltoAll(a2a.Mapping(1, 0), 4, 2, 4, hidden_size=8, world=world_of(1))
-    experts = torch.zeros(1, 2, dtype=torch.int32)
+def test_sanitize_request_needs_the_payload_index(device):
+    moe = a2a.MoeAlltoAll(a2a.Mapping(1, 0), 4, 2, 4, hidden_size=8, world=a2a.SimulatedWorld(1, device))
+    experts = torch.zeros(1, 2, dtype=torch.int32, device=device)
     with pytest.raises(ValueError, match="expert_id_payload_index is required"):
         moe.dispatch(experts, [experts], 1, invalid_token_expert_id=-1)
     with pytest.raises(ValueError, match=r"expert_id_payload_index must be in \[0, 0\], got 1"):
