@@ -11,3 +11,4 @@ timeout ${SUITE_TIMEOUT:-420} python3 -m pytest tests -q -x -p no:cacheprovider 
   -o faulthandler_timeout=120 2>&1 | tee "$OUT/pytest.log" | tail -40
 echo "pytest rc=${PIPESTATUS[0]}"
 timeout 120 python3 -m a2a.demo 2>&1 | tee "$OUT/demo.log"
+timeout 120 python3 scripts/kernel_report.py 2>&1 | tail -6

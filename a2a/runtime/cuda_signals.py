@@ -58,6 +58,16 @@ def _params(kind: str, addresses: tuple[int, ...]) -> list:
     return params
 
 
+def new_cuda_stream(device: torch.device) -> torch.cuda.ExternalStream:
+    """A new non-blocking driver stream on `device`, owned by the process (never destroyed: rank
+    streams live as long as their world, and a world usually as long as the process)."""
+    cu = driver()
+    with torch.cuda.device(device):
+        torch.cuda.current_stream(device)  # make sure the primary context is current
+        handle = check("cuStreamCreate", cu.cuStreamCreate(cu.CUstream_flags.CU_STREAM_NON_BLOCKING.value))
+    return torch.cuda.ExternalStream(int(handle), device=device)
+
+
 class CudaSignalStream(SignalStream):
     """A rank stream backed by a torch CUDA stream."""
 

@@ -14,6 +14,9 @@ import torch
 from a2a import envs
 from a2a.runtime.streams import SignalStream
 
+# CUDA_DEVICE_MAX_CONNECTIONS is at most 32; one queue is left to the caller's stream.
+MAX_SIMULATED_CUDA_RANKS = 31
+
 
 class SimulatedWorld:
     """`ep_size` ranks in this process on `device` ("cuda", "cuda:N" or "cpu")."""
@@ -26,12 +29,21 @@ class SimulatedWorld:
         self._workspaces: dict[tuple, torch.Tensor] = {}
         self._streams: list[SignalStream]
         if self.device.type == "cuda":
+            if ep_size > MAX_SIMULATED_CUDA_RANKS:
+                raise ValueError(
+                    f"a simulated world on one GPU holds at most {MAX_SIMULATED_CUDA_RANKS} ranks, got {ep_size}: "
+                    f"CUDA has {MAX_SIMULATED_CUDA_RANKS + 1} hardware queues per device, and two ranks sharing one "
+                    "deadlock (a parked wait holds back the peer's signal queued behind it). Use one process "
+                    "per rank, or the CPU simulation, for more."
+                )
             envs.prepare_cuda_for_simulation(ep_size)
-            from a2a.runtime.cuda_signals import CudaSignalStream
+            from a2a.runtime.cuda_signals import CudaSignalStream, new_cuda_stream
 
             if self.device.index is None:
                 self.device = torch.device("cuda", torch.cuda.current_device())
-            self._streams = [CudaSignalStream(torch.cuda.Stream(self.device)) for _ in range(ep_size)]
+            # Fresh driver streams: torch.cuda.Stream() recycles a pool of 32, which would put two
+            # ranks on one stream.
+            self._streams = [CudaSignalStream(new_cuda_stream(self.device)) for _ in range(ep_size)]
         elif self.device.type == "cpu":
             from a2a.runtime.host_signals import CooperativeScheduler, HostSignalStream
 
