@@ -73,7 +73,8 @@ def _combine_kernel(
         sends = target >= 0
         src = plane_ptr + tl.where(sends, target, 0).to(tl.int64) * stride_plane_rank
         src += (first_row + tl.where(sends, slot, 0)) * HIDDEN
-        acc += tl.load(src + cols, mask=col_mask & sends, other=0.0).to(tl.float32)
+        mask = col_mask & (cols * 0 + target >= 0)  # a tensor mask: Triton 3.9's interpreter rejects scalar & tensor
+        acc += tl.load(src + cols, mask=mask, other=0.0).to(tl.float32)
     if out_ptr.dtype.element_ty == tl.bfloat16:
         result = _round_to_bf16(acc)
     else:

@@ -79,6 +79,16 @@ class SimulatedWorld:
         if self.device.type == "cuda":
             stream.stream.wait_stream(torch.cuda.current_stream(self.device))  # type: ignore[attr-defined]
 
+    def join_into_caller(self) -> None:
+        """Order the caller's current stream after everything the ranks submitted so far (CUDA: event
+        waits, e.g. to close a CUDA-graph capture that forked into the rank streams; CPU: drain)."""
+        if self.device.type == "cuda":
+            caller = torch.cuda.current_stream(self.device)
+            for stream in self._streams:
+                caller.wait_stream(stream.stream)  # type: ignore[attr-defined]
+        else:
+            self.synchronize()
+
     def synchronize(self) -> None:
         """Block until every rank's stream has run everything submitted (raises on a deadlock)."""
         for stream in self._streams:
