@@ -15,9 +15,9 @@ from tests.conftest import HAS_CUDA
 from tests.rounds import FunctionalRound, as_bytes, check_dispatch
 from tests.strategies import round_cases
 
-# In CI (no CUDA) these three tests put 200 drawn rounds through the interpreted kernels. On a GPU
+# In CI (no CUDA) these three tests put 220 drawn rounds through the interpreted kernels. On a GPU
 # machine nearly every drawn shape is a new kernel variant to compile (seconds each), so fewer.
-EXAMPLES = {"round": 120, "sanitize": 40, "repeat": 40} if not HAS_CUDA else {"round": 40, "sanitize": 12, "repeat": 12}
+EXAMPLES = {"round": 140, "sanitize": 40, "repeat": 40} if not HAS_CUDA else {"round": 40, "sanitize": 12, "repeat": 12}
 
 
 @settings(max_examples=EXAMPLES["round"])
