@@ -94,7 +94,7 @@ def _stage_launch(rank_workspace: RankWorkspace, payload: torch.Tensor, combine_
     unit = configs.copy_unit(row_bytes, payload.data_ptr(), plane_address)
     source = payload.view(torch.uint8).view(unit.dtype)
     plane = rank_workspace.own(combine_offset, ep_size * rt * unit.row_units, unit.dtype)
-    config = configs.stage_config(unit.row_units)
+    config = configs.stage_config(unit.row_units, unit.unit_bytes)
     return KernelLaunch(
         _stage_combine_kernel,
         (ep_size * rt, -(-unit.row_units // config.tile)),
@@ -112,7 +112,7 @@ def _gather_launch(
     capacity = layout.max_num_tokens * MAX_TOP_K
     targets = rank_workspace.own(layout.topk_target_ranks_offset, capacity)
     send_indices = rank_workspace.own(layout.topk_send_indices_offset, capacity)
-    config = configs.combine_config(hidden, top_k, ep_size)
+    config = configs.combine_config(hidden, payload.element_size(), top_k, ep_size)
     return KernelLaunch(
         _combine_kernel,
         (output.shape[0], -(-hidden // config.tile)),

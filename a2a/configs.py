@@ -46,23 +46,28 @@ class TileConfig:
     num_warps: int
 
 
-def _tile_for(row_elements: int, max_tile: int) -> TileConfig:
-    tile = min(next_power_of_2(row_elements), max_tile)
-    num_warps = 4 if tile <= 512 else 8
-    return TileConfig(tile=max(tile, 16), num_warps=num_warps)
+def _tile_for(row_elements: int, element_bytes: int) -> TileConfig:
+    """The largest tile (<= 1024 elements) leaving under 1/8 of its lanes masked off in the last
+    tile of a row, with enough warps that each thread moves one 16-byte vector."""
+    vec = max(1, VECTOR_BYTES // element_bytes)
+    candidates = [t for t in (1024, 512, 256, 128, 64, 32, 16) if t <= max(16, next_power_of_2(row_elements))]
+    padded = lambda t: -(-row_elements // t) * t  # noqa: E731
+    tile = next((t for t in candidates if 8 * (padded(t) - row_elements) < padded(t)), candidates[-1])
+    num_warps = min(8, max(1, tile // (32 * vec)))
+    return TileConfig(tile=tile, num_warps=num_warps)
 
 
-def dispatch_copy_config(max_row_units: int, top_k: int, ep_size: int) -> TileConfig:
+def dispatch_copy_config(max_row_units: int, unit_bytes: int, top_k: int, ep_size: int) -> TileConfig:
     """Tile over the widest payload row (in copy units)."""
-    return _tile_for(max_row_units, 1024)
+    return _tile_for(max_row_units, unit_bytes)
 
 
-def combine_config(hidden: int, top_k: int, ep_size: int) -> TileConfig:
-    return _tile_for(hidden, 1024)
+def combine_config(hidden: int, element_bytes: int, top_k: int, ep_size: int) -> TileConfig:
+    return _tile_for(hidden, element_bytes)
 
 
-def stage_config(row_units: int) -> TileConfig:
-    return _tile_for(row_units, 1024)
+def stage_config(row_units: int, unit_bytes: int) -> TileConfig:
+    return _tile_for(row_units, unit_bytes)
 
 
 SANITIZE_BLOCK_ROWS = 128

@@ -121,7 +121,8 @@ def _copy_launch(
         strides.append(plane.stride(0))
         row_units.append(unit.row_units)
         vec_units.append(unit.vec_units)
-    config = configs.dispatch_copy_config(max(row_units), top_k, layout.ep_size)
+    widest = max(range(len(row_units)), key=lambda p: row_units[p])
+    config = configs.dispatch_copy_config(row_units[widest], sources[widest].element_size(), top_k, layout.ep_size)
     num_tiles = -(-max(row_units) // config.tile)
     capacity = layout.max_num_tokens * MAX_TOP_K
     targets = rank_workspace.own(layout.topk_target_ranks_offset, capacity)

@@ -123,7 +123,7 @@ def combine(
     """
     ep_size = len(expert_outputs)
     hidden = expert_outputs[0].shape[2]
-    planes = [plane.cpu().to(torch.float32) for plane in expert_outputs]
+    planes = [plane.cpu() for plane in expert_outputs]
     outputs = []
     for rank, route in enumerate(routing):
         acc = torch.zeros(num_tokens[rank], hidden, dtype=torch.float32)
@@ -133,7 +133,7 @@ def combine(
             for target in range(ep_size):
                 tokens = torch.nonzero(targets == target).flatten()
                 slots = route.topk_send_indices[tokens, k].long()
-                term[tokens] = planes[target][rank, slots]
+                term[tokens] = planes[target][rank, slots].to(torch.float32)
             acc += term  # adding exact zeros where k sends nowhere keeps the fixed k order
         outputs.append(acc.to(expert_outputs[0].dtype))
     return outputs

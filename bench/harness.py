@@ -1,0 +1,172 @@
+"""Benchmark building blocks: inputs, the correctness gate, timers, byte counts, the copy roofline.
+
+All ranks are simulated on one GPU (one stream each), so every rank's traffic shares one device's
+memory system and the roofline is that device's copy bandwidth, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+import a2a
+from a2a import reference
+from a2a.expert_partition import ExpertPartition
+
+SHAPES = {  # hidden, top_k, experts
+    "deepseek": (7168, 8, 256),
+    "qwen3": (4096, 8, 128),
+    "mixtral": (4096, 2, 8),
+    "gptoss": (2880, 4, 128),
+}
+
+
+def payload_set(name: str, hidden: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> list[torch.Tensor]:
+    """bf16: hidden + ids + weights; fp8: e4m3 hidden + fp32 per-128 scales + ids + weights;
+    nvfp4: packed uint8 (2 values a byte) + e4m3 per-16 scales + ids + weights."""
+    n, width = hidden.shape
+    if name == "bf16":
+        return [hidden, experts, weights]
+    if name == "fp8":
+        scales = torch.rand(n, width // 128, device=hidden.device)
+        return [hidden.to(torch.float8_e4m3fn), scales, experts, weights]
+    if name == "nvfp4":
+        packed = torch.randint(0, 256, (n, width // 2), dtype=torch.uint8, device=hidden.device)
+        scales = torch.rand(n, width // 16, device=hidden.device).to(torch.float8_e4m3fn)
+        return [packed, scales, experts, weights]
+    raise ValueError(f"payload set must be bf16, fp8 or nvfp4, got {name!r}")
+
+
+@dataclass
+class Round:
+    """One configuration's inputs on every rank, and its MoeAlltoAll instances."""
+
+    world: a2a.SimulatedWorld
+    ranks: list[a2a.MoeAlltoAll]
+    experts: list[torch.Tensor]
+    payloads: list[list[torch.Tensor]]
+    expert_outputs: list[torch.Tensor]  # [ep, rt, hidden] bf16, separate tensors
+    tokens: int
+    hidden: int
+    num_experts: int
+
+    @classmethod
+    def build(cls, world, tokens: int, shape: str, payloads: str, seed: int = 0) -> Round:
+        hidden, top_k, num_experts = SHAPES[shape]
+        ep = world.ep_size
+        generator = torch.Generator(device="cuda").manual_seed(seed)
+        dev = world.device
+        experts, inputs = [], []
+        for _ in range(ep):
+            scores = torch.rand(tokens, num_experts, device=dev, generator=generator)
+            ids = scores.topk(top_k, dim=1).indices.to(torch.int32)
+            x = torch.randn(tokens, hidden, device=dev, generator=generator).to(torch.bfloat16)
+            w = torch.rand(tokens, top_k, device=dev, generator=generator)
+            experts.append(ids)
+            inputs.append(payload_set(payloads, x, ids, w))
+        size = a2a.moe_a2a_get_workspace_size_per_rank(
+            ep, tokens, [p.shape[1] * p.element_size() for p in inputs[0]], hidden * 2
+        )
+        ranks = [
+            a2a.MoeAlltoAll(a2a.Mapping(ep, r), tokens, top_k, num_experts, workspace_size_per_rank=size, world=world)
+            for r in range(ep)
+        ]
+        outputs = [torch.randn(ep, tokens, hidden, device=dev, generator=generator).to(torch.bfloat16) for _ in range(ep)]
+        return cls(world, ranks, experts, inputs, outputs, tokens, hidden, num_experts)
+
+    def dispatch(self) -> list[list[torch.Tensor]]:
+        return [moe.dispatch(self.experts[r], self.payloads[r], self.tokens) for r, moe in enumerate(self.ranks)]
+
+    def fill_planes(self) -> list[torch.Tensor]:
+        planes = []
+        for r, moe in enumerate(self.ranks):
+            plane = moe.get_combine_payload_tensor_in_workspace(self.tokens, self.hidden, torch.bfloat16)
+            with self.world.stream(r).activate():
+                plane.copy_(self.expert_outputs[r])
+            planes.append(plane)
+        return planes
+
+    def combine(self, planes: list[torch.Tensor] | None) -> list[torch.Tensor]:
+        payloads = planes if planes is not None else self.expert_outputs
+        return [
+            moe.combine(payloads[r], self.tokens, payload_in_workspace=planes is not None)
+            for r, moe in enumerate(self.ranks)
+        ]
+
+    def check(self) -> None:
+        """Correctness gate: one eager round against the reference (dispatch exact, combine exact)."""
+        recv = self.dispatch()
+        self.world.synchronize()
+        cpu_payloads = [[p.cpu() for p in ps] for ps in self.payloads]
+        experts = [e.cpu() for e in self.experts]
+        expected = reference.dispatch(experts, cpu_payloads, self.num_experts, self.tokens)
+        for r in range(len(self.ranks)):
+            valid = expected.valid_rows(r)
+            for got, want in zip(recv[r], expected.recv_payloads[r]):
+                if not torch.equal(got.cpu()[valid].view(torch.uint8), want[valid].view(torch.uint8)):
+                    raise AssertionError(f"dispatch mismatch on rank {r}")
+        planes = self.fill_planes()
+        outputs = self.combine(planes)
+        self.world.synchronize()
+        want = reference.combine([p.cpu() for p in self.expert_outputs], expected.routing, [self.tokens] * len(self.ranks))
+        for r, out in enumerate(outputs):
+            if not torch.equal(out.cpu().view(torch.uint8), want[r].view(torch.uint8)):
+                raise AssertionError(f"combine mismatch on rank {r}")
+        self.routing = expected.routing
+        self.unique_pairs = int(sum(route.send_counts.sum() for route in expected.routing))
+
+
+def dispatch_row_bytes(round_: Round) -> int:
+    return sum(p.shape[1] * p.element_size() for p in round_.payloads[0])
+
+
+class L2Flush:
+    """Overwrites a buffer twice the L2 size so the next run starts cold."""
+
+    def __init__(self):
+        size = 2 * torch.cuda.get_device_properties(0).L2_cache_size
+        self.buffer = torch.empty(size, dtype=torch.uint8, device="cuda")
+
+    def __call__(self) -> None:
+        self.buffer.fill_(1)
+
+
+def time_region(run: Callable[[], None], iterations: int, before: Callable[[], None] | None = None) -> float:
+    """Median microseconds of `run` on the current stream, measured with CUDA events."""
+    samples = []
+    for _ in range(iterations):
+        if before is not None:
+            before()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) * 1e3)
+    return statistics.median(samples)
+
+
+def host_microseconds(call: Callable[[], None], iterations: int) -> float:
+    samples = []
+    for _ in range(iterations):
+        begin = time.perf_counter()
+        call()
+        samples.append((time.perf_counter() - begin) * 1e6)
+    return statistics.median(samples)
+
+
+def copy_roofline_gbps(iterations: int = 10) -> float:
+    """Device-to-device copy of 1 GiB: (bytes read + bytes written) / median time."""
+    source = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").fill_(3)
+    target = torch.empty_like(source)
+    microseconds = time_region(lambda: target.copy_(source), iterations)
+    return 2 * source.numel() / microseconds / 1e3
+
+
+def owned_ranges(num_experts: int, ep: int) -> list[range]:
+    partition = ExpertPartition(num_experts, ep)
+    return [partition.experts_of(r) for r in range(ep)]
