@@ -134,6 +134,6 @@ def _copy_launch(
         (tuple(sources), tuple(planes), tuple(strides), targets, local_slots, rank_workspace.block_counts,
          send_indices, round_layout.runtime_max_tokens, rank_workspace.ep_rank),
         dict(NUM_PAYLOADS=len(sources), ROW_UNITS=tuple(row_units), VEC_UNITS=tuple(vec_units), TOP_K=top_k,
-             K_PAD=configs.next_power_of_2(top_k), EP_SIZE=layout.ep_size, BLOCK_TOKENS=ROUTE_BLOCK_TOKENS,
+             K_CHUNK=min(configs.next_power_of_2(top_k), 8), EP_SIZE=layout.ep_size, BLOCK_TOKENS=ROUTE_BLOCK_TOKENS,
              TILE=config.tile, num_warps=config.num_warps),
     )  # fmt: skip

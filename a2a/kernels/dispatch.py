@@ -2,7 +2,8 @@
 
 Grid `(num_tokens, num_tiles)`: program `(i, c)` copies column tile `c` of every payload row of
 token `i` (payloads narrower than `c * TILE` units skip it). The row is read once and stored to
-each unique target `t` of the token at receive plane row `[ep_rank][slot]` of segment `t`, where
+each unique target `t` of the token (one masked 2-D store per chunk of K_CHUNK k values) at
+receive plane row `[ep_rank][slot]` of segment `t`, where
 `slot = block_offsets[i // BLOCK_TOKENS, t] + topk_local_slots[i, k]` (see routing). Programs of
 tile 0 also store the final slots in `topk_send_indices` for combine.
 
@@ -16,11 +17,26 @@ import triton.language as tl
 
 
 @triton.jit
+def _chunk_destinations(topk_target_ranks_ptr, topk_local_slots_ptr, block_offsets_ptr, topk_row, block,
+                        first_row, chunk, TOP_K: tl.constexpr, EP_SIZE: tl.constexpr, K_CHUNK: tl.constexpr):
+    """Targets, receive rows and validity of k = chunk * K_CHUNK ... + K_CHUNK - 1 (vectors)."""
+    ks = chunk * K_CHUNK + tl.arange(0, K_CHUNK)
+    k_mask = ks < TOP_K
+    targets = tl.load(topk_target_ranks_ptr + topk_row + ks, mask=k_mask, other=-1)
+    sends = targets >= 0
+    local = tl.load(topk_local_slots_ptr + topk_row + ks, mask=sends, other=0)
+    base = tl.load(block_offsets_ptr + block * EP_SIZE + targets, mask=sends, other=0)
+    slots = local + base
+    return ks, k_mask, tl.where(sends, targets, 0).to(tl.int64), first_row + slots, sends, slots
+
+
+@triton.jit
 def _copy_row_tile(src_ptr, dst_ptr, dst_stride, token, tile, block, topk_row, first_row,
                    topk_target_ranks_ptr, topk_local_slots_ptr, block_offsets_ptr,
                    ROW_UNITS: tl.constexpr, VEC_UNITS: tl.constexpr, TOP_K: tl.constexpr,
-                   EP_SIZE: tl.constexpr, TILE: tl.constexpr):
-    """Tile `tile` of one payload row of `token`, read once, stored to each unique target."""
+                   EP_SIZE: tl.constexpr, TILE: tl.constexpr, K_CHUNK: tl.constexpr):
+    """Tile `tile` of one payload row of `token`: read once, stored to every unique target with one
+    masked [K_CHUNK, TILE] store per chunk of k (no per-k scalar round trips)."""
     if tile * TILE < ROW_UNITS:
         cols = tile * TILE + tl.arange(0, TILE)
         col_mask = cols < ROW_UNITS
@@ -28,13 +44,13 @@ def _copy_row_tile(src_ptr, dst_ptr, dst_stride, token, tile, block, topk_row, f
         if VEC_UNITS > 1:
             src = tl.multiple_of(src, 16)  # VEC_UNITS > 1 means 16-byte aligned rows
         row = tl.load(src + token * ROW_UNITS + cols, mask=col_mask)
-        for k in range(TOP_K):
-            target = tl.load(topk_target_ranks_ptr + topk_row + k)
-            if target >= 0:
-                slot = tl.load(topk_local_slots_ptr + topk_row + k) + tl.load(
-                    block_offsets_ptr + block * EP_SIZE + target)
-                dst = dst_ptr + target.to(tl.int64) * dst_stride
-                tl.store(dst + (first_row + slot) * ROW_UNITS + cols, row, mask=col_mask)
+        for chunk in tl.static_range(triton.cdiv(TOP_K, K_CHUNK)):
+            ks, k_mask, targets, rows, sends, slots = _chunk_destinations(
+                topk_target_ranks_ptr, topk_local_slots_ptr, block_offsets_ptr, topk_row, block, first_row,
+                chunk, TOP_K, EP_SIZE, K_CHUNK)
+            offsets = targets * dst_stride + rows * ROW_UNITS
+            values = tl.broadcast_to(row[None, :], [K_CHUNK, TILE])
+            tl.store(dst_ptr + offsets[:, None] + cols[None, :], values, mask=sends[:, None] & col_mask[None, :])
 
 
 @triton.jit(do_not_specialize=["runtime_max_tokens", "ep_rank"],
@@ -53,7 +69,7 @@ def _dispatch_copy_kernel(
     ROW_UNITS: tl.constexpr,  # tuple: copy units per row of each payload
     VEC_UNITS: tl.constexpr,  # tuple: proven alignment (in units) of every row of each payload
     TOP_K: tl.constexpr,
-    K_PAD: tl.constexpr,
+    K_CHUNK: tl.constexpr,  # k values handled by one masked 2-D store (power of 2, <= 8)
     EP_SIZE: tl.constexpr,
     BLOCK_TOKENS: tl.constexpr,
     TILE: tl.constexpr,
@@ -63,17 +79,15 @@ def _dispatch_copy_kernel(
     block = token // BLOCK_TOKENS
     topk_row = token * TOP_K
 
-    if tile == 0:
-        ks = tl.arange(0, K_PAD)
-        k_mask = ks < TOP_K
-        targets = tl.load(topk_target_ranks_ptr + topk_row + ks, mask=k_mask, other=-1)
-        sends = targets >= 0
-        local = tl.load(topk_local_slots_ptr + topk_row + ks, mask=k_mask, other=0)
-        base = tl.load(block_offsets_ptr + block * EP_SIZE + targets, mask=sends, other=0)
-        tl.store(topk_send_indices_ptr + topk_row + ks, tl.where(sends, local + base, -1), mask=k_mask)
-
     first_row = ep_rank.to(tl.int64) * runtime_max_tokens
+    if tile == 0:
+        for chunk in tl.static_range(triton.cdiv(TOP_K, K_CHUNK)):
+            ks, k_mask, targets, rows, sends, slots = _chunk_destinations(
+                topk_target_ranks_ptr, topk_local_slots_ptr, block_offsets_ptr, topk_row, block, first_row,
+                chunk, TOP_K, EP_SIZE, K_CHUNK)
+            tl.store(topk_send_indices_ptr + topk_row + ks, tl.where(sends, slots, -1), mask=k_mask)
+
     for p in tl.static_range(NUM_PAYLOADS):
         _copy_row_tile(src_ptrs[p], dst_ptrs[p], dst_strides[p], token, tile, block, topk_row, first_row,
                        topk_target_ranks_ptr, topk_local_slots_ptr, block_offsets_ptr,
-                       ROW_UNITS[p], VEC_UNITS[p], TOP_K, EP_SIZE, TILE)
+                       ROW_UNITS[p], VEC_UNITS[p], TOP_K, EP_SIZE, TILE, K_CHUNK)
