@@ -7,7 +7,7 @@ OUT=${OUT:-/tmp/a2a-out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
 git rev-parse --short HEAD 2>/dev/null | tee -a "$OUT/device.txt"
-timeout ${SUITE_TIMEOUT:-420} python3 -m pytest tests -q -x -p no:cacheprovider --durations=10 \
+timeout ${SUITE_TIMEOUT:-420} python3 -m pytest ${PYTEST_ARGS:-tests} -q -x -p no:cacheprovider --durations=10 \
   -o faulthandler_timeout=120 2>&1 | tee "$OUT/pytest.log" | tail -40
 echo "pytest rc=${PIPESTATUS[0]}"
 timeout 120 python3 -m a2a.demo 2>&1 | tee "$OUT/demo.log"
