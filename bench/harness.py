@@ -7,7 +7,6 @@ memory system and the roofline is that device's copy bandwidth, measured in the 
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -147,15 +146,6 @@ def time_region(run: Callable[[], None], iterations: int, before: Callable[[], N
         end.record()
         end.synchronize()
         samples.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(samples)
-
-
-def host_microseconds(call: Callable[[], None], iterations: int) -> float:
-    samples = []
-    for _ in range(iterations):
-        begin = time.perf_counter()
-        call()
-        samples.append((time.perf_counter() - begin) * 1e6)
     return statistics.median(samples)
 
 

@@ -14,6 +14,7 @@ import csv
 import json
 import os
 import subprocess
+import time
 
 from a2a import envs
 
@@ -26,11 +27,24 @@ from bench.harness import (  # noqa: E402
     Round,
     copy_roofline_gbps,
     dispatch_row_bytes,
-    host_microseconds,
     time_region,
 )
 from bench.torch_baseline import TorchBaseline  # noqa: E402
 import a2a  # noqa: E402
+
+
+def capture(world, body) -> torch.cuda.CUDAGraph:
+    """Capture `body` (which forks into the rank streams and joins back) into a CUDA graph."""
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    torch.cuda.synchronize()
+    with torch.cuda.stream(stream):
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.graph(graph, stream=stream):
+            body()
+            world.join_into_caller()
+    torch.cuda.synchronize()
+    return graph
 
 
 def measure(world, tokens: int, shape: str, payloads: str, iterations: int, flush: L2Flush, roofline: float) -> list[dict]:
@@ -42,78 +56,68 @@ def measure(world, tokens: int, shape: str, payloads: str, iterations: int, flus
     combine_row = round_.hidden * 2
     dispatch_bytes = (ep * tokens + pairs) * row_bytes
     combine_bytes = (pairs + ep * tokens) * combine_row
-    top_k = round_.ranks[0].top_k
-    expanded = ep * tokens * (1 + top_k)
-
-    def timed_dispatch():
-        round_.dispatch()
-        world.join_into_caller()
-
-    def timed_combine(in_workspace: bool):
-        def run():
-            round_.combine(planes_holder[0] if in_workspace else None)
-            world.join_into_caller()
-        return run
-
-    planes_holder = [None]
-    dispatch_us, combine_ws_us, combine_sep_us = [], [], []
-    for _ in range(iterations):
-        dispatch_us.append(time_region(timed_dispatch, 1, before=flush))
-        planes_holder[0] = round_.fill_planes()
-        world.join_into_caller()
-        combine_ws_us.append(time_region(timed_combine(True), 1, before=flush))
-    for _ in range(iterations):
-        round_.dispatch()
-        world.join_into_caller()
-        combine_sep_us.append(time_region(timed_combine(False), 1, before=flush))
+    expanded = ep * tokens * (1 + round_.ranks[0].top_k)
     median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
 
-    # Host cost: Python time of one rank's call, eager.
-    host_dispatch, host_combine = [], []
-    for _ in range(max(5, iterations // 5)):
-        host_dispatch.append(host_microseconds(lambda: round_.ranks[0].dispatch(round_.experts[0], round_.payloads[0], tokens), 1))
-        for r in range(1, ep):
-            round_.ranks[r].dispatch(round_.experts[r], round_.payloads[r], tokens)
-        host_combine.append(host_microseconds(lambda: round_.ranks[0].combine(round_.expert_outputs[0], tokens), 1))
-        for r in range(1, ep):
-            round_.ranks[r].combine(round_.expert_outputs[r], tokens)
+    # Eager: the phase of all ranks between a fork and a join on the caller's stream, and the
+    # Python time of one rank's call (what a user pays per rank per phase without graphs).
+    eager = {"dispatch": [], "combine_in_workspace": [], "combine_staged": []}
+    host = {"dispatch": [], "combine_in_workspace": [], "combine_staged": []}
+    for _ in range(max(5, iterations // 3)):
+        for phase in eager:
+            if phase != "dispatch":
+                round_.dispatch()
+                planes = round_.fill_planes() if phase == "combine_in_workspace" else None
+                world.join_into_caller()
+            def run(phase=phase, planes=planes if phase != "dispatch" else None):
+                for r, moe in enumerate(round_.ranks):
+                    begin = time.perf_counter()
+                    if phase == "dispatch":
+                        moe.dispatch(round_.experts[r], round_.payloads[r], tokens)
+                    else:
+                        moe.combine(planes[r] if planes else round_.expert_outputs[r], tokens,
+                                    payload_in_workspace=planes is not None)
+                    host[phase].append((time.perf_counter() - begin) * 1e6)
+                world.join_into_caller()
+            eager[phase].append(time_region(run, 1, before=flush))
+            if phase == "dispatch":
+                round_.combine(None)
         world.synchronize()
 
-    # Whole round replayed from a CUDA graph (dispatch + in-workspace combine).
-    graph = torch.cuda.CUDAGraph()
-    capture = torch.cuda.Stream()
-    torch.cuda.synchronize()
-    with torch.cuda.stream(capture):
-        capture.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.graph(graph, stream=capture):
-            round_.dispatch()
-            planes = round_.fill_planes()
-            round_.combine(planes)
-            world.join_into_caller()
-    torch.cuda.synchronize()
-    graph_us = time_region(graph.replay, iterations, before=flush)
+    # CUDA graphs: the GPU time of each phase with no host in the way.
+    graph_dispatch = capture(world, round_.dispatch)
+    planes = round_.fill_planes()
+    graph_combine_ws = capture(world, lambda: round_.combine(planes))
+    round_.dispatch()
+    graph_combine_staged = capture(world, lambda: round_.combine(None))
+    graph_round = capture(world, lambda: (round_.dispatch(), round_.combine(planes)))
+    graph_us = {
+        name: time_region(graph.replay, iterations, before=flush)
+        for name, graph in (("dispatch", graph_dispatch), ("combine_in_workspace", graph_combine_ws),
+                            ("combine_staged", graph_combine_staged), ("round", graph_round))
+    }  # fmt: skip
 
     baseline = TorchBaseline(round_)
-    base_dispatch = time_region(baseline.dispatch, iterations, before=flush)
-    base_combine = time_region(baseline.combine, iterations, before=flush)
+    torch_us = {"dispatch": time_region(baseline.dispatch, iterations, before=flush)}
+    torch_us["combine_in_workspace"] = torch_us["combine_staged"] = time_region(baseline.combine, iterations, before=flush)
+    torch_us["round"] = torch_us["dispatch"] + torch_us["combine_in_workspace"]
 
     common = dict(gpu=torch.cuda.get_device_name(), ranks=ep, tokens=tokens, shape=shape, payloads=payloads,
                   commit=_commit(), roofline_gbps=round(roofline, 1), unique_pairs=pairs)  # fmt: skip
+    sizes = {"dispatch": (dispatch_bytes, row_bytes), "combine_in_workspace": (combine_bytes, combine_row),
+             "combine_staged": (combine_bytes, combine_row), "round": (dispatch_bytes + combine_bytes, None)}  # fmt: skip
     rows = []
-    for phase, us, nbytes, row, base in (
-        ("dispatch", median(dispatch_us), dispatch_bytes, row_bytes, base_dispatch),
-        ("combine_in_workspace", median(combine_ws_us), combine_bytes, combine_row, base_combine),
-        ("combine_staged", median(combine_sep_us), combine_bytes, combine_row, base_combine),
-    ):
+    for phase, us in graph_us.items():
+        nbytes, row = sizes[phase]
         gbps = nbytes / us / 1e3
         rows.append(dict(common, phase=phase, us=round(us, 2), bytes=nbytes, gbps_dedup=round(gbps, 1),
-                         gbps_topk_expanded=round(expanded * row / us / 1e3, 1),
+                         gbps_topk_expanded=round(expanded * row / us / 1e3, 1) if row else None,
                          bytes_per_rank=nbytes // ep, roofline_ratio=round(gbps / roofline, 3),
-                         torch_us=round(base, 2), speedup_vs_torch=round(base / us, 2)))  # fmt: skip
-    rows.append(dict(common, phase="round_graph_replay", us=round(graph_us, 2), bytes=dispatch_bytes + combine_bytes,
-                     gbps_dedup=round((dispatch_bytes + combine_bytes) / graph_us / 1e3, 1),
-                     host_us_dispatch_per_rank=round(median(host_dispatch), 1),
-                     host_us_combine_per_rank=round(median(host_combine), 1)))  # fmt: skip
+                         torch_us=round(torch_us[phase], 2), speedup_vs_torch=round(torch_us[phase] / us, 2),
+                         eager_us=round(median(eager[phase]), 1) if phase in eager else None,
+                         host_us_per_rank=round(median(host[phase]), 1) if phase in host else None))  # fmt: skip
+    del graph_dispatch, graph_combine_ws, graph_combine_staged, graph_round
+    world.synchronize()
     for moe in round_.ranks:
         moe._reset_workspace()
     return rows
@@ -148,10 +152,10 @@ def main() -> None:
                     new = measure(world, tokens, shape, payloads, args.iterations, flush, roofline)
                     rows += new
                     for row in new:
-                        extra = (f"host/rank: dispatch {row['host_us_dispatch_per_rank']} us, combine {row['host_us_combine_per_rank']} us"
-                                 if "host_us_dispatch_per_rank" in row else
-                                 f"{row['gbps_dedup']:8.1f} GB/s {100 * row['roofline_ratio']:5.1f}% roofline  torch {row['torch_us']:9.1f} us")  # fmt: skip
-                        print(f"ep={ep} {shape} {payloads} tokens={tokens:5d} {row['phase']:22s} {row['us']:9.1f} us  {extra}", flush=True)
+                        print(f"ep={ep} {shape} {payloads} tokens={tokens:5d} {row['phase']:20s} graph {row['us']:8.1f} us "
+                              f"{row['gbps_dedup']:7.1f} GB/s {100 * row['roofline_ratio']:5.1f}% | torch {row['torch_us']:8.1f} us "
+                              f"x{row['speedup_vs_torch']:.2f} | eager {row['eager_us']} us, host/rank {row['host_us_per_rank']} us",
+                              flush=True)  # fmt: skip
     keys = sorted({k for row in rows for k in row})
     with open(os.path.join(args.out, "results.csv"), "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=keys)
