@@ -43,12 +43,9 @@ ROUTE_BLOCK_TOKENS = 64
 REGION_ALIGN = 128
 PLANE_ALIGN = 16
 
+# round_state: [0] the routing programs' election counter (self-resetting), [1] the invalid count.
 ROUND_STATE_LEN = 4
-ROUND_STATE_ELECTION = 0
 ROUND_STATE_INVALID_COUNT = 1
-
-# Flag protocol values (see a2a.runtime.streams): a peer sets 1, the owner waits for 1 then resets 0.
-FLAG_SET = 1
 
 
 def align_up(value: int, alignment: int) -> int:

@@ -61,10 +61,6 @@ class RankWorkspace:
     def round_state(self) -> torch.Tensor:
         return self.own(self.layout.round_state_offset, ROUND_STATE_LEN)
 
-    def topk_array(self, offset: int, num_tokens: int, top_k: int) -> torch.Tensor:
-        """A `[num_tokens, top_k]` int32 top-k array (the region reserves MAX_TOP_K per token)."""
-        return self.own(offset, max(num_tokens, 1) * top_k)[: num_tokens * top_k].view(num_tokens, top_k)
-
     @cached_property
     def block_counts(self) -> torch.Tensor:
         blocks = num_route_blocks(self.layout.max_num_tokens)
