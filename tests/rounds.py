@@ -121,3 +121,31 @@ def check_dispatch(run: FunctionalRound, expected: reference.DispatchReference, 
         for p, (got, want) in enumerate(zip(recv[rank], expected.recv_payloads[rank])):
             assert got.dtype == want.dtype and got.shape == want.shape, (p, got.shape, want.shape)
             assert torch.equal(as_bytes(got.cpu()[valid]), as_bytes(want[valid])), f"payload {p} on rank {rank}"
+        check_nothing_else_written(run, expected, rank)
+
+
+GUARD_CHECK_MAX_BYTES = 64 << 20
+
+
+def check_nothing_else_written(run: FunctionalRound, expected: reference.DispatchReference, rank: int) -> None:
+    """Guard bytes: after dispatch, every poisoned byte of the segment that no valid receive row or
+    top-k entry covers still holds the poison (no write outside a plane, a row, or the token range)."""
+    case, layout = run.case, run.layout
+    segment = run.workspace[rank]
+    if segment.numel() > GUARD_CHECK_MAX_BYTES:
+        return
+    segment = segment.cpu()
+    row_bytes = [dtype.itemsize * width for dtype, width in case.payload_specs]
+    planes = layout.round_layout(case.runtime_max_tokens, row_bytes)
+    written = torch.zeros(segment.numel(), dtype=torch.bool)
+    valid = expected.valid_rows(rank)  # [ep, rt]
+    for offset, size, row in zip(planes.recv_plane_offsets, planes.recv_plane_sizes, row_bytes):
+        written[offset : offset + size] = valid[:, :, None].expand(-1, -1, row).flatten()
+    entries = 4 * case.num_tokens[rank] * case.top_k
+    for array in (layout.topk_target_ranks_offset, layout.topk_send_indices_offset):
+        written[array : array + entries] = True
+    poisoned = torch.zeros_like(written)
+    poisoned[layout.payload_offset :] = True
+    poisoned[layout.topk_target_ranks_offset : layout.topk_target_ranks_offset + 2 * 4 * layout.max_num_tokens * MAX_TOP_K] = True
+    untouched = poisoned & ~written
+    assert (segment[untouched] == POISON_BYTE).all(), f"rank {rank}: bytes written outside valid rows / entries"
