@@ -1,0 +1,146 @@
+"""A world of one process per rank: what `MoeAlltoAll(..., world=...)` needs across processes.
+
+`ProcessWorld(bootstrap_or_group, device)` is this process's view of the world: its rank, the
+rank count, its one stream, and symmetric workspaces mapped from every rank:
+
+- CUDA (`device="cuda"` or `"cuda:N"`, one device per process): workspaces are
+  `CudaSymmetricMemory` (driver VMM; segments of other processes, on this or other GPUs, mapped
+  into this process); the rank stream is the device's current torch stream at construction,
+  flags go through stream memory operations.
+- CPU (`device="cpu"`): workspaces are `HostSharedMemory` (one shared-memory file mapped by all);
+  the rank stream is a blocking `HostSignalStream`: a wait polls the flags and raises
+  `A2ATimeoutError` after `A2A_SIGNAL_TIMEOUT_S` seconds, naming the ranks that never signalled.
+
+Collective calls (every rank, same order, same arguments): the constructor, `workspace` when it
+allocates (a new key or a new size), `release_workspace`, `barrier` and `close`. Workspaces, and
+every view of them, stay valid until `release_workspace(key)` or `close()`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from a2a.runtime.bootstrap import Bootstrap, bootstrap_from
+from a2a.runtime.streams import SignalStream
+from a2a.runtime.symmetric_memory import SymmetricMemory
+
+
+class ProcessWorld:
+    """This process's rank of a world of `bootstrap.world_size` processes, on `device`.
+
+    `bootstrap_or_group`: an a2a `Bootstrap`, a torch.distributed ProcessGroup, an mpi4py Comm, or
+    None (the default torch.distributed group).
+    """
+
+    def __init__(self, bootstrap_or_group: object = None, device: str | torch.device = "cuda"):
+        self.bootstrap: Bootstrap = bootstrap_from(bootstrap_or_group)
+        self.rank = self.bootstrap.rank
+        self.ep_size = self.bootstrap.world_size
+        device = torch.device(device)
+        self._stream: SignalStream
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise RuntimeError(f"device {device} asked for, but torch sees no CUDA device: use device='cpu'")
+            if device.index is None:
+                device = torch.device("cuda", torch.cuda.current_device())
+            from a2a.runtime.cuda_signals import CudaSignalStream
+
+            self._stream = CudaSignalStream.wrap(torch.cuda.current_stream(device))
+        elif device.type == "cpu":
+            from a2a.runtime.host_signals import HostSignalStream
+
+            self._stream = HostSignalStream()  # no scheduler: waits block, polling, with a timeout
+        else:
+            raise ValueError(f"device must be cuda, cuda:N or cpu, got {device}")
+        self.device = device
+        self._memories: dict[tuple, SymmetricMemory] = {}
+        self._closed = False
+
+    def stream(self, rank: int) -> SignalStream:
+        """This rank's stream; `rank` must be this process's rank (peers live in other processes)."""
+        if rank != self.rank:
+            raise ValueError(f"rank must be this process's rank {self.rank} (one process per rank), got {rank}")
+        return self._stream
+
+    def workspace(self, key: tuple, size_per_rank: int) -> torch.Tensor:
+        """The zero-initialised `[ep_size, size_per_rank]` uint8 workspace for `key`.
+
+        Allocated once per key (collective); later calls with the same size return the same
+        tensor without communicating. A different size for a key is collective too: every rank
+        finishes its work, waits at a barrier (no peer still uses the old one), frees it and
+        allocates a fresh, zeroed one. Row stride may exceed `size_per_rank`.
+        """
+        self._check_open()
+        if not isinstance(key, tuple):
+            raise TypeError(f"key must be a tuple, got {type(key).__name__}")
+        memory = self._memories.get(key)
+        if memory is not None and memory.size_per_rank == size_per_rank:
+            return memory.tensor
+        if memory is not None:
+            self.release_workspace(key)
+        memory = self._allocate(size_per_rank)
+        self._memories[key] = memory
+        return memory.tensor
+
+    def _allocate(self, size_per_rank: int) -> SymmetricMemory:
+        if self.device.type == "cuda":
+            from a2a.runtime.symmetric_memory import CudaSymmetricMemory
+
+            return CudaSymmetricMemory(self.bootstrap, size_per_rank, self.device)
+        from a2a.runtime.host_shared_memory import HostSharedMemory
+
+        return HostSharedMemory(self.bootstrap, size_per_rank)
+
+    def release_workspace(self, key: tuple) -> None:
+        """Free the workspace of `key` on every rank (collective; drop its views first)."""
+        self._check_open()
+        self.synchronize()
+        self.bootstrap.barrier()  # no peer still reads or writes this rank's segment
+        memory = self._memories.pop(key, None)
+        if memory is not None:
+            memory.close()
+
+    def wait_for_caller(self, rank: int) -> None:
+        """Order this rank's stream after the caller's current work. On CUDA, when the caller's
+        current stream is not the rank stream, the rank stream waits for it (an event); on the CPU,
+        work runs in call order already."""
+        stream = self.stream(rank)
+        if self.device.type == "cuda":
+            caller = torch.cuda.current_stream(self.device)
+            if caller.cuda_stream != stream.stream.cuda_stream:  # type: ignore[attr-defined]
+                stream.stream.wait_stream(caller)  # type: ignore[attr-defined]
+
+    def synchronize(self) -> None:
+        """Block until this rank's stream has run everything submitted (not a barrier)."""
+        self._stream.synchronize()
+
+    def barrier(self) -> None:
+        """Host barrier across the ranks (does not synchronise streams: call `synchronize` first)."""
+        self.bootstrap.barrier()
+
+    def close(self) -> None:
+        """Finish this rank's work, wait for every rank, free every workspace (collective, idempotent)."""
+        if self._closed:
+            return
+        self.synchronize()
+        self.bootstrap.barrier()
+        self._closed = True
+        memories, self._memories = self._memories, {}
+        errors = []
+        for memory in memories.values():
+            try:
+                memory.close()
+            except Exception as exc:  # noqa: BLE001 - free the others, then report the first
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this ProcessWorld is closed")
+
+    def __enter__(self) -> ProcessWorld:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
