@@ -22,6 +22,7 @@ from a2a.functional import (  # noqa: E402
 )
 from a2a.layout import MAX_PAYLOADS, MAX_RANKS, MAX_TOP_K, WorkspaceLayout  # noqa: E402
 from a2a.moe_alltoall import Mapping, MoeAlltoAll  # noqa: E402
+from a2a.runtime.process_world import ProcessWorld  # noqa: E402
 from a2a.runtime.simulated import SimulatedWorld  # noqa: E402
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "Mapping",
     "MoeAlltoAll",
     "PhaseError",
+    "ProcessWorld",
     "SimulatedWorld",
     "WorkspaceLayout",
     "moe_a2a_combine",

@@ -17,6 +17,7 @@ from a2a.functional import (
     moe_a2a_sanitize_expert_ids,
 )
 from a2a.layout import ROUND_STATE_INVALID_COUNT, WorkspaceLayout, metainfo_index_pairs
+from a2a.runtime.process_world import ProcessWorld
 from a2a.runtime.simulated import SimulatedWorld
 from a2a.workspace import rank_workspace_of, segment_view
 
@@ -49,8 +50,9 @@ class _RoundState:
 class MoeAlltoAll:
     """Expert-parallel dispatch / combine for one rank, over a workspace shared with its peers.
 
-    `world` supplies the workspace and this rank's stream: an `a2a.SimulatedWorld` (N ranks in one
-    process) or None for a single rank. Instances with the same (workspace size, max_num_tokens)
+    `world` supplies the workspace and this rank's stream: an `a2a.ProcessWorld` (one process per
+    rank; symmetric memory over CUDA VMM or host shared memory), an `a2a.SimulatedWorld` (N ranks
+    in one process) or None for a single rank. Instances with the same (workspace size, max_num_tokens)
     in one world share one workspace (e.g. one instance per layer); their rounds must not interleave.
     """
 
@@ -66,7 +68,7 @@ class MoeAlltoAll:
         hidden_size: int | None = None,
         mnnvl_config=None,
         *,
-        world: SimulatedWorld | None = None,
+        world: SimulatedWorld | ProcessWorld | None = None,
     ):
         self.ep_size = int(mapping.moe_ep_size)
         self.ep_rank = int(mapping.moe_ep_rank)
@@ -85,7 +87,9 @@ class MoeAlltoAll:
             )
         if world is None:
             if self.ep_size != 1:
-                raise ValueError(f"ep_size={self.ep_size} needs a world (e.g. a2a.SimulatedWorld) to reach the peers")
+                raise ValueError(
+                    f"ep_size={self.ep_size} needs a world (a2a.ProcessWorld or a2a.SimulatedWorld) to reach the peers"
+                )
             world = SimulatedWorld(1, "cuda" if torch.cuda.is_available() else "cpu")
         if world.ep_size != self.ep_size:
             raise ValueError(f"world has {world.ep_size} ranks but mapping.moe_ep_size is {self.ep_size}")
