@@ -123,3 +123,21 @@ def _stop(processes: list, graceful: bool) -> None:
         if process.is_alive():
             process.kill()
             process.join(timeout=5)
+
+
+def mpi_launch_command(num_ranks: int) -> list[str] | None:
+    """`mpiexec -n N` (the one beside this Python first, else on PATH), with Open MPI's root flag
+    when running as root; None when no launcher exists."""
+    import shutil
+    import subprocess
+    import sys
+
+    beside_python = Path(sys.executable).parent / "mpiexec"
+    launcher = str(beside_python) if beside_python.exists() else shutil.which("mpiexec") or shutil.which("mpirun")
+    if launcher is None:
+        return None
+    command = [launcher, "-n", str(num_ranks)]
+    version = subprocess.run([launcher, "--version"], capture_output=True, text=True, check=False).stdout
+    if "Open MPI" in version and os.geteuid() == 0:
+        command.append("--allow-run-as-root")
+    return command

@@ -8,7 +8,6 @@ One rank's failure fails the test at once (tests/process_launcher.py).
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from a2a.runtime.fd_exchange import FdListener, agree_job_id, exchange_fds, send_fd
-from tests.process_launcher import RankFailure, run_ranks
+from tests.process_launcher import RankFailure, mpi_launch_command, run_ranks
 from tests.process_rounds import PLANS, moe_rounds_rank
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -49,18 +48,13 @@ def test_one_rank_failure_fails_the_run_quickly(tmp_path):
     assert time.monotonic() - start < 30
 
 
-def _mpiexec() -> str | None:
-    beside_python = Path(sys.executable).parent / "mpiexec"
-    return str(beside_python) if beside_python.exists() else shutil.which("mpiexec") or shutil.which("mpirun")
-
-
 def test_moe_rounds_through_mpi():
     pytest.importorskip("mpi4py")
-    mpiexec = _mpiexec()
-    if mpiexec is None:
+    launch = mpi_launch_command(2)
+    if launch is None:
         pytest.skip("no mpiexec / mpirun on PATH")
     env = {**os.environ, **CHILD_ENV, "PYTHONPATH": str(REPO_ROOT)}
-    command = [mpiexec, "-n", "2", sys.executable, str(REPO_ROOT / "tests" / "mpi_round.py"), "cpu"]
+    command = [*launch, sys.executable, str(REPO_ROOT / "tests" / "mpi_round.py"), "cpu"]
     done = subprocess.run(command, check=False, env=env, capture_output=True, text=True, timeout=180, cwd=REPO_ROOT)
     assert done.returncode == 0, f"{command} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
     assert sorted(line for line in done.stdout.splitlines() if line.startswith("mpi_round")) == [
