@@ -43,6 +43,18 @@ def device(request) -> str:
 
 
 requires_cuda = pytest.mark.skipif(INTERPRETING, reason="needs a CUDA device (kernels compiled, not interpreted)")
+def _interpreter_can_run() -> bool:
+    # Triton's interpreter converts 1-element arrays to scalars, which NumPy 2.4 stopped allowing.
+    import numpy
+
+    return numpy.lib.NumpyVersion(numpy.__version__) < "2.4.0"
+
+
+# For tests whose child processes run the kernels under the interpreter (CPU workers), also on a
+# GPU machine: they need a NumPy the interpreter works with (pinned in pyproject; not on every image).
+requires_interpreter_in_children = pytest.mark.skipif(
+    not _interpreter_can_run(), reason="Triton's interpreter needs numpy < 2.4 in this environment"
+)
 requires_interpreter = pytest.mark.skipif(
     not INTERPRETING, reason="runs kernels on CPU tensors: needs the Triton interpreter (TRITON_INTERPRET=1)"
 )

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from a2a.runtime.fd_exchange import FdListener, agree_job_id, exchange_fds, send_fd
+from tests.conftest import requires_interpreter_in_children
 from tests.process_launcher import RankFailure, mpi_launch_command, run_ranks
 from tests.process_rounds import PLANS, moe_rounds_rank
 
@@ -28,6 +29,7 @@ def world_size(request) -> int:
     return request.param
 
 
+@requires_interpreter_in_children
 def test_moe_rounds_across_processes(world_size, tmp_path):
     results = run_ranks(moe_rounds_rank, world_size, tmp_path, "cpu", env=CHILD_ENV)
     assert [len(per_rank) for per_rank in results] == [len(PLANS[world_size])] * world_size
@@ -48,6 +50,7 @@ def test_one_rank_failure_fails_the_run_quickly(tmp_path):
     assert time.monotonic() - start < 30
 
 
+@requires_interpreter_in_children
 def test_moe_rounds_through_mpi():
     pytest.importorskip("mpi4py")
     launch = mpi_launch_command(2)
