@@ -138,6 +138,6 @@ def mpi_launch_command(num_ranks: int) -> list[str] | None:
         return None
     command = [launcher, "-n", str(num_ranks)]
     version = subprocess.run([launcher, "--version"], capture_output=True, text=True, check=False).stdout
-    if "Open MPI" in version and os.geteuid() == 0:
+    if ("Open MPI" in version or "OpenRTE" in version) and os.geteuid() == 0:
         command.append("--allow-run-as-root")
     return command
