@@ -103,7 +103,6 @@ class MoeAlltoAll:
         self._workspace_key = ("moe_alltoall", workspace_size_per_rank, max_num_tokens)
         self.workspace = world.workspace(self._workspace_key, workspace_size_per_rank)
         self.metainfo = self.layout.to_metainfo()
-        self._stream = world.stream(self.ep_rank)
         self._state = _RoundState()
 
     @staticmethod
@@ -117,7 +116,7 @@ class MoeAlltoAll:
     @contextmanager
     def _on_rank_stream(self) -> Iterator[None]:
         self.world.wait_for_caller(self.ep_rank)
-        with self._stream.activate():
+        with self.world.stream(self.ep_rank).activate():
             yield
 
     def dispatch(
@@ -199,7 +198,7 @@ class MoeAlltoAll:
 
         Reads device memory: synchronises this rank's stream.
         """
-        self._stream.synchronize()
+        self.world.stream(self.ep_rank).synchronize()
         state = rank_workspace_of(self.workspace, self.layout, self.ep_rank).round_state
         return int(state[ROUND_STATE_INVALID_COUNT].item())
 

@@ -25,6 +25,7 @@ INVALID_ID = -1
 PLANS: dict[int, list[tuple[list[int], int]]] = {
     2: [([5, 0], 5), ([3, 7], 7), ([0, 0], 1), ([9, 2], 9)],
     4: [([5, 0, 9, 2], 9), ([1, 1, 1, 1], 1), ([0, 0, 0, 3], 4), ([7, 8, 0, 6], 8)],
+    8: [([5, 0, 9, 2, 1, 8, 3, 3], 9), ([0, 0, 0, 0, 0, 0, 0, 4], 4), ([6, 6, 6, 6, 6, 6, 6, 6], 6)],
 }
 
 
@@ -119,6 +120,10 @@ def moe_rounds_rank(rank: int, world_size: int, device: str, bootstrap: Any = No
     group unless `bootstrap` is given); returns this rank's results per round."""
     from a2a.runtime.process_world import ProcessWorld
 
+    if device == "cuda:per-rank":  # one GPU per rank process
+        device = f"cuda:{rank % torch.cuda.device_count()}"
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
     world = ProcessWorld(bootstrap, device)
     assert (world.rank, world.ep_size) == (rank, world_size), (world.rank, world.ep_size)
     try:

@@ -35,6 +35,15 @@ def test_vmm_rounds_across_processes_on_one_gpu(world_size, tmp_path):
     assert [len(per_rank) for per_rank in results] == [len(PLANS[world_size])] * world_size
 
 
+@pytest.mark.parametrize("world_size", [2, 4, 8], ids=lambda n: f"{n}ranks")
+def test_vmm_rounds_with_one_gpu_per_rank(world_size, tmp_path):
+    """The same rounds with every rank on its own GPU: peers' segments reached over NVLink / P2P."""
+    if torch.cuda.device_count() < world_size:
+        pytest.skip(f"needs {world_size} GPUs, this machine has {torch.cuda.device_count()}")
+    results = run_ranks(moe_rounds_rank, world_size, tmp_path, "cuda:per-rank", env=GPU_CHILD_ENV, timeout_s=300)
+    assert [len(per_rank) for per_rank in results] == [len(PLANS[world_size])] * world_size
+
+
 def test_vmm_matches_the_simulated_world_bitwise(tmp_path):
     processes = run_ranks(moe_rounds_rank, 2, tmp_path, GPU, env=GPU_CHILD_ENV, timeout_s=300)
     simulated = simulated_rounds(2, "cuda")

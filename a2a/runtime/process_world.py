@@ -5,8 +5,8 @@ rank count, its one stream, and symmetric workspaces mapped from every rank:
 
 - CUDA (`device="cuda"` or `"cuda:N"`, one device per process): workspaces are
   `CudaSymmetricMemory` (driver VMM; segments of other processes, on this or other GPUs, mapped
-  into this process); the rank stream is the device's current torch stream at construction,
-  flags go through stream memory operations.
+  into this process); the rank stream is the device's current torch stream at each call, flags
+  go through stream memory operations.
 - CPU (`device="cpu"`): workspaces are `HostSharedMemory` (one shared-memory file mapped by all);
   the rank stream is a blocking `HostSignalStream`: a wait polls the flags and raises
   `A2ATimeoutError` after `A2A_SIGNAL_TIMEOUT_S` seconds, naming the ranks that never signalled.
@@ -37,15 +37,13 @@ class ProcessWorld:
         self.rank = self.bootstrap.rank
         self.ep_size = self.bootstrap.world_size
         device = torch.device(device)
-        self._stream: SignalStream
+        self._stream: SignalStream | None
         if device.type == "cuda":
             if not torch.cuda.is_available():
                 raise RuntimeError(f"device {device} asked for, but torch sees no CUDA device: use device='cpu'")
             if device.index is None:
                 device = torch.device("cuda", torch.cuda.current_device())
-            from a2a.runtime.cuda_signals import CudaSignalStream
-
-            self._stream = CudaSignalStream.wrap(torch.cuda.current_stream(device))
+            self._stream = None  # the current stream at each call (see stream())
         elif device.type == "cpu":
             from a2a.runtime.host_signals import HostSignalStream
 
@@ -57,9 +55,17 @@ class ProcessWorld:
         self._closed = False
 
     def stream(self, rank: int) -> SignalStream:
-        """This rank's stream; `rank` must be this process's rank (peers live in other processes)."""
+        """This rank's stream; `rank` must be this process's rank (peers live in other processes).
+
+        On CUDA it is the device's current torch stream at the time of the call, as engines expect
+        (ops run on the current stream; a CUDA-graph capture stream works like any other).
+        """
         if rank != self.rank:
             raise ValueError(f"rank must be this process's rank {self.rank} (one process per rank), got {rank}")
+        if self._stream is None:
+            from a2a.runtime.cuda_signals import CudaSignalStream
+
+            return CudaSignalStream.wrap(torch.cuda.current_stream(self.device))
         return self._stream
 
     def workspace(self, key: tuple, size_per_rank: int) -> torch.Tensor:
@@ -101,18 +107,16 @@ class ProcessWorld:
             memory.close()
 
     def wait_for_caller(self, rank: int) -> None:
-        """Order this rank's stream after the caller's current work. On CUDA, when the caller's
-        current stream is not the rank stream, the rank stream waits for it (an event); on the CPU,
-        work runs in call order already."""
-        stream = self.stream(rank)
-        if self.device.type == "cuda":
-            caller = torch.cuda.current_stream(self.device)
-            if caller.cuda_stream != stream.stream.cuda_stream:  # type: ignore[attr-defined]
-                stream.stream.wait_stream(caller)  # type: ignore[attr-defined]
+        """Nothing to do: the rank stream is the caller's current stream (CUDA), or work runs in
+        call order (CPU)."""
+        self.stream(rank)  # checks the rank
 
     def synchronize(self) -> None:
-        """Block until this rank's stream has run everything submitted (not a barrier)."""
-        self._stream.synchronize()
+        """Block until this rank's work has run (on CUDA: the whole device; not a barrier)."""
+        if self._stream is None:
+            torch.cuda.synchronize(self.device)
+        else:
+            self._stream.synchronize()
 
     def barrier(self) -> None:
         """Host barrier across the ranks (does not synchronise streams: call `synchronize` first)."""
