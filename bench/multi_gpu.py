@@ -100,13 +100,16 @@ def _worker(rank: int, world_size: int, args, port: int, results) -> None:
     hidden, top_k, num_experts = SHAPES[args.shape]
     rows = []
     try:
+        # The roofline on a scratch symmetric allocation of its own (never on a MoE workspace:
+        # the copy would overwrite a peer's flags and counters).
+        p2p = _p2p_gbps(world.workspace(("p2p-roofline",), 256 << 20), rank, world_size, gloo)
+        world.release_workspace(("p2p-roofline",))
         for tokens in args.tokens:
             ids, x, w = _inputs(rank, tokens, hidden, top_k, num_experts, 0, device)
             payloads = [x, ids, w]
             size = a2a.moe_a2a_get_workspace_size_per_rank(world_size, tokens, [hidden * 2, top_k * 4, top_k * 4], hidden * 2)
             moe = a2a.MoeAlltoAll(a2a.Mapping(world_size, rank), tokens, top_k, num_experts,
                                   workspace_size_per_rank=size, world=world)  # fmt: skip
-            p2p = _p2p_gbps(moe.workspace, rank, world_size, gloo)
             generator = torch.Generator().manual_seed(rank + 7)
             expert_output = torch.randn(world_size, tokens, hidden, generator=generator).to(torch.bfloat16).to(device)
 

@@ -13,9 +13,10 @@ size. After `close()`, views of `tensor` are dangling: drop them first.
     create       cuMemCreate(stride), pinned on this device, shareable as FABRIC if every rank can
                  export one (probed by trying, AND-ed across ranks), else as a POSIX fd
     exchange     FABRIC: allgather the 64-byte handles; POSIX fd: SCM_RIGHTS (a2a.runtime.fd_exchange)
-    map          cuMemAddressReserve(world_size * stride); cuMemMap own handle at base + rank * stride
-                 and every imported one (cuMemImportFromShareableHandle) at base + r * stride;
-                 cuMemSetAccess read/write for this device
+    map          cuMemAddressReserve((world_size + 1) * stride); a granule of this device's memory at
+                 base (so torch sees this device at the view's start); own handle at
+                 base + (rank + 1) * stride and every imported one (cuMemImportFromShareableHandle) at
+                 base + (r + 1) * stride; cuMemSetAccess read/write for this device
     view         a strided tensor over the range via __cuda_array_interface__ (no copy)
 
 A failing step undoes what the steps before it did (unmap, release, free the range, close fds) and
@@ -244,25 +245,32 @@ class CudaSymmetricMemory(SymmetricMemory):
 
     def _map_every_segment(self, shared: list) -> None:
         cu = driver()
-        total = self.world_size * self.stride
+        # One stride of head room before segment 0 holds a granule of this device's own memory:
+        # torch takes a __cuda_array_interface__ view's device from the memory at its data pointer,
+        # and segment 0 lives on rank 0's GPU, so the view starts at the head granule instead.
+        total = (self.world_size + 1) * self.stride
         base = int(check("cuMemAddressReserve", cu.cuMemAddressReserve(total, self.granularity, 0, 0)))
         self._undo.callback(lambda: check("cuMemAddressFree", cu.cuMemAddressFree(base, total)))
         access = cu.CUmemAccessDesc()
         access.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
         access.location.id = self.device.index
         access.flags = cu.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
+        head_prop = _allocation_prop(self.device.index, cu.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_NONE)
+        head = check("cuMemCreate", cu.cuMemCreate(self.granularity, head_prop, 0))
+        self._undo.callback(lambda: check("cuMemRelease", cu.cuMemRelease(head)))
+        mappings = [(base, self.granularity, head)]
         for r in range(self.world_size):
             handle = self._handle if r == self.rank else self._import(shared[r])
-            address = base + r * self.stride
-            check("cuMemMap", cu.cuMemMap(address, self.stride, 0, handle, 0))
-            self._undo.callback(lambda a=address: check("cuMemUnmap", cu.cuMemUnmap(a, self.stride)))
-            check("cuMemSetAccess", cu.cuMemSetAccess(address, self.stride, [access], 1))
+            mappings.append((base + (r + 1) * self.stride, self.stride, handle))
+        for address, length, handle in mappings:
+            check("cuMemMap", cu.cuMemMap(address, length, 0, handle, 0))
+            self._undo.callback(lambda a=address, n=length: check("cuMemUnmap", cu.cuMemUnmap(a, n)))
+            check("cuMemSetAccess", cu.cuMemSetAccess(address, length, [access], 1))
         self._close_fds()  # every handle is imported: the fds are no longer needed
-        self.tensor = torch.as_tensor(_DeviceBytes(base, self.world_size, self.size_per_rank, self.stride))
-        if self.tensor.data_ptr() != base or self.tensor.device != self.device:
-            raise RuntimeError(
-                f"torch.as_tensor copied the workspace view (to {self.tensor.device}) instead of wrapping it"
-            )
+        whole = torch.as_tensor(_DeviceBytes(base, 1, total, total)).view(-1)
+        if whole.data_ptr() != base or whole.device != self.device:
+            raise RuntimeError(f"torch.as_tensor copied the workspace view (to {whole.device}) instead of wrapping it")
+        self.tensor = whole.as_strided((self.world_size, self.size_per_rank), (self.stride, 1), self.stride)
 
     def _import(self, shared: Any) -> Any:
         cu = driver()
