@@ -121,6 +121,13 @@ class FakeDeviceBytes:
     def data_ptr(self) -> int:
         return self.address
 
+    def view(self, *shape):
+        return self
+
+    def as_strided(self, size, stride, storage_offset):
+        self.address, self.shape, self.strides = self.address + storage_offset, tuple(size), tuple(stride)
+        return self
+
     def __getitem__(self, rank: int):
         return SimpleNamespace(zero_=lambda: self.zeroed.append(rank))
 
@@ -162,7 +169,8 @@ def test_posix_fd_path_maps_zeroes_and_closes_everything(fake):
     assert memory.handle_type == cu.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
     assert memory.stride == 4 << 20 and memory.tensor.shape == (1, 3 << 20) and memory.tensor.strides == (4 << 20, 1)
     assert memory.tensor.zeroed == [0] and not memory._fds, "own segment zeroed, exported fd closed"
-    assert len(driver.handles) == 1 and len(driver.maps) == 1 and len(driver.reservations) == 1
+    # The own segment and the head granule (this device's memory at the start of the view).
+    assert len(driver.handles) == 2 and len(driver.maps) == 2 and len(driver.reservations) == 1
     memory.close()
     memory.close()  # idempotent
     assert not driver.handles and not driver.maps and not driver.reservations
@@ -172,7 +180,8 @@ def test_fabric_path_imports_the_peer_segment(fake):
     driver = fake(fabric=True)
     memory = symmetric_memory.CudaSymmetricMemory(ScriptedPeer(healthy_fabric_peer(1000)), 1000, "cuda:0")
     assert memory.handle_type == cu.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_FABRIC
-    assert sorted(driver.maps) == [1 << 40, (1 << 40) + GRANULARITY]  # base + rank * stride
+    # The head granule at base, then segment r at base + (r + 1) * stride.
+    assert sorted(driver.maps) == [1 << 40, (1 << 40) + GRANULARITY, (1 << 40) + 2 * GRANULARITY]
     assert driver.calls.count("cuMemImportFromShareableHandle") == 2  # the probe's own, then rank 1's
     memory.close()
     assert not driver.handles and not driver.maps and not driver.reservations
