@@ -160,3 +160,17 @@ def copy_roofline_gbps(iterations: int = 10) -> float:
 def owned_ranges(num_experts: int, ep: int) -> list[range]:
     partition = ExpertPartition(num_experts, ep)
     return [partition.experts_of(r) for r in range(ep)]
+
+
+def capture_graph(body: Callable[[], None]) -> torch.cuda.CUDAGraph:
+    """Capture `body` into a CUDA graph on a side stream forked from (and joined back by) the caller.
+    A body that forks into other streams must join them into the capture stream itself."""
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    torch.cuda.synchronize()
+    with torch.cuda.stream(stream):
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.graph(graph, stream=stream):
+            body()
+    torch.cuda.synchronize()
+    return graph

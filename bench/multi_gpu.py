@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from bench.harness import capture_graph
+
 SHAPES = {"deepseek": (7168, 8, 256), "qwen3": (4096, 8, 128), "mixtral": (4096, 2, 8), "gptoss": (2880, 4, 128)}
 
 
@@ -35,18 +37,6 @@ def _inputs(rank: int, tokens: int, hidden: int, top_k: int, num_experts: int, s
     x = torch.randn(tokens, hidden, generator=generator).to(torch.bfloat16)
     w = torch.rand(tokens, top_k, generator=generator)
     return ids.to(device), x.to(device), w.to(device)
-
-
-def _graph(body) -> torch.cuda.CUDAGraph:
-    graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream()
-    torch.cuda.synchronize()
-    with torch.cuda.stream(stream):
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.graph(graph, stream=stream):
-            body()
-    torch.cuda.synchronize()
-    return graph
 
 
 def _replay_phases_us(dispatch_graph, combine_graph, iterations: int, group) -> tuple[float, float]:
@@ -132,8 +122,8 @@ def _worker(rank: int, world_size: int, args, port: int, results) -> None:
             remote_here = pairs_here - int(expected.routing[rank].send_counts[rank])
             pairs_total = sum(int(r.send_counts.sum()) for r in expected.routing)
 
-            graph_dispatch = _graph(lambda: moe.dispatch(ids, payloads, tokens))
-            graph_combine = _graph(lambda: moe.combine(plane, tokens, payload_in_workspace=True))
+            graph_dispatch = capture_graph(lambda: moe.dispatch(ids, payloads, tokens))
+            graph_combine = capture_graph(lambda: moe.combine(plane, tokens, payload_in_workspace=True))
             dispatch_us, combine_us = _replay_phases_us(graph_dispatch, graph_combine, args.iterations, gloo)
             del graph_dispatch, graph_combine
 

@@ -25,6 +25,7 @@ import torch  # noqa: E402
 from bench.harness import (  # noqa: E402
     L2Flush,
     Round,
+    capture_graph,
     copy_roofline_gbps,
     dispatch_row_bytes,
     time_region,
@@ -34,17 +35,8 @@ import a2a  # noqa: E402
 
 
 def capture(world, body) -> torch.cuda.CUDAGraph:
-    """Capture `body` (which forks into the rank streams and joins back) into a CUDA graph."""
-    graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream()
-    torch.cuda.synchronize()
-    with torch.cuda.stream(stream):
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.graph(graph, stream=stream):
-            body()
-            world.join_into_caller()
-    torch.cuda.synchronize()
-    return graph
+    """A graph of `body` forking into the rank streams, joined back before the capture ends."""
+    return capture_graph(lambda: (body(), world.join_into_caller()))
 
 
 def measure(world, tokens: int, shape: str, payloads: str, iterations: int, flush: L2Flush, roofline: float) -> list[dict]:

@@ -141,3 +141,23 @@ def mpi_launch_command(num_ranks: int) -> list[str] | None:
     if ("Open MPI" in version or "OpenRTE" in version) and os.geteuid() == 0:
         command.append("--allow-run-as-root")
     return command
+
+
+def run_mpi_round(device: str, env: dict[str, str], timeout_s: float) -> None:
+    """`tests/mpi_round.py <device>` as 2 MPI ranks; both must report ok (skips without a launcher)."""
+    import subprocess
+    import sys
+
+    import pytest
+
+    pytest.importorskip("mpi4py")
+    launch = mpi_launch_command(2)
+    if launch is None:
+        pytest.skip("no mpiexec / mpirun on PATH")
+    root = Path(__file__).resolve().parent.parent
+    command = [*launch, sys.executable, str(root / "tests" / "mpi_round.py"), device]
+    environment = {**os.environ, **env, "PYTHONPATH": str(root)}
+    done = subprocess.run(command, check=False, env=environment, capture_output=True, text=True, timeout=timeout_s, cwd=root)
+    assert done.returncode == 0, f"{command} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
+    # Two processes share one stdout: count each rank's report rather than relying on whole lines.
+    assert [done.stdout.count(f"mpi_round rank {rank} of 2: ok") for rank in range(2)] == [1, 1], done.stdout

@@ -149,3 +149,23 @@ def check_nothing_else_written(run: FunctionalRound, expected: reference.Dispatc
     poisoned[layout.topk_target_ranks_offset : layout.topk_target_ranks_offset + 2 * 4 * layout.max_num_tokens * MAX_TOP_K] = True
     untouched = poisoned & ~written
     assert (segment[untouched] == POISON_BYTE).all(), f"rank {rank}: bytes written outside valid rows / entries"
+
+
+def run_and_check(case: RoundCase, device: str, in_workspace: bool = False):
+    """One poisoned round (dispatch, then combine of NaN-poisoned stale rows) against the reference.
+
+    Combine is compared bit for bit: the kernel adds the same fp32 terms in the same k order and
+    rounds once, like the reference; a stale row read or an unwritten output row shows as NaN.
+    Returns the receive views and combine outputs."""
+    run = FunctionalRound.create(case, device)
+    run.poison()
+    experts, payloads = case.experts(), case.payloads()
+    recv, offsets = run.dispatch([e.to(device) for e in experts], [[p.to(device) for p in ps] for ps in payloads])
+    expected = reference.dispatch(experts, payloads, case.num_experts, case.runtime_max_tokens)
+    check_dispatch(run, expected, recv)
+    outputs = case.expert_outputs([expected.valid_rows(r) for r in range(case.ep_size)])
+    combined = run.combine(outputs, offsets, in_workspace)
+    want = reference.combine(outputs, expected.routing, list(case.num_tokens))
+    for rank in range(case.ep_size):
+        assert torch.equal(as_bytes(combined[rank].cpu()), as_bytes(want[rank])), f"combine on rank {rank}"
+    return recv, combined

@@ -18,19 +18,8 @@ from a2a.layout import (
     num_route_blocks,
 )
 
-REGION_ORDER = [
-    "send_counters_offset",
-    "recv_counters_offset",
-    "dispatch_flags_offset",
-    "combine_flags_offset",
-    "round_state_offset",
-    "topk_target_ranks_offset",
-    "topk_send_indices_offset",
-    "topk_local_slots_offset",
-    "block_counts_offset",
-    "block_invalid_offset",
-    "payload_offset",
-]
+# Every offset field, in layout order (the metainfo lists ep_size and max_num_tokens first).
+REGION_ORDER = list(METAINFO_FIELDS[2:])
 
 
 def region_sizes(layout: WorkspaceLayout) -> dict[str, int]:

@@ -17,7 +17,7 @@ import pytest
 
 from a2a.runtime.fd_exchange import FdListener, agree_job_id, exchange_fds, send_fd
 from tests.conftest import requires_interpreter_in_children
-from tests.process_launcher import RankFailure, mpi_launch_command, run_ranks
+from tests.process_launcher import RankFailure, run_mpi_round, run_ranks
 from tests.process_rounds import PLANS, moe_rounds_rank
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -52,16 +52,7 @@ def test_one_rank_failure_fails_the_run_quickly(tmp_path):
 
 @requires_interpreter_in_children
 def test_moe_rounds_through_mpi():
-    pytest.importorskip("mpi4py")
-    launch = mpi_launch_command(2)
-    if launch is None:
-        pytest.skip("no mpiexec / mpirun on PATH")
-    env = {**os.environ, **CHILD_ENV, "PYTHONPATH": str(REPO_ROOT)}
-    command = [*launch, sys.executable, str(REPO_ROOT / "tests" / "mpi_round.py"), "cpu"]
-    done = subprocess.run(command, check=False, env=env, capture_output=True, text=True, timeout=180, cwd=REPO_ROOT)
-    assert done.returncode == 0, f"{command} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
-    # Two processes share one stdout: count each rank's report rather than relying on whole lines.
-    assert [done.stdout.count(f"mpi_round rank {rank} of 2: ok") for rank in range(2)] == [1, 1], done.stdout
+    run_mpi_round("cpu", CHILD_ENV, timeout_s=180)
 
 
 def _open_fds() -> set[str]:

@@ -9,15 +9,13 @@ the reference for 2 and 4 processes, bitwise equality with a one-process `Simula
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.conftest import requires_cuda
-from tests.process_launcher import mpi_launch_command, run_ranks
+from tests.process_launcher import run_mpi_round, run_ranks
 from tests.process_rounds import PLANS, RoundInputs, moe_rounds_rank, simulated_rounds
 
 pytestmark = requires_cuda
@@ -122,12 +120,4 @@ def test_vmm_cycles_leave_nothing_behind(tmp_path):
 
 
 def test_vmm_rounds_through_mpi():
-    pytest.importorskip("mpi4py")
-    launch = mpi_launch_command(2)
-    if launch is None:
-        pytest.skip("no mpiexec / mpirun on PATH")
-    env = {**os.environ, **GPU_CHILD_ENV, "PYTHONPATH": str(REPO_ROOT)}
-    command = [*launch, sys.executable, str(REPO_ROOT / "tests" / "mpi_round.py"), "cuda"]
-    done = subprocess.run(command, check=False, env=env, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
-    assert done.returncode == 0, f"{command} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
-    assert done.stdout.count(": ok") == 2, done.stdout
+    run_mpi_round("cuda", GPU_CHILD_ENV, timeout_s=300)

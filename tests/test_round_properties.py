@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import a2a
 from a2a import reference
 from tests.conftest import HAS_CUDA
-from tests.rounds import FunctionalRound, as_bytes, check_dispatch
+from tests.rounds import FunctionalRound, as_bytes, check_dispatch, run_and_check
 from tests.strategies import round_cases
 
 # In CI (no CUDA) these three tests put 220 drawn rounds through the interpreted kernels. On a GPU
@@ -23,20 +23,7 @@ EXAMPLES = {"round": 140, "sanitize": 40, "repeat": 40} if not HAS_CUDA else {"r
 @settings(max_examples=EXAMPLES["round"])
 @given(case=round_cases(), in_workspace=st.booleans())
 def test_round_matches_reference(device, case, in_workspace):
-    run = FunctionalRound.create(case, device)
-    run.poison()
-    experts, payloads = case.experts(), case.payloads()
-    recv, combine_offsets = run.dispatch([e.to(device) for e in experts], [[p.to(device) for p in ps] for ps in payloads])
-    expected = reference.dispatch(experts, payloads, case.num_experts, case.runtime_max_tokens)
-    check_dispatch(run, expected, recv)
-
-    outputs = case.expert_outputs([expected.valid_rows(r) for r in range(case.ep_size)])
-    combined = run.combine(outputs, combine_offsets, in_workspace)
-    want = reference.combine(outputs, expected.routing, list(case.num_tokens))
-    for rank in range(case.ep_size):
-        # Same fp32 additions in the same k order, same final rounding: bit-exact, and no NaN from
-        # a stale row or an unwritten output row.
-        assert torch.equal(as_bytes(combined[rank].cpu()), as_bytes(want[rank])), f"combine on rank {rank}"
+    run_and_check(case, device, in_workspace)
 
 
 @settings(max_examples=EXAMPLES["sanitize"])

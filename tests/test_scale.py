@@ -6,26 +6,10 @@ import dataclasses
 
 import torch
 
-from a2a import reference
 from a2a.runtime.simulated import MAX_SIMULATED_CUDA_RANKS
 from tests.conftest import requires_cuda
-from tests.rounds import FunctionalRound, as_bytes, check_dispatch
+from tests.rounds import as_bytes, run_and_check
 from tests.strategies import RoundCase
-
-
-def run_and_check(case: RoundCase, device: str, in_workspace: bool = False):
-    run = FunctionalRound.create(case, device)
-    run.poison()
-    experts, payloads = case.experts(), case.payloads()
-    recv, offsets = run.dispatch([e.to(device) for e in experts], [[p.to(device) for p in ps] for ps in payloads])
-    expected = reference.dispatch(experts, payloads, case.num_experts, case.runtime_max_tokens)
-    check_dispatch(run, expected, recv)
-    outputs = case.expert_outputs([expected.valid_rows(r) for r in range(case.ep_size)])
-    combined = run.combine(outputs, offsets, in_workspace)
-    want = reference.combine(outputs, expected.routing, list(case.num_tokens))
-    for rank in range(case.ep_size):
-        assert torch.equal(as_bytes(combined[rank].cpu()), as_bytes(want[rank])), rank
-    return recv, combined
 
 
 def test_the_rank_limit(device):
