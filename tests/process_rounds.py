@@ -122,7 +122,7 @@ def moe_rounds_rank(rank: int, world_size: int, device: str, bootstrap: Any = No
 
     if device == "cuda:per-rank":  # one GPU per rank process
         device = f"cuda:{rank % torch.cuda.device_count()}"
-    if device.startswith("cuda"):
+    if device.startswith("cuda:"):
         torch.cuda.set_device(torch.device(device))
     world = ProcessWorld(bootstrap, device)
     assert (world.rank, world.ep_size) == (rank, world_size), (world.rank, world.ep_size)
