@@ -151,13 +151,16 @@ def check_nothing_else_written(run: FunctionalRound, expected: reference.Dispatc
     assert (segment[untouched] == POISON_BYTE).all(), f"rank {rank}: bytes written outside valid rows / entries"
 
 
-def run_and_check(case: RoundCase, device: str, in_workspace: bool = False):
+def run_and_check(case: RoundCase, device: str, in_workspace: bool = False, run: FunctionalRound | None = None):
     """One poisoned round (dispatch, then combine of NaN-poisoned stale rows) against the reference.
 
     Combine is compared bit for bit: the kernel adds the same fp32 terms in the same k order and
     rounds once, like the reference; a stale row read or an unwritten output row shows as NaN.
-    Returns the receive views and combine outputs."""
-    run = FunctionalRound.create(case, device)
+    Reuses `run`'s workspace when given (several rounds in a row). Returns the receive views and
+    combine outputs."""
+    if run is None:
+        run = FunctionalRound.create(case, device)
+    run.case = case
     run.poison()
     experts, payloads = case.experts(), case.payloads()
     recv, offsets = run.dispatch([e.to(device) for e in experts], [[p.to(device) for p in ps] for ps in payloads])

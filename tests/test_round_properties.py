@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import a2a
 from a2a import reference
 from tests.conftest import HAS_CUDA
-from tests.rounds import FunctionalRound, as_bytes, check_dispatch, run_and_check
+from tests.rounds import FunctionalRound, run_and_check
 from tests.strategies import round_cases
 
 # In CI (no CUDA) these three tests put 220 drawn rounds through the interpreted kernels. On a GPU
@@ -54,14 +54,4 @@ def test_back_to_back_rounds_reuse_the_workspace(device, first, second_seed):
     counts = tuple(int(c) for c in torch.randint(0, first.runtime_max_tokens + 1, (first.ep_size,), generator=generator))
     second = dataclasses.replace(first, num_tokens=counts, seed=second_seed)
     for case in (first, second):
-        run.case = case
-        run.poison()
-        experts, payloads = case.experts(), case.payloads()
-        recv, offsets = run.dispatch([e.to(device) for e in experts], [[p.to(device) for p in ps] for ps in payloads])
-        expected = reference.dispatch(experts, payloads, case.num_experts, case.runtime_max_tokens)
-        check_dispatch(run, expected, recv)
-        outputs = case.expert_outputs([expected.valid_rows(r) for r in range(case.ep_size)])
-        combined = run.combine(outputs, offsets, in_workspace=False)
-        want = reference.combine(outputs, expected.routing, list(case.num_tokens))
-        for rank in range(case.ep_size):
-            assert torch.equal(as_bytes(combined[rank].cpu()), as_bytes(want[rank]))
+        run_and_check(case, device, run=run)
