@@ -51,8 +51,10 @@ class MoeAlltoAll:
     """Expert-parallel dispatch / combine for one rank, over a workspace shared with its peers.
 
     `world` supplies the workspace and this rank's stream: an `a2a.ProcessWorld` (one process per
-    rank; symmetric memory over CUDA VMM or host shared memory), an `a2a.SimulatedWorld` (N ranks
-    in one process) or None for a single rank. Instances with the same (workspace size, max_num_tokens)
+    rank; symmetric memory over CUDA VMM or host shared memory), a torch.distributed process group
+    or an mpi4py communicator (wrapped in a `ProcessWorld` on this process's CUDA device, else the
+    CPU), an `a2a.SimulatedWorld` (N ranks in one process) or None for a single rank. Instances
+    with the same (workspace size, max_num_tokens)
     in one world share one workspace (e.g. one instance per layer); their rounds must not interleave.
     """
 
@@ -68,7 +70,7 @@ class MoeAlltoAll:
         hidden_size: int | None = None,
         mnnvl_config=None,
         *,
-        world: SimulatedWorld | ProcessWorld | None = None,
+        world: SimulatedWorld | ProcessWorld | object | None = None,
     ):
         self.ep_size = int(mapping.moe_ep_size)
         self.ep_rank = int(mapping.moe_ep_rank)
@@ -85,6 +87,9 @@ class MoeAlltoAll:
             workspace_size_per_rank = self.get_moe_workspace_size_per_rank(
                 self.ep_size, top_k, max_num_tokens, hidden_size
             )
+        if world is not None and not hasattr(world, "workspace"):
+            # A torch.distributed process group, an mpi4py communicator or a Bootstrap: one process per rank.
+            world = ProcessWorld(world, "cuda" if torch.cuda.is_available() else "cpu")
         if world is None:
             if self.ep_size != 1:
                 raise ValueError(

@@ -188,3 +188,25 @@ def test_send_fd_to_a_missing_peer_names_it():
             send_fd("no-such-job", 5, 0, fd, time.monotonic() + 1)
     finally:
         os.close(fd)
+
+
+def _group_as_world(rank: int, world_size: int) -> list[float]:
+    import torch
+    import torch.distributed as dist
+
+    import a2a
+
+    moe = a2a.MoeAlltoAll(a2a.Mapping(world_size, rank), 2, 1, world_size, hidden_size=4, world=dist.group.WORLD)
+    assert isinstance(moe.world, a2a.ProcessWorld) and moe.world.rank == rank
+    # Every rank sends one token to expert 0, owned by rank 0; its row carries the sender's rank.
+    recv = moe.dispatch(torch.zeros(1, 1, dtype=torch.int32), [torch.full((1, 4), float(rank))], 1)[0]
+    received = recv[:, 0, 0].tolist() if rank == 0 else []
+    moe.combine(torch.zeros(world_size, 1, 4), 1)
+    moe.world.close()
+    return received
+
+
+@requires_interpreter_in_children
+def test_moe_alltoall_takes_a_process_group_as_its_world(tmp_path):
+    results = run_ranks(_group_as_world, 2, tmp_path, env=CHILD_ENV)
+    assert results[0] == [0.0, 1.0] and results[1] == []
