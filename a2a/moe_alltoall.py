@@ -17,7 +17,7 @@ from a2a.functional import (
     moe_a2a_sanitize_expert_ids,
 )
 from a2a.layout import ROUND_STATE_INVALID_COUNT, WorkspaceLayout, metainfo_index_pairs
-from a2a.runtime.process_world import ProcessWorld
+from a2a.runtime.process_world import ProcessWorld, process_world_for
 from a2a.runtime.simulated import SimulatedWorld
 from a2a.workspace import rank_workspace_of, segment_view
 
@@ -88,8 +88,9 @@ class MoeAlltoAll:
                 self.ep_size, top_k, max_num_tokens, hidden_size
             )
         if world is not None and not hasattr(world, "workspace"):
-            # A torch.distributed process group, an mpi4py communicator or a Bootstrap: one process per rank.
-            world = ProcessWorld(world, "cuda" if torch.cuda.is_available() else "cpu")
+            # A torch.distributed process group, an mpi4py communicator or a Bootstrap: one process
+            # per rank, one ProcessWorld per group, so instances share workspaces.
+            world = process_world_for(world, "cuda" if torch.cuda.is_available() else "cpu")
         if world is None:
             if self.ep_size != 1:
                 raise ValueError(

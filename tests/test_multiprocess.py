@@ -198,6 +198,8 @@ def _group_as_world(rank: int, world_size: int) -> list[float]:
 
     moe = a2a.MoeAlltoAll(a2a.Mapping(world_size, rank), 2, 1, world_size, hidden_size=4, world=dist.group.WORLD)
     assert isinstance(moe.world, a2a.ProcessWorld) and moe.world.rank == rank
+    second_layer = a2a.MoeAlltoAll(a2a.Mapping(world_size, rank), 2, 1, world_size, hidden_size=4, world=dist.group.WORLD)
+    assert second_layer.world is moe.world and second_layer.workspace.data_ptr() == moe.workspace.data_ptr()
     # Every rank sends one token to expert 0, owned by rank 0; its row carries the sender's rank.
     recv = moe.dispatch(torch.zeros(1, 1, dtype=torch.int32), [torch.full((1, 4), float(rank))], 1)[0]
     received = recv[:, 0, 0].tolist() if rank == 0 else []

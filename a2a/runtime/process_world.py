@@ -148,3 +148,18 @@ class ProcessWorld:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+# One ProcessWorld per (group, device) for worlds built from a bare group, so every MoeAlltoAll
+# built from the same group shares its workspaces (one per geometry), as instances of one world do.
+_worlds_by_group: dict[tuple[int, str], tuple[object, ProcessWorld]] = {}
+
+
+def process_world_for(group: object, device: str | torch.device) -> ProcessWorld:
+    """The ProcessWorld of `group` (a torch.distributed group, an mpi4py communicator or a
+    Bootstrap) on `device`, made once (collectively) and reused; closed worlds are rebuilt."""
+    key = (id(group), str(torch.device(device)))
+    entry = _worlds_by_group.get(key)
+    if entry is None or entry[0] is not group or entry[1]._closed:
+        entry = _worlds_by_group[key] = (group, ProcessWorld(group, device))
+    return entry[1]
