@@ -123,7 +123,7 @@ def _copy_launch(
         vec_units.append(unit.vec_units)
     widest = max(range(len(row_units)), key=lambda p: row_units[p])
     config = configs.dispatch_copy_config(row_units[widest], sources[widest].element_size(), top_k, layout.ep_size)
-    num_tiles = -(-max(row_units) // config.tile)
+    num_tiles = -(-row_units[widest] // config.tile)
     capacity = layout.max_num_tokens * MAX_TOP_K
     targets = rank_workspace.own(layout.topk_target_ranks_offset, capacity)
     local_slots = rank_workspace.own(layout.topk_local_slots_offset, capacity)
