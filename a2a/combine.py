@@ -5,11 +5,12 @@ from __future__ import annotations
 import torch
 
 from a2a import configs, validation
+from a2a.barrier import combine_barrier_launch
 from a2a.kernels import _combine_kernel, _stage_combine_kernel
 from a2a.launch import KernelLaunch
 from a2a.layout import MAX_TOP_K, PLANE_ALIGN, WorkspaceLayout
-from a2a.runtime.scheduler import schedule_combine
-from a2a.runtime.streams import current_stream
+from a2a.runtime.scheduler import schedule_phase
+from a2a.runtime.streams import SignalMode, current_stream
 from a2a.workspace import RankWorkspace, rank_workspace_of
 
 COMBINE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -37,7 +38,8 @@ def moe_a2a_combine(
     (`MoeAlltoAll.get_combine_payload_tensor_in_workspace`) and no staging copy runs.
     `local_num_tokens`, `runtime_max_tokens_per_rank`, `top_k` and `combine_payload_offset` must be
     those of the matching dispatch. Returns `[local_num_tokens, H]` of the payload's dtype (written
-    into `output` when given), valid once the stream reaches the end of this op.
+    into `output` when given), valid once the stream reaches the end of this op. Raises
+    `A2ATimeoutError` if an earlier wait of this rank timed out on the device.
     """
     layout = WorkspaceLayout.from_metainfo(metainfo)
     validation.check_geometry(ep_size, ep_rank, top_k)
@@ -69,20 +71,18 @@ def moe_a2a_combine(
         validation.require_shape("output", output, (local_num_tokens, hidden), "[local_num_tokens, hidden]")
 
     rank_workspace = rank_workspace_of(workspace, layout, ep_rank)
+    rank_workspace.raise_if_timed_out()
+    stream = current_stream(workspace.device)
     stage = _stage_launch(rank_workspace, payload, combine_payload_offset)
+    barrier = combine_barrier_launch(rank_workspace, stream.signal_mode)
     gather = _gather_launch(rank_workspace, payload, combine_payload_offset, output, top_k)
-    # Load both variants before the wait is enqueued, also when this rank skips one: see a2a.launch.
-    stage.prepare()
-    gather.prepare()
-    signal, wait = rank_workspace.combine_flags
-    schedule_combine(
-        current_stream(workspace.device),
-        None if payload_in_workspace else stage,
-        gather if local_num_tokens > 0 else None,
-        signal,
-        wait,
-        ep_rank,
-    )
+    # Load every variant before the barrier is enqueued, also those this rank skips: see a2a.launch.
+    for launch in (stage, barrier, gather):
+        launch.prepare()
+    launches = [] if payload_in_workspace else [stage]
+    if stream.signal_mode is not SignalMode.STREAM_MEMOPS:
+        launches.append(barrier)
+    schedule_phase(stream, launches, rank_workspace.combine_signals, [gather] if local_num_tokens > 0 else [])
     return output
 
 

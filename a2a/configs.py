@@ -40,6 +40,11 @@ def next_power_of_2(value: int) -> int:
     return 1 << max(0, (value - 1).bit_length())
 
 
+def rank_pad(ep_size: int) -> int:
+    """Lanes of a per-rank vector in a kernel: a power of 2 >= ep_size, at least 2."""
+    return max(next_power_of_2(ep_size), 2)
+
+
 @dataclass(frozen=True)
 class TileConfig:
     tile: int  # elements (or copy units) per program along the row

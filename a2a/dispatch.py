@@ -7,13 +7,15 @@ from collections.abc import Sequence
 import torch
 
 from a2a import configs, validation
+from a2a.barrier import barrier_args, barrier_constexprs
 from a2a.expert_partition import ExpertPartition
 from a2a.kernels import _dispatch_copy_kernel, _route_kernel
 from a2a.launch import KernelLaunch
-from a2a.layout import MAX_TOP_K, ROUTE_BLOCK_TOKENS, RoundLayout, WorkspaceLayout, num_route_blocks
-from a2a.runtime.scheduler import schedule_dispatch
+from a2a.layout import (MAX_TOP_K, ROUTE_BLOCK_TOKENS, RoundLayout, RoundState, TimeoutPhase, WorkspaceLayout,
+                        num_route_blocks)  # fmt: skip
+from a2a.runtime.scheduler import schedule_phase
+from a2a.runtime.streams import SignalMode, current_stream
 from a2a.sanitize import expert_id_sanitize_launch
-from a2a.runtime.streams import current_stream
 from a2a.workspace import RankWorkspace, rank_workspace_of, segment_view
 
 
@@ -38,7 +40,8 @@ def moe_a2a_dispatch(
     are stale) and the rank-local byte offset of the combine plane for this round.
 
     When the stream reaches the end of this op, every peer's rows have landed. The views stay
-    valid until this rank's next combine starts.
+    valid until this rank's next combine starts. Raises `A2ATimeoutError` if an earlier wait of
+    this rank timed out on the device (see `a2a.kernels.signal`).
     """
     layout = WorkspaceLayout.from_metainfo(metainfo)
     validation.check_geometry(ep_size, ep_rank, top_k, num_experts)
@@ -58,17 +61,18 @@ def moe_a2a_dispatch(
     validation.check_fits("the dispatch receive planes", planes_end, workspace.shape[1])
 
     rank_workspace = rank_workspace_of(workspace, layout, ep_rank)
+    rank_workspace.raise_if_timed_out()
+    stream = current_stream(workspace.device)
     launches = [
         _route_launch(rank_workspace, experts, top_k, num_experts),
-        _copy_launch(rank_workspace, payloads, round_layout, top_k),
+        _copy_launch(rank_workspace, payloads, round_layout, top_k, stream.signal_mode),
     ]
     # Everything this phase (and the sanitize that usually follows it) may launch is loaded before
-    # the wait is enqueued: see a2a.launch.
+    # the barrier is enqueued: see a2a.launch.
     for launch in launches:
         launch.prepare()
     expert_id_sanitize_launch(rank_workspace, runtime_max_tokens_per_rank, top_k).prepare()
-    signal, wait = rank_workspace.dispatch_flags
-    schedule_dispatch(current_stream(workspace.device), launches, signal, wait, ep_rank)
+    schedule_phase(stream, launches, rank_workspace.dispatch_signals)
 
     recv = [
         segment_view(workspace, ep_rank, offset, payload.dtype, (ep_size, runtime_max_tokens_per_rank, payload.shape[1]))
@@ -79,10 +83,6 @@ def moe_a2a_dispatch(
 
 def _row_bytes(payload: torch.Tensor) -> int:
     return payload.shape[1] * payload.element_size()
-
-
-def _ep_pad(ep_size: int) -> int:
-    return max(configs.next_power_of_2(ep_size), 2)
 
 
 def _route_launch(rank_workspace: RankWorkspace, experts: torch.Tensor, top_k: int, num_experts: int) -> KernelLaunch:
@@ -100,13 +100,14 @@ def _route_launch(rank_workspace: RankWorkspace, experts: torch.Tensor, top_k: i
         (experts, targets, local_slots, rank_workspace.block_counts, rank_workspace.block_invalid,
          rank_workspace.round_state, rank_workspace.send_counters, recv_counters, recv_counters.stride(0),
          num_tokens, num_blocks, num_experts, partition.base, partition.remainder, rank_workspace.ep_rank),
-        dict(TOP_K=top_k, EP_SIZE=layout.ep_size, EP_PAD=_ep_pad(layout.ep_size), BLOCK_TOKENS=ROUTE_BLOCK_TOKENS,
+        dict(TOP_K=top_k, EP_SIZE=layout.ep_size, EP_PAD=configs.rank_pad(layout.ep_size), BLOCK_TOKENS=ROUTE_BLOCK_TOKENS,
              SCAN_BLOCKS=configs.ROUTE_SCAN_BLOCKS, num_warps=configs.ROUTE_NUM_WARPS),
     )  # fmt: skip
 
 
 def _copy_launch(
-    rank_workspace: RankWorkspace, payloads: list[torch.Tensor], round_layout: RoundLayout, top_k: int
+    rank_workspace: RankWorkspace, payloads: list[torch.Tensor], round_layout: RoundLayout, top_k: int,
+    mode: SignalMode,
 ) -> KernelLaunch:
     layout = rank_workspace.layout
     workspace = rank_workspace.workspace
@@ -128,12 +129,17 @@ def _copy_launch(
     targets = rank_workspace.own(layout.topk_target_ranks_offset, capacity)
     local_slots = rank_workspace.own(layout.topk_local_slots_offset, capacity)
     send_indices = rank_workspace.own(layout.topk_send_indices_offset, capacity)
+    election = rank_workspace.round_state[RoundState.COPY_ELECTION : RoundState.COPY_ELECTION + 1]
+    num_tokens = payloads[0].shape[0]
+    # At least one token row, so a rank without tokens still runs the barrier.
     return KernelLaunch(
         _dispatch_copy_kernel,
-        (payloads[0].shape[0], num_tiles),
+        (max(1, num_tokens), num_tiles),
         (tuple(sources), tuple(planes), tuple(strides), targets, local_slots, rank_workspace.block_counts,
-         send_indices, round_layout.runtime_max_tokens, rank_workspace.ep_rank),
+         send_indices, election, *barrier_args(rank_workspace, layout.dispatch_flags_offset), num_tokens,
+         round_layout.runtime_max_tokens, rank_workspace.ep_rank),
         dict(NUM_PAYLOADS=len(sources), ROW_UNITS=tuple(row_units), VEC_UNITS=tuple(vec_units), TOP_K=top_k,
              K_CHUNK=min(configs.next_power_of_2(top_k), 8), EP_SIZE=layout.ep_size, BLOCK_TOKENS=ROUTE_BLOCK_TOKENS,
-             TILE=config.tile, num_warps=config.num_warps),
+             TILE=config.tile, num_warps=config.num_warps,
+             **barrier_constexprs(rank_workspace, mode, TimeoutPhase.DISPATCH)),
     )  # fmt: skip

@@ -10,9 +10,9 @@ Aux region (static for a given `(ep_size, max_num_tokens)`), each field 128-byte
 |---|---|---|---|
 | send_counters | i32 [ep] | own routing (last program) | host / tests |
 | recv_counters | i32 [ep] | source `s` writes `[s]` remotely (routing, last program) | own sanitize, combine staging |
-| dispatch_flags | u32 [ep] | peer `s` sets `[s]` = 1 (stream write after its dispatch) | own stream waits, then resets to 0 |
-| combine_flags | u32 [ep] | peer `s` sets `[s]` = 1 (its combine plane is ready) | own stream waits, then resets to 0 |
-| round_state | i32 [4] | own routing | `[0]` last-program election counter (self-resetting), `[1]` invalid (token, k) pairs skipped in the last dispatch |
+| dispatch_flags | u32 [ep] | peer `s` stores its flag value into `[s]` after its dispatch copy (epoch, never reset) | own copy kernel's last program (or the host) waits for `[s] == flag value` |
+| combine_flags | u32 [ep] | peer `s` stores its flag value into `[s]` once its combine plane is ready (epoch) | own combine barrier waits |
+| round_state | i32 [8] | own kernels | see `RoundState`: election counters (self-resetting), invalid count, flag value, timeout record |
 | topk_target_ranks | i32 [max_num_tokens * top_k] | own routing | own combine |
 | topk_send_indices | i32 [max_num_tokens * top_k] | own dispatch copy | own combine |
 | topk_local_slots | i32 [max_num_tokens * top_k] | own routing (slot inside its token block) | own dispatch copy |
@@ -43,9 +43,28 @@ ROUTE_BLOCK_TOKENS = 64
 REGION_ALIGN = 128
 PLANE_ALIGN = 16
 
-# round_state: [0] the routing programs' election counter (self-resetting), [1] the invalid count.
-ROUND_STATE_LEN = 4
-ROUND_STATE_INVALID_COUNT = 1
+
+
+class RoundState:
+    """Indices of the int32 words of a segment's `round_state` region (own rank only)."""
+
+    ROUTE_ELECTION = 0  # routing programs finished this round; the last one resets it to 0
+    INVALID_COUNT = 1  # (token, k) pairs skipped in the last dispatch for an id outside [0, num_experts)
+    FLAG_VALUE = 2  # u32 phase counter: +1 per signalled phase (dispatch odd, combine even), never reset
+    COPY_ELECTION = 3  # dispatch copy programs finished this round; the last one resets it to 0
+    TIMEOUT_STATUS = 4  # 4 words: (TimeoutPhase or 0, missing ranks 0..31, missing ranks 32..63, flag value)
+    TIMEOUT_STATUS_LEN = 4
+
+
+ROUND_STATE_LEN = 8
+
+
+class TimeoutPhase:
+    """Codes a timed-out wait records in `RoundState.TIMEOUT_STATUS`."""
+
+    DISPATCH = 1
+    COMBINE = 2
+    NAMES = {DISPATCH: "dispatch", COMBINE: "combine"}
 
 
 def align_up(value: int, alignment: int) -> int:

@@ -16,7 +16,7 @@ from a2a.functional import (
     moe_a2a_get_workspace_size_per_rank,
     moe_a2a_sanitize_expert_ids,
 )
-from a2a.layout import ROUND_STATE_INVALID_COUNT, WorkspaceLayout, metainfo_index_pairs
+from a2a.layout import RoundState, WorkspaceLayout, metainfo_index_pairs
 from a2a.runtime.process_world import ProcessWorld, process_world_for
 from a2a.runtime.simulated import SimulatedWorld
 from a2a.workspace import rank_workspace_of, segment_view
@@ -204,9 +204,19 @@ class MoeAlltoAll:
 
         Reads device memory: synchronises this rank's stream.
         """
-        self.world.stream(self.ep_rank).synchronize()
+        self.synchronize()
         state = rank_workspace_of(self.workspace, self.layout, self.ep_rank).round_state
-        return int(state[ROUND_STATE_INVALID_COUNT].item())
+        return int(state[RoundState.INVALID_COUNT].item())
+
+    def synchronize(self) -> None:
+        """Block until this rank's stream has run everything submitted so far, then raise
+        `A2ATimeoutError` (naming the ranks whose signal never came) if one of its waits timed out.
+
+        After a timeout the ranks' rounds are out of step: every later call of this rank raises
+        too; drop the instances (and the world) on every rank and build new ones.
+        """
+        self.world.stream(self.ep_rank).synchronize()
+        rank_workspace_of(self.workspace, self.layout, self.ep_rank).raise_if_timed_out()
 
     def _reset_workspace(self) -> None:
         """Test helper: drop this geometry's shared workspace and retire the instance."""

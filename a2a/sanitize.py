@@ -38,7 +38,9 @@ def moe_a2a_sanitize_expert_ids(
     validation.require_int("invalid_expert_id", invalid_expert_id, -(2**31), 2**31 - 1)
     if expert_ids.shape[2] == 0:
         return
-    launch = sanitize_launch(rank_workspace_of(workspace, layout, ep_rank), expert_ids, invalid_expert_id)
+    rank_workspace = rank_workspace_of(workspace, layout, ep_rank)
+    rank_workspace.raise_if_timed_out()
+    launch = sanitize_launch(rank_workspace, expert_ids, invalid_expert_id)
     launch.prepare()
     schedule_local(current_stream(workspace.device), launch)
 

@@ -12,7 +12,9 @@ from functools import cached_property
 
 import torch
 
-from a2a.layout import ROUND_STATE_LEN, WorkspaceLayout, num_route_blocks
+from a2a.errors import A2ATimeoutError
+from a2a.layout import ROUND_STATE_LEN, RoundState, TimeoutPhase, WorkspaceLayout, num_route_blocks
+from a2a.runtime.scheduler import PhaseSignals
 
 
 @dataclass(frozen=True, eq=False)
@@ -70,22 +72,61 @@ class RankWorkspace:
     def block_invalid(self) -> torch.Tensor:
         return self.own(self.layout.block_invalid_offset, num_route_blocks(self.layout.max_num_tokens))
 
-    def flag_addresses(self, flags_offset: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """(where this rank signals: its word in every segment, where it waits: every word of its own)."""
+    def flags_every_rank(self, flags_offset: int) -> torch.Tensor:
+        """A phase's flag array in every segment, `[ep_size, ep_size]` int32 (row t: segment t)."""
+        return self.every_rank(flags_offset, 4 * self.ep_size, torch.int32)
+
+    def _phase_signals(self, what: str, flags_offset: int) -> PhaseSignals:
         base = self.workspace.data_ptr()
         stride = self.segment_stride
-        signal = tuple(base + t * stride + flags_offset + 4 * self.ep_rank for t in range(self.ep_size))
-        own = base + self.ep_rank * stride + flags_offset
-        wait = tuple(own + 4 * s for s in range(self.ep_size))
-        return signal, wait
+        own = base + self.ep_rank * stride
+        return PhaseSignals(
+            what=what,
+            ep_rank=self.ep_rank,
+            signal_addresses=tuple(base + t * stride + flags_offset + 4 * self.ep_rank for t in range(self.ep_size)),
+            wait_addresses=tuple(own + flags_offset + 4 * s for s in range(self.ep_size)),
+            flag_value_address=own + self.layout.round_state_offset + 4 * RoundState.FLAG_VALUE,
+        )
 
     @cached_property
-    def dispatch_flags(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        return self.flag_addresses(self.layout.dispatch_flags_offset)
+    def dispatch_signals(self) -> PhaseSignals:
+        return self._phase_signals("dispatch", self.layout.dispatch_flags_offset)
 
     @cached_property
-    def combine_flags(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        return self.flag_addresses(self.layout.combine_flags_offset)
+    def combine_signals(self) -> PhaseSignals:
+        return self._phase_signals("combine", self.layout.combine_flags_offset)
+
+    @cached_property
+    def flag_value(self) -> torch.Tensor:
+        return self.round_state[RoundState.FLAG_VALUE : RoundState.FLAG_VALUE + 1]
+
+    @cached_property
+    def timeout_status(self) -> torch.Tensor:
+        first = RoundState.TIMEOUT_STATUS
+        return self.round_state[first : first + RoundState.TIMEOUT_STATUS_LEN]
+
+    @cached_property
+    def host_timeout_status(self):
+        """Host-mapped copy of `timeout_status` (CUDA only; None on the CPU, where the host waits)."""
+        if self.workspace.device.type != "cuda":
+            return None
+        from a2a.runtime.host_mapped import HostMappedWords
+
+        return HostMappedWords(RoundState.TIMEOUT_STATUS_LEN, self.workspace.device)
+
+    def raise_if_timed_out(self) -> None:
+        """Raise `A2ATimeoutError` if a wait of this rank timed out on the device (no synchronisation:
+        reads the host-mapped record). Once raised, it is raised by every later call."""
+        status = self.host_timeout_status
+        if status is None or status.words[0] == 0:
+            return
+        phase, low, high, _ = status.read()
+        mask = (low & 0xFFFFFFFF) | ((high & 0xFFFFFFFF) << 32)
+        missing = [r for r in range(self.ep_size) if mask >> r & 1]
+        from a2a import envs
+
+        raise A2ATimeoutError(TimeoutPhase.NAMES.get(phase, f"phase {phase}"), self.ep_rank, missing,
+                              envs.signal_timeout_s())  # fmt: skip
 
 
 # id(workspace tensor) -> (weak reference, {(layout, ep_rank): RankWorkspace}). A RankWorkspace keeps

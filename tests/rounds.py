@@ -8,7 +8,7 @@ import torch
 
 import a2a
 from a2a import reference
-from a2a.layout import MAX_TOP_K, ROUND_STATE_INVALID_COUNT, WorkspaceLayout
+from a2a.layout import MAX_TOP_K, ROUND_STATE_LEN, RoundState, WorkspaceLayout
 from tests.strategies import RoundCase
 
 POISON_BYTE = 0xA5
@@ -115,7 +115,7 @@ def check_dispatch(run: FunctionalRound, expected: reference.DispatchReference, 
         indices = run.own_int32(rank, layout.topk_send_indices_offset, n * k).view(n, k)
         assert torch.equal(targets, route.topk_target_ranks), f"topk_target_ranks of rank {rank}"
         assert torch.equal(indices, route.topk_send_indices), f"topk_send_indices of rank {rank}"
-        invalid = run.own_int32(rank, layout.round_state_offset, 4)[ROUND_STATE_INVALID_COUNT]
+        invalid = run.own_int32(rank, layout.round_state_offset, ROUND_STATE_LEN)[RoundState.INVALID_COUNT]
         assert int(invalid) == route.num_invalid
         valid = expected.valid_rows(rank)
         for p, (got, want) in enumerate(zip(recv[rank], expected.recv_payloads[rank])):

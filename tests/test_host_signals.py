@@ -1,4 +1,7 @@
-"""The host implementation of the flag protocol: order, parking, deadlock and timeout reports."""
+"""The host side of the flag protocol (CPU): waits for epoch values, parking, deadlock and timeout reports.
+
+Here the test plays the peers' kernels: it stores flag values into the waiter's words directly.
+"""
 
 from __future__ import annotations
 
@@ -7,36 +10,39 @@ import torch
 
 import a2a
 from a2a.runtime.host_signals import CooperativeScheduler, HostSignalStream
-from a2a.runtime.streams import FLAG_CLEAR, FLAG_SET, FlagWait
+from a2a.runtime.streams import FlagWait
 from tests.conftest import requires_interpreter
 
 
-def flags(count: int) -> tuple[torch.Tensor, list[int]]:
-    words = torch.zeros(count, dtype=torch.int32)
-    return words, [words.data_ptr() + 4 * i for i in range(count)]
+def flags(count: int) -> tuple[torch.Tensor, list[int], int]:
+    """`count` flag words and one flag-value word after them (value 7: this round's epoch)."""
+    words = torch.zeros(count + 1, dtype=torch.int32)
+    words[count] = 7
+    return words, [words.data_ptr() + 4 * i for i in range(count)], words.data_ptr() + 4 * count
 
 
-def test_waiting_stream_parks_until_every_peer_signals_then_clears():
+def test_waiting_stream_parks_until_every_peer_stored_the_flag_value():
     scheduler = CooperativeScheduler()
-    waiter, peer_a, peer_b = (HostSignalStream(scheduler) for _ in range(3))
-    words, addresses = flags(2)
+    waiter, peer = HostSignalStream(scheduler), HostSignalStream(scheduler)
+    words, addresses, value = flags(2)
+    words[1] = 5  # an older round's value is not this round's signal
     log = []
-    waiter.wait_flags(addresses, FlagWait("dispatch", 0, (1, 2)))
+    waiter.wait_for_value(addresses, value, FlagWait("dispatch", 0, (1, 2)))
     waiter.submit(lambda: log.append("after wait"))
     assert log == []
-    peer_a.set_flags(addresses[:1])
-    assert log == [] and words.tolist() == [FLAG_SET, FLAG_CLEAR]
-    peer_b.set_flags(addresses[1:])
+    peer.submit(lambda: words.__setitem__(0, 7))
+    assert log == []
+    peer.submit(lambda: words.__setitem__(1, 7))
     assert log == ["after wait"]
-    assert words.tolist() == [FLAG_CLEAR, FLAG_CLEAR]  # the waiter reset its flags
+    assert words.tolist() == [7, 7, 7]  # epochs: nothing is reset
 
 
 def test_drain_reports_the_ranks_that_never_signalled():
     scheduler = CooperativeScheduler()
     waiter, peer = HostSignalStream(scheduler), HostSignalStream(scheduler)
-    _, addresses = flags(3)
-    waiter.wait_flags(addresses, FlagWait("combine", 0, (0, 1, 2)))
-    peer.set_flags(addresses[1:2])
+    words, addresses, value = flags(3)
+    waiter.wait_for_value(addresses, value, FlagWait("combine", 0, (0, 1, 2)))
+    peer.submit(lambda: words.__setitem__(1, 7))
     with pytest.raises(a2a.A2ATimeoutError, match=r"combine: rank 0 got no signal from rank\(s\) \[0, 2\]") as info:
         scheduler.drain()
     assert info.value.missing_ranks == (0, 2)
@@ -44,10 +50,10 @@ def test_drain_reports_the_ranks_that_never_signalled():
 
 def test_blocking_wait_times_out_naming_the_missing_rank(monkeypatch):
     monkeypatch.setenv("A2A_SIGNAL_TIMEOUT_S", "0.2")
-    words, addresses = flags(2)
-    words[0] = FLAG_SET
+    words, addresses, value = flags(2)
+    words[0] = 7
     with pytest.raises(a2a.A2ATimeoutError, match=r"rank 3 got no signal within 0.2 s from rank\(s\) \[1\]"):
-        HostSignalStream().wait_flags(addresses, FlagWait("dispatch", 3, (0, 1)))
+        HostSignalStream().wait_for_value(addresses, value, FlagWait("dispatch", 3, (0, 1)))
 
 
 @requires_interpreter  # on CUDA the same fault is issue 5's watchdog

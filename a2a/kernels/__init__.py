@@ -7,9 +7,11 @@ The same kernels run compiled on CUDA and under the Triton interpreter on the CP
 from a2a.kernels.combine import _combine_kernel, _stage_combine_kernel
 from a2a.kernels.dispatch import _dispatch_copy_kernel
 from a2a.kernels.routing import _route_kernel
+from a2a.kernels.signal import _barrier_kernel
 from a2a.kernels.sanitize import _sanitize_kernel
 
 __all__ = [
+    "_barrier_kernel",
     "_combine_kernel",
     "_dispatch_copy_kernel",
     "_route_kernel",

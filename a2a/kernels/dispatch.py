@@ -7,6 +7,11 @@ receive plane row `[ep_rank][slot]` of segment `t`, where
 `slot = block_offsets[i // BLOCK_TOKENS, t] + topk_local_slots[i, k]` (see routing). Programs of
 tile 0 also store the final slots in `topk_send_indices` for combine.
 
+Programs of tokens >= num_tokens copy nothing (the grid has at least one token row, so a rank
+without tokens still signals). With SIGNAL, every program then takes part in an acq_rel election
+and the last one runs the dispatch barrier (a2a.kernels.signal): its release makes every program's
+stores visible to the peers before the flags.
+
 Payloads are copied as opaque units (int32 / int16 / uint8 views chosen by the launcher from row
 bytes and alignment); VEC_UNITS[p] > 1 promises that every source and destination row of payload
 p starts on a VEC_UNITS-unit boundary, so loads and stores can be 16-byte vectors.
@@ -14,6 +19,8 @@ p starts on a VEC_UNITS-unit boundary, so loads and stores can be 16-byte vector
 
 import triton
 import triton.language as tl
+
+from a2a.kernels.signal import _signal_and_wait
 
 
 @triton.jit
@@ -53,7 +60,8 @@ def _copy_row_tile(src_ptr, dst_ptr, dst_stride, token, tile, block, topk_row, f
             tl.store(dst_ptr + offsets[:, None] + cols[None, :], values, mask=sends[:, None] & col_mask[None, :])
 
 
-@triton.jit(do_not_specialize=["runtime_max_tokens", "ep_rank"],
+@triton.jit(do_not_specialize=["num_tokens", "runtime_max_tokens", "ep_rank", "stride_flags_rank", "host_status_ptr",
+                               "timeout_ns"],
             do_not_specialize_on_alignment=["src_ptrs"])
 def _dispatch_copy_kernel(
     src_ptrs,  # tuple of NUM_PAYLOADS: [num_tokens, ROW_UNITS[p]] copy units, the caller's payloads
@@ -63,6 +71,14 @@ def _dispatch_copy_kernel(
     topk_local_slots_ptr,  # [num_tokens, TOP_K] int32, own segment
     block_offsets_ptr,  # [num_blocks, EP_SIZE] int32, own segment
     topk_send_indices_ptr,  # [num_tokens, TOP_K] int32, own segment (written here)
+    election_ptr,  # [1] int32, own segment: programs finished (reset by the last)
+    flag_value_ptr,  # [1] u32, own segment
+    flags_ptr,  # [EP_SIZE] int32: dispatch flags of segment 0; segment t at + t * stride_flags_rank
+    stride_flags_rank,
+    timeout_status_ptr,  # [4] int32, own segment
+    host_status_ptr,  # int64 address of the host-mapped timeout record (0 without one)
+    timeout_ns,
+    num_tokens,
     runtime_max_tokens,
     ep_rank,
     NUM_PAYLOADS: tl.constexpr,
@@ -73,21 +89,37 @@ def _dispatch_copy_kernel(
     EP_SIZE: tl.constexpr,
     BLOCK_TOKENS: tl.constexpr,
     TILE: tl.constexpr,
+    EP_PAD: tl.constexpr,  # next power of 2 >= EP_SIZE
+    SIGNAL: tl.constexpr,  # run the dispatch barrier's signal in the last program
+    WAIT: tl.constexpr,  # ... and its wait
+    HAS_HOST_STATUS: tl.constexpr,
+    PHASE: tl.constexpr,  # timeout code of this phase
 ):
     token = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
     block = token // BLOCK_TOKENS
     topk_row = token * TOP_K
 
-    first_row = ep_rank.to(tl.int64) * runtime_max_tokens
-    if tile == 0:
-        for chunk in tl.static_range(triton.cdiv(TOP_K, K_CHUNK)):
-            ks, k_mask, targets, rows, sends, slots = _chunk_destinations(
-                topk_target_ranks_ptr, topk_local_slots_ptr, block_offsets_ptr, topk_row, block, first_row,
-                chunk, TOP_K, EP_SIZE, K_CHUNK)
-            tl.store(topk_send_indices_ptr + topk_row + ks, tl.where(sends, slots, -1), mask=k_mask)
+    if token < num_tokens:
+        first_row = ep_rank.to(tl.int64) * runtime_max_tokens
+        if tile == 0:
+            for chunk in tl.static_range(triton.cdiv(TOP_K, K_CHUNK)):
+                ks, k_mask, targets, rows, sends, slots = _chunk_destinations(
+                    topk_target_ranks_ptr, topk_local_slots_ptr, block_offsets_ptr, topk_row, block, first_row,
+                    chunk, TOP_K, EP_SIZE, K_CHUNK)
+                tl.store(topk_send_indices_ptr + topk_row + ks, tl.where(sends, slots, -1), mask=k_mask)
 
-    for p in tl.static_range(NUM_PAYLOADS):
-        _copy_row_tile(src_ptrs[p], dst_ptrs[p], dst_strides[p], token, tile, block, topk_row, first_row,
-                       topk_target_ranks_ptr, topk_local_slots_ptr, block_offsets_ptr,
-                       ROW_UNITS[p], VEC_UNITS[p], TOP_K, EP_SIZE, TILE, K_CHUNK)
+        for p in tl.static_range(NUM_PAYLOADS):
+            _copy_row_tile(src_ptrs[p], dst_ptrs[p], dst_strides[p], token, tile, block, topk_row, first_row,
+                           topk_target_ranks_ptr, topk_local_slots_ptr, block_offsets_ptr,
+                           ROW_UNITS[p], VEC_UNITS[p], TOP_K, EP_SIZE, TILE, K_CHUNK)
+
+    if SIGNAL:
+        # Every thread's stores must be issued before the election increment publishes them.
+        tl.debug_barrier()
+        num_programs = tl.num_programs(0) * tl.num_programs(1)
+        finished = tl.atomic_add(election_ptr, 1, sem="acq_rel", scope="gpu")
+        if finished == num_programs - 1:
+            tl.store(election_ptr, 0)
+            _signal_and_wait(flag_value_ptr, flags_ptr, stride_flags_rank, timeout_status_ptr, host_status_ptr,
+                             timeout_ns, ep_rank, PHASE, EP_SIZE, EP_PAD, WAIT, HAS_HOST_STATUS)

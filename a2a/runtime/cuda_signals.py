@@ -1,5 +1,7 @@
-"""The flag protocol on CUDA: stream memory operations of the driver on a torch stream.
+"""Rank streams on CUDA, and the STREAM_MEMOPS flag protocol (stream memory operations).
 
+By default (`SignalMode.KERNEL`) the barrier of a phase runs inside its last kernel and the stream
+only orders launches. With `A2A_SIGNALS=stream` the barrier is stream memory operations instead:
 `set_flags` is one `cuStreamBatchMemOp` of 32-bit writes with the default memory barrier (all
 earlier writes of the stream, kernels included, are visible system-wide before each flag).
 `wait_flags` is one batch of `WAIT_VALUE_32 EQ FLAG_SET`, then one batch of FLAG_CLEAR writes,
@@ -19,7 +21,8 @@ from contextlib import contextmanager
 import torch
 
 from a2a.runtime.driver import check, driver
-from a2a.runtime.streams import FLAG_CLEAR, FLAG_SET, FlagWait, SignalStream
+from a2a import envs
+from a2a.runtime.streams import FLAG_CLEAR, FLAG_SET, FlagWait, SignalMode, SignalStream
 
 _params_cache: dict[tuple[str, tuple[int, ...]], list] = {}
 
@@ -74,6 +77,7 @@ class CudaSignalStream(SignalStream):
     _wrapped: dict[int, CudaSignalStream] = {}
 
     def __init__(self, stream: torch.cuda.Stream):
+        self.signal_mode = SignalMode.STREAM_MEMOPS if envs.signal_mode() == "stream" else SignalMode.KERNEL
         self.stream = stream
         self.device = stream.device
         self._handle = driver().CUstream(stream.cuda_stream)

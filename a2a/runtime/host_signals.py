@@ -1,9 +1,11 @@
-"""The flag protocol on the host: the CPU path of every rank stream.
+"""The flag protocol on the host: the CPU path of every rank stream (`SignalMode.HOST_WAIT`).
 
-`HostSignalStream` runs submitted work in order on the calling thread. Flags are u32 words read and
-written through their addresses (a CPU workspace, possibly shared between processes; x86 stores of
-aligned words are atomic and not reordered with earlier stores, so data written before a flag is
-visible to whoever sees the flag).
+`HostSignalStream` runs submitted work in order on the calling thread. The (interpreted) kernels
+signal: they store the rank's new flag value into its word of every peer's flag array. The stream
+waits: `wait_for_value` holds later work until every own flag equals the own flag value. Flags are
+u32 words read through their addresses (a CPU workspace, possibly shared between processes; x86
+stores of aligned words are atomic and not reordered with earlier stores, so data written before a
+flag is visible to whoever sees the flag).
 
 Two ways to wait:
 - blocking (no scheduler): poll until the flags are set or `A2A_SIGNAL_TIMEOUT_S` passes, then
@@ -26,7 +28,7 @@ import torch
 
 from a2a import envs
 from a2a.errors import A2ATimeoutError
-from a2a.runtime.streams import FLAG_CLEAR, FLAG_SET, FlagWait, SignalStream
+from a2a.runtime.streams import FlagWait, SignalMode, SignalStream
 
 
 def _word(address: int) -> ctypes.c_uint32:
@@ -39,24 +41,17 @@ class _Work:
 
 
 @dataclass
-class _SetFlags:
-    addresses: tuple[int, ...]
-
-
-@dataclass
 class _WaitFlags:
     addresses: tuple[int, ...]
+    value_address: int
     wait: FlagWait
 
     def missing(self) -> list[int]:
-        return [
-            peer
-            for peer, address in zip(self.wait.peer_ranks, self.addresses)
-            if _word(address).value != FLAG_SET
-        ]
+        value = _word(self.value_address).value
+        return [peer for peer, address in zip(self.wait.peer_ranks, self.addresses) if _word(address).value != value]
 
 
-_Op = _Work | _SetFlags | _WaitFlags
+_Op = _Work | _WaitFlags
 
 
 class CooperativeScheduler:
@@ -91,6 +86,8 @@ class CooperativeScheduler:
 class HostSignalStream(SignalStream):
     """A rank stream on the host; see the module docstring for the two waiting modes."""
 
+    signal_mode = SignalMode.HOST_WAIT
+
     def __init__(self, scheduler: CooperativeScheduler | None = None) -> None:
         self.device = torch.device("cpu")
         self._scheduler = scheduler
@@ -101,13 +98,10 @@ class HostSignalStream(SignalStream):
     def submit(self, work: Callable[[], None]) -> None:
         self._enqueue(_Work(work))
 
-    def set_flags(self, addresses: Sequence[int]) -> None:
-        self._enqueue(_SetFlags(tuple(addresses)))
-
-    def wait_flags(self, addresses: Sequence[int], wait: FlagWait) -> None:
+    def wait_for_value(self, addresses: Sequence[int], value_address: int, wait: FlagWait) -> None:
         if len(addresses) != len(wait.peer_ranks):
-            raise ValueError("wait_flags needs one peer rank per address")
-        self._enqueue(_WaitFlags(tuple(addresses), wait))
+            raise ValueError("wait_for_value needs one peer rank per address")
+        self._enqueue(_WaitFlags(tuple(addresses), value_address, wait))
 
     def synchronize(self) -> None:
         if self._scheduler is not None:
@@ -148,12 +142,6 @@ class HostSignalStream(SignalStream):
 def _execute(op: _Op) -> None:
     if isinstance(op, _Work):
         op.run()
-    elif isinstance(op, _SetFlags):
-        for address in op.addresses:
-            _word(address).value = FLAG_SET
-    else:
-        for address in op.addresses:
-            _word(address).value = FLAG_CLEAR
 
 
 _default: HostSignalStream | None = None

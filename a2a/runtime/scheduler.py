@@ -1,71 +1,79 @@
-"""The order of a round's launches and signals on each rank's stream.
+"""The order of a round's launches and barriers on each rank's stream.
 
-Two ranks, time flowing down; `set` and `wait` are the flag operations of `SignalStream`:
+Two ranks, time flowing down (default `SignalMode.KERNEL`; `v` is the rank's flag value, bumped by
+the signalling program, equal on every rank because all ranks run the same phases):
 
-    rank 0 stream                         rank 1 stream
-    route (prepare: counters, slots)      route
-    dispatch copy  --rows, recv_counters-->  (into rank 1's planes)   and the reverse
-    set dispatch_flags[0] @ 0, @ 1        set dispatch_flags[1] @ 0, @ 1
-    wait own dispatch_flags[0..1] ----    wait own dispatch_flags[0..1]
-      (every peer's rows and counters into my planes have landed; clear flags)
-    sanitize (reads recv_counters)        sanitize
+    rank 0 stream                              rank 1 stream
+    route (prepare: slots, counters;           route
+      recv_counters[0] -> rank 1's segment)
+    dispatch copy: rows -> rank 1's planes     dispatch copy
+      last program: v += 1, release,             last program: v += 1, release,
+      dispatch_flags[0] := v @ 0, @ 1  ----->    dispatch_flags[1] := v @ 0, @ 1
+      spin until own dispatch_flags == v  <---   spin until own dispatch_flags == v
+    sanitize (reads recv_counters)             sanitize
     ... caller's MoE on the receive planes, writing the combine plane ...
-    stage combine plane (optional)        stage
-    set combine_flags[0] @ 0, @ 1         set combine_flags[1] @ 0, @ 1
-    wait own combine_flags[0..1] -----    wait own combine_flags[0..1]
-      (every peer's combine plane is complete; clear flags)
-    combine gather-reduce                 combine gather-reduce
+    stage combine plane (optional)             stage
+    combine barrier (one program):             combine barrier
+      v += 1, combine_flags[0] := v @ 0, @ 1 ->  combine_flags[1] := v @ 0, @ 1
+      spin until own combine_flags == v   <---   spin
+    combine gather-reduce (peers' planes)      combine gather-reduce
 
 Why each wait is enough:
-- dispatch wait: a peer sets my flag only after its copy kernel (and its routing, which wrote my
-  recv_counters) finished; the set carries a system-scope fence.
-- combine wait: a peer's combine plane is complete before it sets; the peer cannot overwrite it
+- dispatch wait: a peer stores my flag only after all its copy programs (and its routing, which
+  wrote my recv_counters) finished; the store is a system-scope release.
+- combine wait: a peer's combine plane is complete before it signals; the peer cannot overwrite it
   (next round's MoE) before its next dispatch wait, which needs my next dispatch signal, which my
   stream issues only after my gather.
 - a peer's next dispatch writes my receive planes only after its combine wait, which needs my
   combine signal, issued after my sanitize / MoE reads of those planes.
-- clearing a flag right after its wait is safe: a peer sets it again only one phase later, and
-  that phase waits for a signal I send after the clear.
+- flags are never reset: a flag equals v only once this round's signal arrived, and a peer
+  cannot store the next value (v + 2) into it before this rank signalled v + 1.
+
+`SignalMode.HOST_WAIT` (CPU): the same kernels signal, the host stream does the waits.
+`SignalMode.STREAM_MEMOPS`: no signal in the kernels; stream memory operations set the flags to 1,
+wait for 1 and reset them to 0 (a peer sets the word again only one phase later, behind a wait
+for a signal this rank sends after the reset).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
-from a2a.runtime.streams import FlagWait, SignalStream
+from a2a.runtime.streams import FlagWait, SignalMode, SignalStream
 
 Launch = Callable[[], None]
 
 
-def schedule_dispatch(
-    stream: SignalStream,
-    launches: Sequence[Launch],
-    signal_addresses: Sequence[int],
-    wait_addresses: Sequence[int],
-    ep_rank: int,
+@dataclass(frozen=True)
+class PhaseSignals:
+    """The flag words of one phase as seen from one rank (raw addresses)."""
+
+    what: str  # "dispatch" or "combine": named in timeout errors
+    ep_rank: int
+    signal_addresses: tuple[int, ...]  # flags[ep_rank] in every segment
+    wait_addresses: tuple[int, ...]  # own flags[s] for every peer s
+    flag_value_address: int  # own u32 flag value (KERNEL / HOST_WAIT modes)
+
+    @property
+    def flag_wait(self) -> FlagWait:
+        return FlagWait(self.what, self.ep_rank, tuple(range(len(self.wait_addresses))))
+
+
+def schedule_phase(
+    stream: SignalStream, launches: Sequence[Launch], signals: PhaseSignals, after_wait: Sequence[Launch] = ()
 ) -> None:
-    """Routing + copy launches, then signal every peer and wait for every peer's signal."""
+    """`launches` (in KERNEL / HOST_WAIT mode the last one signals, in KERNEL mode it also waits),
+    the barrier's stream part for the stream's mode, then `after_wait`."""
     for launch in launches:
         stream.submit(launch)
-    stream.set_flags(signal_addresses)
-    stream.wait_flags(wait_addresses, FlagWait("dispatch", ep_rank, tuple(range(len(wait_addresses)))))
-
-
-def schedule_combine(
-    stream: SignalStream,
-    stage: Launch | None,
-    gather: Launch | None,
-    signal_addresses: Sequence[int],
-    wait_addresses: Sequence[int],
-    ep_rank: int,
-) -> None:
-    """Optional staging copy, readiness signal and wait, then the gather-reduce."""
-    if stage is not None:
-        stream.submit(stage)
-    stream.set_flags(signal_addresses)
-    stream.wait_flags(wait_addresses, FlagWait("combine", ep_rank, tuple(range(len(wait_addresses)))))
-    if gather is not None:
-        stream.submit(gather)
+    if stream.signal_mode is SignalMode.HOST_WAIT:
+        stream.wait_for_value(signals.wait_addresses, signals.flag_value_address, signals.flag_wait)
+    elif stream.signal_mode is SignalMode.STREAM_MEMOPS:
+        stream.set_flags(signals.signal_addresses)
+        stream.wait_flags(signals.wait_addresses, signals.flag_wait)
+    for launch in after_wait:
+        stream.submit(launch)
 
 
 def schedule_local(stream: SignalStream, launch: Launch) -> None:

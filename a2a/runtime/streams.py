@@ -1,22 +1,28 @@
 """Rank streams: ordered work plus cross-rank flags, and the "current stream" an op runs on.
 
-A `SignalStream` is one rank's ordered queue: work items (kernel launches) and flag operations run
-in submission order. Flags are u32 words in some rank's workspace segment, addressed by raw
-address. The protocol is set / wait / reset with constant values, so a round captured in a CUDA
-graph replays correctly (no value is baked in that changes between rounds):
+A `SignalStream` is one rank's ordered queue of work items (kernel launches). A phase ends with a
+cross-rank barrier over one flag array (`u32 [ep_size]` in every segment); where the barrier's
+signal and wait run is the stream's `signal_mode`:
 
-    sender:   set_flags(addresses)   -- each word := FLAG_SET, after all earlier work is visible
-    receiver: wait_flags(addresses)  -- until every word == FLAG_SET, then each word := FLAG_CLEAR
+- `SignalMode.KERNEL` (CUDA, default): the phase's last kernel signals and waits in one program
+  (a2a.kernels.signal): flags carry epoch values from a device counter, never reset, bounded by a
+  timeout. Nothing to do on the stream.
+- `SignalMode.HOST_WAIT` (CPU): the kernels signal the same epochs; the host waits until every
+  own flag equals the own flag value (`wait_for_value`), with a timeout.
+- `SignalMode.STREAM_MEMOPS` (CUDA, `A2A_SIGNALS=stream`): stream memory operations instead:
+  `set_flags` stores FLAG_SET once all earlier work is visible, `wait_flags` holds the stream until
+  every own flag is FLAG_SET, then resets them to FLAG_CLEAR (constant values, so graphs replay;
+  no timeout). A peer sets the same word again only in a later phase that itself waits for a
+  signal this rank sends after the reset (stream order); see a2a.runtime.scheduler.
 
-The receiver may reset because a sender sets the same word again only in a later phase that itself
-waits for a signal the receiver sends after the reset (stream order); see a2a.scheduler.
+Every rank of a world must use the same mode (the flag words mean different things).
 
-Implementations: `CudaSignalStream` (stream memory operations of the CUDA driver) and
-`HostSignalStream` (the same protocol on the host, for the CPU path).
+Implementations: `CudaSignalStream` (a torch CUDA stream) and `HostSignalStream` (the CPU path).
 """
 
 from __future__ import annotations
 
+import enum
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
@@ -27,6 +33,14 @@ import torch
 
 FLAG_SET = 1
 FLAG_CLEAR = 0
+
+
+class SignalMode(enum.Enum):
+    """Where a phase's cross-rank barrier runs (see the module docstring)."""
+
+    KERNEL = "kernel"
+    HOST_WAIT = "host"
+    STREAM_MEMOPS = "stream"
 
 
 @dataclass(frozen=True)
@@ -42,18 +56,23 @@ class SignalStream(ABC):
     """One rank's ordered stream of work and flag operations."""
 
     device: torch.device
+    signal_mode: SignalMode
 
     @abstractmethod
     def submit(self, work: Callable[[], None]) -> None:
         """Run `work` (which launches kernels) in stream order."""
 
-    @abstractmethod
-    def set_flags(self, addresses: Sequence[int]) -> None:
-        """Store FLAG_SET at every address once all earlier work of this stream is visible."""
+    def wait_for_value(self, addresses: Sequence[int], value_address: int, wait: FlagWait) -> None:
+        """HOST_WAIT mode: hold later work until every u32 at `addresses` equals the one at `value_address`."""
+        raise NotImplementedError(f"{type(self).__name__} signals in {self.signal_mode.value} mode")
 
-    @abstractmethod
+    def set_flags(self, addresses: Sequence[int]) -> None:
+        """STREAM_MEMOPS mode: store FLAG_SET at every address once all earlier work is visible."""
+        raise NotImplementedError(f"{type(self).__name__} signals in {self.signal_mode.value} mode")
+
     def wait_flags(self, addresses: Sequence[int], wait: FlagWait) -> None:
-        """Hold later work until every address holds FLAG_SET, then clear them."""
+        """STREAM_MEMOPS mode: hold later work until every address holds FLAG_SET, then clear them."""
+        raise NotImplementedError(f"{type(self).__name__} signals in {self.signal_mode.value} mode")
 
     @abstractmethod
     def synchronize(self) -> None:
