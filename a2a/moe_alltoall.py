@@ -138,6 +138,7 @@ class MoeAlltoAll:
         With `invalid_token_expert_id`, the receive plane `input_payloads[expert_id_payload_index]`
         (an int32 `[num_tokens, top_k]` expert-id payload) is sanitized: stale rows get that id.
         """
+        self._rank_workspace.raise_if_timed_out()  # a lost round outranks a phase error
         if self._state.phase != "idle":
             raise PhaseError(f"dispatch called in phase {self._state.phase!r}: dispatch called twice without combine")
         if invalid_token_expert_id is not None:
@@ -157,6 +158,7 @@ class MoeAlltoAll:
         return recv
 
     def _check_dispatched(self, what: str, runtime_max_tokens_per_rank: int) -> None:
+        self._rank_workspace.raise_if_timed_out()  # a lost round outranks a phase error
         if self._state.phase != "dispatched":
             raise PhaseError(f"{what} called in phase {self._state.phase!r}: it needs a successful dispatch first")
         if runtime_max_tokens_per_rank != self._state.runtime_max_tokens:
@@ -205,7 +207,7 @@ class MoeAlltoAll:
         Reads device memory: synchronises this rank's stream.
         """
         self.synchronize()
-        state = rank_workspace_of(self.workspace, self.layout, self.ep_rank).round_state
+        state = self._rank_workspace.round_state
         return int(state[RoundState.INVALID_COUNT].item())
 
     def synchronize(self) -> None:
@@ -216,7 +218,11 @@ class MoeAlltoAll:
         too; drop the instances (and the world) on every rank and build new ones.
         """
         self.world.stream(self.ep_rank).synchronize()
-        rank_workspace_of(self.workspace, self.layout, self.ep_rank).raise_if_timed_out()
+        self._rank_workspace.raise_if_timed_out()
+
+    @property
+    def _rank_workspace(self):
+        return rank_workspace_of(self.workspace, self.layout, self.ep_rank)
 
     def _reset_workspace(self) -> None:
         """Test helper: drop this geometry's shared workspace and retire the instance."""

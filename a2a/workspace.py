@@ -12,6 +12,7 @@ from functools import cached_property
 
 import torch
 
+from a2a import envs
 from a2a.errors import A2ATimeoutError
 from a2a.layout import ROUND_STATE_LEN, RoundState, TimeoutPhase, WorkspaceLayout, num_route_blocks
 from a2a.runtime.scheduler import PhaseSignals
@@ -76,25 +77,28 @@ class RankWorkspace:
         """A phase's flag array in every segment, `[ep_size, ep_size]` int32 (row t: segment t)."""
         return self.every_rank(flags_offset, 4 * self.ep_size, torch.int32)
 
-    def _phase_signals(self, what: str, flags_offset: int) -> PhaseSignals:
+    def _phase_signals(self, phase_code: int, flags_offset: int) -> PhaseSignals:
         base = self.workspace.data_ptr()
         stride = self.segment_stride
         own = base + self.ep_rank * stride
+        state = own + self.layout.round_state_offset
         return PhaseSignals(
-            what=what,
+            what=TimeoutPhase.NAMES[phase_code],
             ep_rank=self.ep_rank,
             signal_addresses=tuple(base + t * stride + flags_offset + 4 * self.ep_rank for t in range(self.ep_size)),
             wait_addresses=tuple(own + flags_offset + 4 * s for s in range(self.ep_size)),
-            flag_value_address=own + self.layout.round_state_offset + 4 * RoundState.FLAG_VALUE,
+            flag_value_address=state + 4 * RoundState.FLAG_VALUE,
+            phase_code=phase_code,
+            timeout_record_address=state + 4 * RoundState.TIMEOUT_STATUS,
         )
 
     @cached_property
     def dispatch_signals(self) -> PhaseSignals:
-        return self._phase_signals("dispatch", self.layout.dispatch_flags_offset)
+        return self._phase_signals(TimeoutPhase.DISPATCH, self.layout.dispatch_flags_offset)
 
     @cached_property
     def combine_signals(self) -> PhaseSignals:
-        return self._phase_signals("combine", self.layout.combine_flags_offset)
+        return self._phase_signals(TimeoutPhase.COMBINE, self.layout.combine_flags_offset)
 
     @cached_property
     def flag_value(self) -> torch.Tensor:
@@ -115,16 +119,19 @@ class RankWorkspace:
         return HostMappedWords(RoundState.TIMEOUT_STATUS_LEN, self.workspace.device)
 
     def raise_if_timed_out(self) -> None:
-        """Raise `A2ATimeoutError` if a wait of this rank timed out on the device (no synchronisation:
-        reads the host-mapped record). Once raised, it is raised by every later call."""
+        """Raise `A2ATimeoutError` if a wait of this rank timed out (no synchronisation: on CUDA this
+        reads the host-mapped record). Once a timeout is recorded, every later call raises."""
         status = self.host_timeout_status
-        if status is None or status.words[0] == 0:
-            return
-        phase, low, high, _ = status.read()
+        if status is not None:
+            if status.words[0] == 0:
+                return
+            phase, low, high, _ = status.read()
+        else:
+            phase, low, high, _ = self.timeout_status.tolist()
+            if phase == 0:
+                return
         mask = (low & 0xFFFFFFFF) | ((high & 0xFFFFFFFF) << 32)
         missing = [r for r in range(self.ep_size) if mask >> r & 1]
-        from a2a import envs
-
         raise A2ATimeoutError(TimeoutPhase.NAMES.get(phase, f"phase {phase}"), self.ep_rank, missing,
                               envs.signal_timeout_s())  # fmt: skip
 

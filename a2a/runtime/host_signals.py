@@ -13,7 +13,8 @@ Two ways to wait:
 - cooperative (a `CooperativeScheduler` shared by the streams of a one-process simulated world):
   a wait that cannot complete parks the stream; every submission lets every parked stream try
   again, so N ranks driven from one thread progress like N CUDA streams would. `drain()` raises
-  `A2ATimeoutError` when work is left that nothing can unblock (a rank that never signals).
+  `A2ATimeoutError` when work is left that nothing can unblock (a rank that never signals), after
+  recording it for every stuck rank and dropping their queued work.
 """
 
 from __future__ import annotations
@@ -50,6 +51,16 @@ class _WaitFlags:
         value = _word(self.value_address).value
         return [peer for peer, address in zip(self.wait.peer_ranks, self.addresses) if _word(address).value != value]
 
+    def timed_out(self, timeout_s: float | None) -> A2ATimeoutError:
+        """Record the timeout where the wait says (see FlagWait) and return the error to raise."""
+        missing = self.missing()
+        if self.wait.record_address:
+            mask = sum(1 << peer for peer in missing)
+            record = (ctypes.c_uint32 * 4).from_address(self.wait.record_address)
+            record[1], record[2], record[3] = mask & 0xFFFFFFFF, mask >> 32, _word(self.value_address).value
+            record[0] = self.wait.phase_code
+        return A2ATimeoutError(self.wait.what, self.wait.waiting_rank, missing, timeout_s)
+
 
 _Op = _Work | _WaitFlags
 
@@ -75,12 +86,19 @@ class CooperativeScheduler:
             self._running = False
 
     def drain(self) -> None:
+        """Run everything that can run; if waits are left that nothing can satisfy, record the timeout
+        for every stuck rank, drop their queued work (the round is lost; this releases the streams so
+        the world can be torn down) and raise for the first."""
         self.progress()
+        errors = []
         for stream in self.streams:
             if stream._pending:
                 head = stream._pending[0]
                 assert isinstance(head, _WaitFlags)
-                raise A2ATimeoutError(head.wait.what, head.wait.waiting_rank, head.missing(), None)
+                errors.append(head.timed_out(None))
+                stream._pending.clear()
+        if errors:
+            raise errors[0]
 
 
 class HostSignalStream(SignalStream):
@@ -134,7 +152,7 @@ class HostSignalStream(SignalStream):
             deadline = time.monotonic() + timeout_s
             while op.missing():
                 if time.monotonic() > deadline:
-                    raise A2ATimeoutError(op.wait.what, op.wait.waiting_rank, op.missing(), timeout_s)
+                    raise op.timed_out(timeout_s)
                 time.sleep(poll_s)
         _execute(op)
 

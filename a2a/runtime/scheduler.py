@@ -54,10 +54,13 @@ class PhaseSignals:
     signal_addresses: tuple[int, ...]  # flags[ep_rank] in every segment
     wait_addresses: tuple[int, ...]  # own flags[s] for every peer s
     flag_value_address: int  # own u32 flag value (KERNEL / HOST_WAIT modes)
+    phase_code: int  # recorded on a timeout
+    timeout_record_address: int  # own timeout record (see FlagWait)
 
     @property
     def flag_wait(self) -> FlagWait:
-        return FlagWait(self.what, self.ep_rank, tuple(range(len(self.wait_addresses))))
+        peers = tuple(range(len(self.wait_addresses)))
+        return FlagWait(self.what, self.ep_rank, peers, self.phase_code, self.timeout_record_address)
 
 
 def schedule_phase(

@@ -45,11 +45,15 @@ class SignalMode(enum.Enum):
 
 @dataclass(frozen=True)
 class FlagWait:
-    """What a wait is for, so a timeout can name the ranks whose signal is missing."""
+    """What a wait is for, so a timeout can name the ranks whose signal is missing, and where a host
+    wait records a timeout (the layout of a2a.layout.RoundState.TIMEOUT_STATUS: phase code, missing
+    ranks 0..31, missing ranks 32..63, awaited value) so later calls of the rank can raise too."""
 
     what: str  # e.g. "dispatch" or "combine"
     waiting_rank: int
     peer_ranks: tuple[int, ...]  # peer_ranks[i] is expected to set addresses[i]
+    phase_code: int = 0
+    record_address: int = 0  # 0: nowhere
 
 
 class SignalStream(ABC):
