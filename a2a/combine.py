@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from a2a import configs, validation
+from a2a import configs, envs, validation
 from a2a.barrier import combine_barrier_launch
 from a2a.kernels import _combine_kernel, _stage_combine_kernel
 from a2a.launch import KernelLaunch
-from a2a.layout import MAX_TOP_K, PLANE_ALIGN, WorkspaceLayout
+from a2a.layout import MAX_TOP_K, PLANE_ALIGN
 from a2a.runtime.scheduler import schedule_phase
-from a2a.runtime.streams import SignalMode, current_stream
-from a2a.workspace import RankWorkspace, rank_workspace_of
+from a2a.runtime.streams import SignalMode, current_stream, current_stream_for_launch
+from a2a.workspace import RankWorkspace, resolve_rank_workspace
 
 COMBINE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -41,49 +41,118 @@ def moe_a2a_combine(
     into `output` when given), valid once the stream reaches the end of this op. Raises
     `A2ATimeoutError` if an earlier wait of this rank timed out on the device.
     """
-    layout = WorkspaceLayout.from_metainfo(metainfo)
-    validation.check_geometry(ep_size, ep_rank, top_k)
-    workspace = validation.check_workspace(workspace, ep_size)
-    payload = validation.require_tensor("payload", payload, dtypes=COMBINE_DTYPES, ndim=3, device=workspace.device)
-    validation.check_runtime_max_tokens(runtime_max_tokens_per_rank, layout.max_num_tokens)
-    validation.require_shape(
-        "payload", payload, (ep_size, runtime_max_tokens_per_rank, payload.shape[2]), "[ep_size, runtime_max_tokens_per_rank, hidden]"
-    )
-    validation.require_int("local_num_tokens", local_num_tokens, 0, runtime_max_tokens_per_rank)
-    hidden = payload.shape[2]
-    if hidden == 0:
-        raise ValueError("payload hidden size must be >= 1, got 0")
-    plane_bytes = ep_size * runtime_max_tokens_per_rank * hidden * payload.element_size()
-    validation.require_int("combine_payload_offset", combine_payload_offset, layout.payload_offset)
-    if combine_payload_offset % PLANE_ALIGN:
-        raise ValueError(f"combine_payload_offset must be a multiple of {PLANE_ALIGN}, got {combine_payload_offset}")
-    validation.check_fits("the combine plane", combine_payload_offset + plane_bytes, workspace.shape[1])
-    own_plane_address = workspace.data_ptr() + ep_rank * workspace.stride(0) + combine_payload_offset
-    if payload_in_workspace and payload.data_ptr() != own_plane_address:
-        raise ValueError(
-            "payload_in_workspace is True but payload is not this rank's combine plane: "
-            f"data_ptr {payload.data_ptr():#x} != {own_plane_address:#x}"
-        )
-    if output is None:
-        output = torch.empty(local_num_tokens, hidden, dtype=payload.dtype, device=workspace.device)
-    else:
-        validation.require_tensor("output", output, dtypes=[payload.dtype], ndim=2, device=workspace.device)
-        validation.require_shape("output", output, (local_num_tokens, hidden), "[local_num_tokens, hidden]")
-
-    rank_workspace = rank_workspace_of(workspace, layout, ep_rank)
+    rank_workspace = resolve_rank_workspace(workspace, metainfo, ep_rank)
+    key = _plan_key(payload, output, runtime_max_tokens_per_rank, ep_size, top_k, combine_payload_offset,
+                    payload_in_workspace)  # fmt: skip
+    plan = rank_workspace.plans.get(key)
+    if plan is None or not plan.accepts(payload, local_num_tokens, output):
+        plan = _CombinePlan.build(payload, local_num_tokens, rank_workspace, runtime_max_tokens_per_rank, ep_size,
+                                  top_k, combine_payload_offset, payload_in_workspace, output)  # fmt: skip
+        rank_workspace.remember_plan(key, plan)
     rank_workspace.raise_if_timed_out()
-    stream = current_stream(workspace.device)
-    stage = _stage_launch(rank_workspace, payload, combine_payload_offset)
-    barrier = combine_barrier_launch(rank_workspace, stream.signal_mode)
-    gather = _gather_launch(rank_workspace, payload, combine_payload_offset, output, top_k)
-    # Load every variant before the barrier is enqueued, also those this rank skips: see a2a.launch.
-    for launch in (stage, barrier, gather):
-        launch.prepare()
-    launches = [] if payload_in_workspace else [stage]
-    if stream.signal_mode is not SignalMode.STREAM_MEMOPS:
-        launches.append(barrier)
-    schedule_phase(stream, launches, rank_workspace.combine_signals, [gather] if local_num_tokens > 0 else [])
+    if output is None:
+        output = torch.empty((local_num_tokens, plan.hidden), dtype=payload.dtype, device=plan.device)
+    plan.launch(payload, local_num_tokens, output)
     return output
+
+
+def _plan_key(payload: object, output: object, rt: object, ep_size: object, top_k: object, offset: object,
+              in_workspace: object):
+    """What validation and the kernel variants depend on besides the local token count (see
+    a2a.dispatch._plan_key)."""
+    try:
+        payload_key = (payload.dtype, payload.shape, payload.is_contiguous(), payload.get_device(),  # type: ignore[attr-defined]
+                       payload.data_ptr() & 15)  # type: ignore[attr-defined]  # fmt: skip
+        output_key = None if output is None else (
+            output.dtype, output.shape[1:], output.is_contiguous(), output.get_device(), output.data_ptr() & 15  # type: ignore[attr-defined]
+        )
+    except (AttributeError, TypeError):
+        return object()
+    values = (rt, ep_size, top_k, offset, in_workspace)
+    return ("combine", payload_key, output_key, values, tuple(map(type, values)), envs.signal_timeout_s())
+
+
+class _CombinePlan:
+    """One validated call signature of combine on one rank: loaded stage / barrier / gather kernels."""
+
+    @classmethod
+    def build(cls, payload, local_num_tokens, rank_workspace: RankWorkspace, runtime_max_tokens_per_rank: int,
+              ep_size: int, top_k: int, combine_payload_offset: int, payload_in_workspace: bool, output) -> _CombinePlan:  # fmt: skip
+        layout = rank_workspace.layout
+        workspace = rank_workspace.workspace
+        validation.check_geometry(ep_size, rank_workspace.ep_rank, top_k)
+        if layout.ep_size != ep_size:
+            raise ValueError(f"ep_size ({ep_size}) must equal the workspace layout's ep_size ({layout.ep_size})")
+        payload = validation.require_tensor("payload", payload, dtypes=COMBINE_DTYPES, ndim=3, device=workspace.device)
+        validation.check_runtime_max_tokens(runtime_max_tokens_per_rank, layout.max_num_tokens)
+        validation.require_shape(
+            "payload", payload, (ep_size, runtime_max_tokens_per_rank, payload.shape[2]),
+            "[ep_size, runtime_max_tokens_per_rank, hidden]",
+        )  # fmt: skip
+        validation.require_int("local_num_tokens", local_num_tokens, 0, runtime_max_tokens_per_rank)
+        hidden = payload.shape[2]
+        if hidden == 0:
+            raise ValueError("payload hidden size must be >= 1, got 0")
+        plane_bytes = ep_size * runtime_max_tokens_per_rank * hidden * payload.element_size()
+        validation.require_int("combine_payload_offset", combine_payload_offset, layout.payload_offset)
+        if combine_payload_offset % PLANE_ALIGN:
+            raise ValueError(f"combine_payload_offset must be a multiple of {PLANE_ALIGN}, got {combine_payload_offset}")
+        validation.check_fits("the combine plane", combine_payload_offset + plane_bytes, workspace.shape[1])
+        if not isinstance(payload_in_workspace, bool):
+            raise TypeError(f"payload_in_workspace must be a bool, got {type(payload_in_workspace).__name__}")
+        if payload_in_workspace and payload.data_ptr() != rank_workspace.own_address(combine_payload_offset):
+            raise ValueError(
+                "payload_in_workspace is True but payload is not this rank's combine plane: "
+                f"data_ptr {payload.data_ptr():#x} != {rank_workspace.own_address(combine_payload_offset):#x}"
+            )
+        if output is not None:
+            validation.require_tensor("output", output, dtypes=[payload.dtype], ndim=2, device=workspace.device)
+            validation.require_shape("output", output, (local_num_tokens, hidden), "[local_num_tokens, hidden]")
+        return cls(rank_workspace, payload, combine_payload_offset, payload_in_workspace, top_k, output)
+
+    def __init__(self, rank_workspace: RankWorkspace, payload: torch.Tensor, combine_offset: int, in_workspace: bool,
+                 top_k: int, output: torch.Tensor | None):  # fmt: skip
+        self.device = rank_workspace.workspace.device
+        self.hidden = payload.shape[2]
+        self.in_workspace = in_workspace
+        self.plane_address = rank_workspace.own_address(combine_offset)
+        self.stream_mode = current_stream(self.device).signal_mode
+        self.signals = rank_workspace.combine_signals
+        if output is None:  # a stand-in of the same dtype and alignment as the ones allocated per call
+            output = torch.empty((1, self.hidden), dtype=payload.dtype, device=self.device)
+        stage = _stage_launch(rank_workspace, payload, combine_offset)
+        self.stage_grid = stage.grid
+        gather = _gather_launch(rank_workspace, payload, combine_offset, output, top_k)
+        self.gather_tiles = gather.grid[1]
+        # Load every variant before the barrier is enqueued, also those this rank skips: see a2a.launch.
+        self.stage = stage.bind(dynamic=("src_ptr",))
+        self.stage_unit = stage.args[0].dtype
+        self.barrier = combine_barrier_launch(rank_workspace, self.stream_mode).bind(dynamic=())
+        self.gather = gather.bind(dynamic=("out_ptr",))
+
+    def accepts(self, payload: torch.Tensor, local_num_tokens: object, output: torch.Tensor | None) -> bool:
+        """The per-call checks the key leaves open."""
+        if type(local_num_tokens) is not int or not 0 <= local_num_tokens <= payload.shape[1]:
+            return False
+        if self.in_workspace and payload.data_ptr() != self.plane_address:
+            return False
+        return output is None or output.shape[0] == local_num_tokens
+
+    def launch(self, payload: torch.Tensor, local_num_tokens: int, output: torch.Tensor) -> None:
+        launches = []
+        if not self.in_workspace:
+            source = payload if self.stage.fast else payload.view(torch.uint8).view(self.stage_unit)
+            launches.append(lambda: self.stage(self.stage_grid, source))
+        if self.stream_mode is not SignalMode.STREAM_MEMOPS:
+            launches.append(lambda: self.barrier((1,)))
+        gather_grid = (local_num_tokens, self.gather_tiles)
+        gather = [lambda: self.gather(gather_grid, output)]
+        stream = current_stream_for_launch(self.stream_mode, self.device)
+        if stream is None:  # KERNEL mode on the current CUDA stream: the barrier kernel waits
+            for launch in launches + gather:
+                launch()
+        else:
+            schedule_phase(stream, launches, self.signals, gather)
 
 
 def _stage_launch(rank_workspace: RankWorkspace, payload: torch.Tensor, combine_offset: int) -> KernelLaunch:

@@ -6,17 +6,16 @@ from collections.abc import Sequence
 
 import torch
 
-from a2a import configs, validation
+from a2a import configs, envs, validation
 from a2a.barrier import barrier_args, barrier_constexprs
 from a2a.expert_partition import ExpertPartition
 from a2a.kernels import _dispatch_copy_kernel, _route_kernel
 from a2a.launch import KernelLaunch
-from a2a.layout import (MAX_TOP_K, ROUTE_BLOCK_TOKENS, RoundLayout, RoundState, TimeoutPhase, WorkspaceLayout,
-                        num_route_blocks)  # fmt: skip
+from a2a.layout import MAX_TOP_K, ROUTE_BLOCK_TOKENS, RoundLayout, RoundState, TimeoutPhase, num_route_blocks
 from a2a.runtime.scheduler import schedule_phase
-from a2a.runtime.streams import SignalMode, current_stream
+from a2a.runtime.streams import SignalMode, current_stream, current_stream_for_launch
 from a2a.sanitize import expert_id_sanitize_launch
-from a2a.workspace import RankWorkspace, rank_workspace_of, segment_view
+from a2a.workspace import RankWorkspace, resolve_rank_workspace, segment_view
 
 
 def moe_a2a_dispatch(
@@ -43,42 +42,113 @@ def moe_a2a_dispatch(
     valid until this rank's next combine starts. Raises `A2ATimeoutError` if an earlier wait of
     this rank timed out on the device (see `a2a.kernels.signal`).
     """
-    layout = WorkspaceLayout.from_metainfo(metainfo)
-    validation.check_geometry(ep_size, ep_rank, top_k, num_experts)
-    if layout.ep_size != ep_size:
-        raise ValueError(f"ep_size ({ep_size}) must equal the workspace layout's ep_size ({layout.ep_size})")
-    workspace = validation.check_workspace(workspace, ep_size)
-    experts = validation.require_tensor(
-        "token_selected_experts", token_selected_experts, dtypes=[torch.int32], ndim=2, device=workspace.device
-    )
-    if experts.shape[1] != top_k:
-        raise ValueError(f"token_selected_experts must be [num_tokens, top_k={top_k}], got {list(experts.shape)}")
-    num_tokens = experts.shape[0]
-    validation.check_runtime_max_tokens(runtime_max_tokens_per_rank, layout.max_num_tokens, num_tokens)
-    payloads = validation.check_payloads(input_payloads, num_tokens, workspace.device)
-    round_layout = layout.round_layout(runtime_max_tokens_per_rank, [_row_bytes(p) for p in payloads])
-    planes_end = round_layout.recv_plane_offsets[-1] + round_layout.recv_plane_sizes[-1]
-    validation.check_fits("the dispatch receive planes", planes_end, workspace.shape[1])
-
-    rank_workspace = rank_workspace_of(workspace, layout, ep_rank)
+    rank_workspace = resolve_rank_workspace(workspace, metainfo, ep_rank)
+    key = _plan_key(token_selected_experts, input_payloads, runtime_max_tokens_per_rank, ep_size, top_k, num_experts)
+    plan = rank_workspace.plans.get(key)
+    num_tokens = _token_count(token_selected_experts, input_payloads, runtime_max_tokens_per_rank) if plan else None
+    if num_tokens is None:  # a new call signature, or a count the plan's checks did not cover
+        plan = _DispatchPlan.build(token_selected_experts, input_payloads, rank_workspace, runtime_max_tokens_per_rank,
+                                   ep_size, top_k, num_experts)  # fmt: skip
+        rank_workspace.remember_plan(key, plan)
+        num_tokens = token_selected_experts.shape[0]
     rank_workspace.raise_if_timed_out()
-    stream = current_stream(workspace.device)
-    launches = [
-        _route_launch(rank_workspace, experts, top_k, num_experts),
-        _copy_launch(rank_workspace, payloads, round_layout, top_k, stream.signal_mode),
-    ]
-    # Everything this phase (and the sanitize that usually follows it) may launch is loaded before
-    # the barrier is enqueued: see a2a.launch.
-    for launch in launches:
-        launch.prepare()
-    expert_id_sanitize_launch(rank_workspace, runtime_max_tokens_per_rank, top_k).prepare()
-    schedule_phase(stream, launches, rank_workspace.dispatch_signals)
+    plan.launch(token_selected_experts, input_payloads, num_tokens)
+    return plan.recv, plan.combine_offset
 
-    recv = [
-        segment_view(workspace, ep_rank, offset, payload.dtype, (ep_size, runtime_max_tokens_per_rank, payload.shape[1]))
-        for offset, payload in zip(round_layout.recv_plane_offsets, payloads)
-    ]
-    return recv, round_layout.combine_offset
+
+def _plan_key(experts: object, payloads: object, rt: object, ep_size: object, top_k: object, num_experts: object):
+    """What validation and the kernel variants depend on besides the token count: dtypes, widths,
+    contiguity, devices, address alignment mod 16, and the int arguments (with their types). Equal
+    keys: the same checks pass and the same plan applies. Unexpected arguments (not tensors, not a
+    list) make a key no plan has, so the full build's checks report them."""
+    try:
+        payload_key = tuple(
+            (p.dtype, p.shape[1:], p.is_contiguous(), p.get_device(), p.data_ptr() & 15) for p in payloads  # type: ignore[attr-defined]
+        )
+        experts_key = (experts.dtype, experts.shape[1:], experts.is_contiguous(), experts.get_device(),  # type: ignore[attr-defined]
+                       experts.data_ptr() & 15)  # type: ignore[attr-defined]  # fmt: skip
+    except (AttributeError, TypeError):
+        return object()
+    ints = (rt, ep_size, top_k, num_experts)
+    return ("dispatch", experts_key, payload_key, type(payloads), ints, tuple(map(type, ints)), envs.signal_timeout_s())
+
+
+def _token_count(experts: torch.Tensor, payloads: Sequence[torch.Tensor], rt: int) -> int | None:
+    """The local token count if it passes the per-call checks a plan leaves open, else None."""
+    num_tokens = experts.shape[0]
+    if num_tokens > rt or any(p.shape[0] != num_tokens for p in payloads):
+        return None
+    return num_tokens
+
+
+class _DispatchPlan:
+    """One validated call signature of dispatch on one rank: loaded kernels, receive views, barrier.
+
+    The token count may change from call to call (it is a launch argument and the grid, never part
+    of a kernel variant)."""
+
+    @classmethod
+    def build(cls, token_selected_experts, input_payloads, rank_workspace: RankWorkspace,
+              runtime_max_tokens_per_rank: int, ep_size: int, top_k: int, num_experts: int) -> _DispatchPlan:  # fmt: skip
+        layout = rank_workspace.layout
+        workspace = rank_workspace.workspace
+        validation.check_geometry(ep_size, rank_workspace.ep_rank, top_k, num_experts)
+        if layout.ep_size != ep_size:
+            raise ValueError(f"ep_size ({ep_size}) must equal the workspace layout's ep_size ({layout.ep_size})")
+        experts = validation.require_tensor(
+            "token_selected_experts", token_selected_experts, dtypes=[torch.int32], ndim=2, device=workspace.device
+        )
+        if experts.shape[1] != top_k:
+            raise ValueError(f"token_selected_experts must be [num_tokens, top_k={top_k}], got {list(experts.shape)}")
+        num_tokens = experts.shape[0]
+        validation.check_runtime_max_tokens(runtime_max_tokens_per_rank, layout.max_num_tokens, num_tokens)
+        payloads = validation.check_payloads(input_payloads, num_tokens, workspace.device)
+        round_layout = layout.round_layout(runtime_max_tokens_per_rank, [_row_bytes(p) for p in payloads])
+        planes_end = round_layout.recv_plane_offsets[-1] + round_layout.recv_plane_sizes[-1]
+        validation.check_fits("the dispatch receive planes", planes_end, workspace.shape[1])
+        return cls(rank_workspace, experts, payloads, round_layout, top_k, num_experts)
+
+    def __init__(self, rank_workspace: RankWorkspace, experts: torch.Tensor, payloads: list[torch.Tensor],
+                 round_layout: RoundLayout, top_k: int, num_experts: int):  # fmt: skip
+        self.device = rank_workspace.workspace.device
+        self.stream_mode = current_stream(self.device).signal_mode
+        self.signals = rank_workspace.dispatch_signals
+        route = _route_launch(rank_workspace, experts, top_k, num_experts)
+        copy, self.unit_dtypes, self.num_tiles = _copy_launch(rank_workspace, payloads, round_layout, top_k,
+                                                              self.stream_mode)  # fmt: skip
+        # Everything this phase (and the sanitize that usually follows it) may launch is loaded
+        # before the barrier is enqueued: see a2a.launch.
+        self.route = route.bind(dynamic=("expert_ids_ptr", "num_tokens", "num_blocks"))
+        self.copy = copy.bind(dynamic=("src_ptrs", "num_tokens"))
+        expert_id_sanitize_launch(rank_workspace, round_layout.runtime_max_tokens, top_k).prepare()
+        rt, ep_rank, ep_size = round_layout.runtime_max_tokens, rank_workspace.ep_rank, rank_workspace.ep_size
+        self.recv = [
+            segment_view(rank_workspace.workspace, ep_rank, offset, payload.dtype, (ep_size, rt, payload.shape[1]))
+            for offset, payload in zip(round_layout.recv_plane_offsets, payloads)
+        ]
+        self.combine_offset = round_layout.combine_offset
+
+    def launch(self, experts: torch.Tensor, payloads: Sequence[torch.Tensor], num_tokens: int) -> None:
+        if self.copy.fast:
+            sources = tuple(payloads)  # only the addresses matter
+        else:
+            sources = tuple(p.view(torch.uint8).view(dtype) for p, dtype in zip(payloads, self.unit_dtypes))
+        num_blocks = num_route_blocks(num_tokens)
+        route_grid, copy_grid = (num_blocks,), (max(1, num_tokens), self.num_tiles)
+
+        def route() -> None:
+            self.route(route_grid, experts, num_tokens, num_blocks)
+
+        def copy() -> None:
+            # At least one token row, so a rank without tokens still runs the barrier.
+            self.copy(copy_grid, sources, num_tokens)
+
+        stream = current_stream_for_launch(self.stream_mode, self.device)
+        if stream is None:  # KERNEL mode on the current CUDA stream: the copy kernel holds the barrier
+            route()
+            copy()
+        else:
+            schedule_phase(stream, [route, copy], self.signals)
 
 
 def _row_bytes(payload: torch.Tensor) -> int:
@@ -108,7 +178,8 @@ def _route_launch(rank_workspace: RankWorkspace, experts: torch.Tensor, top_k: i
 def _copy_launch(
     rank_workspace: RankWorkspace, payloads: list[torch.Tensor], round_layout: RoundLayout, top_k: int,
     mode: SignalMode,
-) -> KernelLaunch:
+) -> tuple[KernelLaunch, list[torch.dtype], int]:
+    """The copy launch, the copy-unit dtype of each payload, and the column tiles per token."""
     layout = rank_workspace.layout
     workspace = rank_workspace.workspace
     sources, planes, strides, row_units, vec_units = [], [], [], [], []
@@ -132,7 +203,7 @@ def _copy_launch(
     election = rank_workspace.round_state[RoundState.COPY_ELECTION : RoundState.COPY_ELECTION + 1]
     num_tokens = payloads[0].shape[0]
     # At least one token row, so a rank without tokens still runs the barrier.
-    return KernelLaunch(
+    launch = KernelLaunch(
         _dispatch_copy_kernel,
         (max(1, num_tokens), num_tiles),
         (tuple(sources), tuple(planes), tuple(strides), targets, local_slots, rank_workspace.block_counts,
@@ -143,3 +214,4 @@ def _copy_launch(
              TILE=config.tile, num_warps=config.num_warps,
              **barrier_constexprs(rank_workspace, mode, TimeoutPhase.DISPATCH)),
     )  # fmt: skip
+    return launch, [source.dtype for source in sources], num_tiles

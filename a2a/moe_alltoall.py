@@ -121,6 +121,9 @@ class MoeAlltoAll:
 
     @contextmanager
     def _on_rank_stream(self) -> Iterator[None]:
+        if not getattr(self.world, "switches_streams", True):  # the caller's stream is the rank stream
+            yield
+            return
         self.world.wait_for_caller(self.ep_rank)
         with self.world.stream(self.ep_rank).activate():
             yield

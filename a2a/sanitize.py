@@ -7,10 +7,12 @@ import torch
 from a2a import configs, validation
 from a2a.kernels import _sanitize_kernel
 from a2a.launch import KernelLaunch
-from a2a.layout import WorkspaceLayout
 from a2a.runtime.scheduler import schedule_local
 from a2a.runtime.streams import current_stream
-from a2a.workspace import RankWorkspace, rank_workspace_of
+from a2a.workspace import RankWorkspace, resolve_rank_workspace
+
+
+_NOTHING_TO_SANITIZE = object()  # the plan of a `[ep_size, rt, 0]` expert-id plane
 
 
 def moe_a2a_sanitize_expert_ids(
@@ -26,23 +28,35 @@ def moe_a2a_sanitize_expert_ids(
     Call it on the dispatch's stream after dispatch and before combine: `recv_counters` hold this
     round's counts from the end of dispatch until this rank's combine starts.
     """
-    layout = WorkspaceLayout.from_metainfo(metainfo)
-    validation.check_geometry(layout.ep_size, ep_rank)
-    workspace = validation.check_workspace(workspace, layout.ep_size)
-    expert_ids = validation.require_tensor(
-        "expert_ids", expert_ids, dtypes=[torch.int32], ndim=3, device=workspace.device
-    )
-    if expert_ids.shape[0] != layout.ep_size:
-        raise ValueError(f"expert_ids must be [ep_size={layout.ep_size}, rt, top_k], got {list(expert_ids.shape)}")
-    validation.check_runtime_max_tokens(expert_ids.shape[1], layout.max_num_tokens)
+    rank_workspace = resolve_rank_workspace(workspace, metainfo, ep_rank)
+    try:
+        key = ("sanitize", expert_ids.dtype, expert_ids.shape, expert_ids.is_contiguous(), expert_ids.get_device(),
+               expert_ids.data_ptr() & 15, type(invalid_expert_id))  # fmt: skip
+    except AttributeError:
+        key = None
+    bound = rank_workspace.plans.get(key)
+    if bound is None:
+        expert_ids = validation.require_tensor(
+            "expert_ids", expert_ids, dtypes=[torch.int32], ndim=3, device=rank_workspace.workspace.device
+        )
+        ep_size = rank_workspace.ep_size
+        if expert_ids.shape[0] != ep_size:
+            raise ValueError(f"expert_ids must be [ep_size={ep_size}, rt, top_k], got {list(expert_ids.shape)}")
+        validation.check_runtime_max_tokens(expert_ids.shape[1], rank_workspace.layout.max_num_tokens)
+        if expert_ids.shape[2] == 0:
+            bound = _NOTHING_TO_SANITIZE
+        else:
+            bound = sanitize_launch(rank_workspace, expert_ids, 0).bind(dynamic=("expert_ids_ptr", "invalid_expert_id"))
+        rank_workspace.remember_plan(key, bound)
     validation.require_int("invalid_expert_id", invalid_expert_id, -(2**31), 2**31 - 1)
-    if expert_ids.shape[2] == 0:
-        return
-    rank_workspace = rank_workspace_of(workspace, layout, ep_rank)
     rank_workspace.raise_if_timed_out()
-    launch = sanitize_launch(rank_workspace, expert_ids, invalid_expert_id)
-    launch.prepare()
-    schedule_local(current_stream(workspace.device), launch)
+    if bound is _NOTHING_TO_SANITIZE:
+        return
+    grid = bound.launch.grid
+    if rank_workspace.workspace.is_cuda:  # torch's current stream is the rank stream (also when activated)
+        bound(grid, expert_ids, invalid_expert_id)
+    else:
+        schedule_local(current_stream(rank_workspace.workspace.device), lambda: bound(grid, expert_ids, invalid_expert_id))
 
 
 def sanitize_launch(rank_workspace: RankWorkspace, expert_ids: torch.Tensor, invalid_expert_id: int) -> KernelLaunch:

@@ -12,7 +12,7 @@ from functools import cached_property
 
 import torch
 
-from a2a import envs
+from a2a import envs, validation
 from a2a.errors import A2ATimeoutError
 from a2a.layout import ROUND_STATE_LEN, RoundState, TimeoutPhase, WorkspaceLayout, num_route_blocks
 from a2a.runtime.scheduler import PhaseSignals
@@ -43,6 +43,10 @@ class RankWorkspace:
         """Own segment bytes [offset, offset + numel * itemsize) as a 1-D `dtype` tensor."""
         nbytes = numel * dtype.itemsize
         return self.workspace[self.ep_rank, offset : offset + nbytes].view(dtype)
+
+    def own_address(self, offset: int) -> int:
+        """Address of byte `offset` of this rank's segment."""
+        return self.workspace.data_ptr() + self.ep_rank * self.segment_stride + offset
 
     def every_rank(self, offset: int, nbytes: int, dtype: torch.dtype) -> torch.Tensor:
         """Bytes [offset, offset + nbytes) of every segment as `[ep_size, nbytes / itemsize]` of `dtype`."""
@@ -118,6 +122,18 @@ class RankWorkspace:
 
         return HostMappedWords(RoundState.TIMEOUT_STATUS_LEN, self.workspace.device)
 
+    @cached_property
+    def plans(self) -> dict:
+        """Launch plans of this rank's call signatures (a2a.dispatch / combine / sanitize), newest last."""
+        return {}
+
+    def remember_plan(self, key: object, plan: object) -> None:
+        plans = self.plans
+        plans.pop(key, None)
+        if len(plans) >= MAX_PLANS_PER_RANK:
+            del plans[next(iter(plans))]
+        plans[key] = plan
+
     def raise_if_timed_out(self) -> None:
         """Raise `A2ATimeoutError` if a wait of this rank timed out (no synchronisation: on CUDA this
         reads the host-mapped record). Once a timeout is recorded, every later call raises."""
@@ -136,9 +152,35 @@ class RankWorkspace:
                               envs.signal_timeout_s())  # fmt: skip
 
 
-# id(workspace tensor) -> (weak reference, {(layout, ep_rank): RankWorkspace}). A RankWorkspace keeps
-# only a view of the workspace, so dropping the tensor drops its entry and frees the memory.
+# id(workspace tensor) -> (weak reference, {(layout, ep_rank): RankWorkspace, and for
+# resolve_rank_workspace (metainfo id, version, ep_rank): (metainfo, RankWorkspace)}). A RankWorkspace
+# keeps only a view of the workspace, so dropping the tensor drops its entry and frees the memory.
 _rank_workspaces: dict[int, tuple[weakref.ref, dict]] = {}
+MAX_PLANS_PER_RANK = 64
+
+
+def resolve_rank_workspace(workspace: object, metainfo: object, ep_rank: object) -> RankWorkspace:
+    """The checked `RankWorkspace` of the functional API's (workspace, metainfo, ep_rank).
+
+    The first call with a given workspace, metainfo tensor and rank checks them all; later calls
+    find the result by identity (and metainfo's version counter, so an in-place edit is noticed).
+    """
+    entry = _rank_workspaces.get(id(workspace))
+    try:
+        key = ("metainfo", id(metainfo), metainfo._version, type(ep_rank), ep_rank)  # type: ignore[attr-defined]
+    except AttributeError:
+        key = None
+    if entry is not None and entry[0]() is workspace and key is not None:
+        found = entry[1].get(key)
+        if found is not None:
+            return found[1]
+    layout = WorkspaceLayout.from_metainfo(metainfo)  # type: ignore[arg-type]
+    validation.check_geometry(layout.ep_size, ep_rank)  # type: ignore[arg-type]
+    checked = validation.check_workspace(workspace, layout.ep_size)
+    validation.check_fits("the aux region", layout.aux_size, checked.shape[1])
+    rank_workspace = rank_workspace_of(checked, layout, ep_rank)  # type: ignore[arg-type]
+    _rank_workspaces[id(checked)][1][key] = (metainfo, rank_workspace)
+    return rank_workspace
 
 
 def rank_workspace_of(workspace: torch.Tensor, layout: WorkspaceLayout, ep_rank: int) -> RankWorkspace:

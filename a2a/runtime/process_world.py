@@ -54,6 +54,10 @@ class ProcessWorld:
         self._memories: dict[tuple, SymmetricMemory] = {}
         self._closed = False
 
+    # Ops of this rank run on the caller's current stream (CUDA) or in call order (CPU): nothing to
+    # switch to or order against (see MoeAlltoAll).
+    switches_streams = False
+
     def stream(self, rank: int) -> SignalStream:
         """This rank's stream; `rank` must be this process's rank (peers live in other processes).
 

@@ -52,6 +52,9 @@ class SimulatedWorld:
         else:
             raise ValueError(f"device must be cuda or cpu, got {self.device}")
 
+    # Each rank has its own stream: ops switch to it, ordered after the caller's work (see MoeAlltoAll).
+    switches_streams = True
+
     def stream(self, rank: int) -> SignalStream:
         """Rank `rank`'s stream; activate it (`with world.stream(r).activate():`) to run ops as that rank."""
         if not 0 <= rank < self.ep_size:

@@ -101,6 +101,14 @@ def _active() -> list[SignalStream]:
     return _local.stack
 
 
+def current_stream_for_launch(mode: SignalMode, device: torch.device | None = None) -> SignalStream | None:
+    """None when a phase in `mode` needs nothing from the stream object (KERNEL mode: launches go to
+    torch's current CUDA stream, which an activated rank stream also is), else `current_stream`."""
+    if mode is SignalMode.KERNEL:
+        return None
+    return current_stream(device if device is not None else torch.device("cpu" if mode is SignalMode.HOST_WAIT else "cuda"))
+
+
 def current_stream(device: torch.device) -> SignalStream:
     """The stream an op on `device` runs on: the activated one, else the device's current stream."""
     stack = _active()
