@@ -28,6 +28,8 @@ def moe_a2a_dispatch(
     ep_size: int,
     top_k: int,
     num_experts: int,
+    *,
+    token_count: torch.Tensor | None = None,
 ) -> tuple[list[torch.Tensor], int]:
     """Send every local token's payload rows to the ranks that own its experts.
 
@@ -38,39 +40,48 @@ def moe_a2a_dispatch(
     receive planes (row `[s][j]`: the j-th token source s sent here; rows `j >= recv_counters[s]`
     are stale) and the rank-local byte offset of the combine plane for this round.
 
+    token_count (a2a addition): an int32 `[1]` tensor on the workspace's device holding how many
+    leading rows are real tokens this call (clamped to [0, num_tokens]); the rest are padding,
+    never sent, and combine returns zero rows for them. The count is read on the device, so one
+    captured CUDA graph serves every count up to the tensors' rows.
+
     When the stream reaches the end of this op, every peer's rows have landed. The views stay
     valid until this rank's next combine starts. Raises `A2ATimeoutError` if an earlier wait of
     this rank timed out on the device (see `a2a.kernels.signal`).
     """
     rank_workspace = resolve_rank_workspace(workspace, metainfo, ep_rank)
-    key = _plan_key(token_selected_experts, input_payloads, runtime_max_tokens_per_rank, ep_size, top_k, num_experts)
+    key = _plan_key(token_selected_experts, input_payloads, token_count, runtime_max_tokens_per_rank, ep_size, top_k,
+                    num_experts)  # fmt: skip
     plan = rank_workspace.plans.get(key)
     num_tokens = _token_count(token_selected_experts, input_payloads, runtime_max_tokens_per_rank) if plan else None
     if num_tokens is None:  # a new call signature, or a count the plan's checks did not cover
-        plan = _DispatchPlan.build(token_selected_experts, input_payloads, rank_workspace, runtime_max_tokens_per_rank,
-                                   ep_size, top_k, num_experts)  # fmt: skip
+        plan = _DispatchPlan.build(token_selected_experts, input_payloads, token_count, rank_workspace,
+                                   runtime_max_tokens_per_rank, ep_size, top_k, num_experts)  # fmt: skip
         rank_workspace.remember_plan(key, plan)
         num_tokens = token_selected_experts.shape[0]
     rank_workspace.raise_if_timed_out()
-    plan.launch(token_selected_experts, input_payloads, num_tokens)
+    plan.launch(token_selected_experts, input_payloads, token_count, num_tokens)
     return plan.recv, plan.combine_offset
 
 
-def _plan_key(experts: object, payloads: object, rt: object, ep_size: object, top_k: object, num_experts: object):
+def _tensor_key(tensor: object) -> tuple | None:
+    if tensor is None:
+        return None
+    return (tensor.dtype, tensor.shape[1:], tensor.is_contiguous(), tensor.get_device(), tensor.data_ptr() & 15)  # type: ignore[attr-defined]
+
+
+def _plan_key(experts: object, payloads: object, token_count: object, rt: object, ep_size: object, top_k: object,
+              num_experts: object):  # fmt: skip
     """What validation and the kernel variants depend on besides the token count: dtypes, widths,
     contiguity, devices, address alignment mod 16, and the int arguments (with their types). Equal
     keys: the same checks pass and the same plan applies. Unexpected arguments (not tensors, not a
     list) make a key no plan has, so the full build's checks report them."""
     try:
-        payload_key = tuple(
-            (p.dtype, p.shape[1:], p.is_contiguous(), p.get_device(), p.data_ptr() & 15) for p in payloads  # type: ignore[attr-defined]
-        )
-        experts_key = (experts.dtype, experts.shape[1:], experts.is_contiguous(), experts.get_device(),  # type: ignore[attr-defined]
-                       experts.data_ptr() & 15)  # type: ignore[attr-defined]  # fmt: skip
+        tensors = (_tensor_key(experts), tuple(map(_tensor_key, payloads)), _tensor_key(token_count))  # type: ignore[arg-type]
     except (AttributeError, TypeError):
         return object()
     ints = (rt, ep_size, top_k, num_experts)
-    return ("dispatch", experts_key, payload_key, type(payloads), ints, tuple(map(type, ints)), envs.signal_timeout_s())
+    return ("dispatch", tensors, type(payloads), ints, tuple(map(type, ints)), envs.signal_timeout_s())
 
 
 def _token_count(experts: torch.Tensor, payloads: Sequence[torch.Tensor], rt: int) -> int | None:
@@ -88,7 +99,7 @@ class _DispatchPlan:
     of a kernel variant)."""
 
     @classmethod
-    def build(cls, token_selected_experts, input_payloads, rank_workspace: RankWorkspace,
+    def build(cls, token_selected_experts, input_payloads, token_count, rank_workspace: RankWorkspace,
               runtime_max_tokens_per_rank: int, ep_size: int, top_k: int, num_experts: int) -> _DispatchPlan:  # fmt: skip
         layout = rank_workspace.layout
         workspace = rank_workspace.workspace
@@ -103,23 +114,29 @@ class _DispatchPlan:
         num_tokens = experts.shape[0]
         validation.check_runtime_max_tokens(runtime_max_tokens_per_rank, layout.max_num_tokens, num_tokens)
         payloads = validation.check_payloads(input_payloads, num_tokens, workspace.device)
+        if token_count is not None:
+            validation.require_tensor("token_count", token_count, dtypes=[torch.int32], ndim=1, device=workspace.device)
+            validation.require_shape("token_count", token_count, (1,), "[1]: the number of real tokens")
         round_layout = layout.round_layout(runtime_max_tokens_per_rank, [_row_bytes(p) for p in payloads])
         planes_end = round_layout.recv_plane_offsets[-1] + round_layout.recv_plane_sizes[-1]
         validation.check_fits("the dispatch receive planes", planes_end, workspace.shape[1])
-        return cls(rank_workspace, experts, payloads, round_layout, top_k, num_experts)
+        return cls(rank_workspace, experts, payloads, token_count, round_layout, top_k, num_experts)
 
     def __init__(self, rank_workspace: RankWorkspace, experts: torch.Tensor, payloads: list[torch.Tensor],
-                 round_layout: RoundLayout, top_k: int, num_experts: int):  # fmt: skip
+                 token_count: torch.Tensor | None, round_layout: RoundLayout, top_k: int, num_experts: int):  # fmt: skip
         self.device = rank_workspace.workspace.device
         self.stream_mode = current_stream(self.device).signal_mode
         self.signals = rank_workspace.dispatch_signals
-        route = _route_launch(rank_workspace, experts, top_k, num_experts)
-        copy, self.unit_dtypes, self.num_tiles = _copy_launch(rank_workspace, payloads, round_layout, top_k,
-                                                              self.stream_mode)  # fmt: skip
+        # Without a device count the pointer is unused; any int32 word of the own segment stands in.
+        self.count_stand_in = rank_workspace.round_state
+        count = token_count if token_count is not None else self.count_stand_in
+        route = _route_launch(rank_workspace, experts, count, token_count is not None, top_k, num_experts)
+        copy, self.unit_dtypes, self.num_tiles = _copy_launch(rank_workspace, payloads, count, token_count is not None,
+                                                              round_layout, top_k, self.stream_mode)  # fmt: skip
         # Everything this phase (and the sanitize that usually follows it) may launch is loaded
         # before the barrier is enqueued: see a2a.launch.
-        self.route = route.bind(dynamic=("expert_ids_ptr", "num_tokens", "num_blocks"))
-        self.copy = copy.bind(dynamic=("src_ptrs", "num_tokens"))
+        self.route = route.bind(dynamic=("expert_ids_ptr", "num_tokens_ptr", "num_rows", "num_blocks"))
+        self.copy = copy.bind(dynamic=("src_ptrs", "num_tokens_ptr", "num_tokens"))
         expert_id_sanitize_launch(rank_workspace, round_layout.runtime_max_tokens, top_k).prepare()
         rt, ep_rank, ep_size = round_layout.runtime_max_tokens, rank_workspace.ep_rank, rank_workspace.ep_size
         self.recv = [
@@ -128,7 +145,10 @@ class _DispatchPlan:
         ]
         self.combine_offset = round_layout.combine_offset
 
-    def launch(self, experts: torch.Tensor, payloads: Sequence[torch.Tensor], num_tokens: int) -> None:
+    def launch(self, experts: torch.Tensor, payloads: Sequence[torch.Tensor], token_count: torch.Tensor | None,
+               num_tokens: int) -> None:  # fmt: skip
+        """num_tokens: the tensors' rows (with `token_count`, an upper bound of the real tokens)."""
+        count = token_count if token_count is not None else self.count_stand_in
         if self.copy.fast:
             sources = tuple(payloads)  # only the addresses matter
         else:
@@ -137,11 +157,11 @@ class _DispatchPlan:
         route_grid, copy_grid = (num_blocks,), (max(1, num_tokens), self.num_tiles)
 
         def route() -> None:
-            self.route(route_grid, experts, num_tokens, num_blocks)
+            self.route(route_grid, experts, count, num_tokens, num_blocks)
 
         def copy() -> None:
             # At least one token row, so a rank without tokens still runs the barrier.
-            self.copy(copy_grid, sources, num_tokens)
+            self.copy(copy_grid, sources, count, num_tokens)
 
         stream = current_stream_for_launch(self.stream_mode, self.device)
         if stream is None:  # KERNEL mode on the current CUDA stream: the copy kernel holds the barrier
@@ -155,7 +175,8 @@ def _row_bytes(payload: torch.Tensor) -> int:
     return payload.shape[1] * payload.element_size()
 
 
-def _route_launch(rank_workspace: RankWorkspace, experts: torch.Tensor, top_k: int, num_experts: int) -> KernelLaunch:
+def _route_launch(rank_workspace: RankWorkspace, experts: torch.Tensor, count: torch.Tensor, count_from_device: bool,
+                  top_k: int, num_experts: int) -> KernelLaunch:  # fmt: skip
     layout = rank_workspace.layout
     num_tokens = experts.shape[0]
     partition = ExpertPartition(num_experts, layout.ep_size)
@@ -169,15 +190,16 @@ def _route_launch(rank_workspace: RankWorkspace, experts: torch.Tensor, top_k: i
         (num_blocks,),
         (experts, targets, local_slots, rank_workspace.block_counts, rank_workspace.block_invalid,
          rank_workspace.round_state, rank_workspace.send_counters, recv_counters, recv_counters.stride(0),
-         num_tokens, num_blocks, num_experts, partition.base, partition.remainder, rank_workspace.ep_rank),
+         count, num_tokens, num_blocks, num_experts, partition.base, partition.remainder, rank_workspace.ep_rank),
         dict(TOP_K=top_k, EP_SIZE=layout.ep_size, EP_PAD=configs.rank_pad(layout.ep_size), BLOCK_TOKENS=ROUTE_BLOCK_TOKENS,
-             SCAN_BLOCKS=configs.ROUTE_SCAN_BLOCKS, num_warps=configs.ROUTE_NUM_WARPS),
+             SCAN_BLOCKS=configs.ROUTE_SCAN_BLOCKS, COUNT_FROM_DEVICE=count_from_device,
+             num_warps=configs.ROUTE_NUM_WARPS),
     )  # fmt: skip
 
 
 def _copy_launch(
-    rank_workspace: RankWorkspace, payloads: list[torch.Tensor], round_layout: RoundLayout, top_k: int,
-    mode: SignalMode,
+    rank_workspace: RankWorkspace, payloads: list[torch.Tensor], count: torch.Tensor, count_from_device: bool,
+    round_layout: RoundLayout, top_k: int, mode: SignalMode,
 ) -> tuple[KernelLaunch, list[torch.dtype], int]:
     """The copy launch, the copy-unit dtype of each payload, and the column tiles per token."""
     layout = rank_workspace.layout
@@ -207,11 +229,11 @@ def _copy_launch(
         _dispatch_copy_kernel,
         (max(1, num_tokens), num_tiles),
         (tuple(sources), tuple(planes), tuple(strides), targets, local_slots, rank_workspace.block_counts,
-         send_indices, election, *barrier_args(rank_workspace, layout.dispatch_flags_offset), num_tokens,
+         send_indices, election, *barrier_args(rank_workspace, layout.dispatch_flags_offset), count, num_tokens,
          round_layout.runtime_max_tokens, rank_workspace.ep_rank),
         dict(NUM_PAYLOADS=len(sources), ROW_UNITS=tuple(row_units), VEC_UNITS=tuple(vec_units), TOP_K=top_k,
              K_CHUNK=min(configs.next_power_of_2(top_k), 8), EP_SIZE=layout.ep_size, BLOCK_TOKENS=ROUTE_BLOCK_TOKENS,
              TILE=config.tile, num_warps=config.num_warps,
-             **barrier_constexprs(rank_workspace, mode, TimeoutPhase.DISPATCH)),
+             COUNT_FROM_DEVICE=count_from_device, **barrier_constexprs(rank_workspace, mode, TimeoutPhase.DISPATCH)),
     )  # fmt: skip
     return launch, [source.dtype for source in sources], num_tiles

@@ -135,11 +135,15 @@ class MoeAlltoAll:
         runtime_max_tokens_per_rank: int,
         invalid_token_expert_id: int | None = None,
         expert_id_payload_index: int | None = None,
+        *,
+        token_count: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
         """Dispatch this rank's tokens; returns `[ep_size, rt, W_p]` receive views (see moe_a2a_dispatch).
 
         With `invalid_token_expert_id`, the receive plane `input_payloads[expert_id_payload_index]`
         (an int32 `[num_tokens, top_k]` expert-id payload) is sanitized: stale rows get that id.
+        With `token_count` (int32 `[1]` on the device) only that many leading rows are tokens; the
+        combine output keeps all `num_tokens` rows, zero past the count (one CUDA graph, any count).
         """
         self._rank_workspace.raise_if_timed_out()  # a lost round outranks a phase error
         if self._state.phase != "idle":
@@ -152,6 +156,7 @@ class MoeAlltoAll:
             recv, combine_offset = moe_a2a_dispatch(
                 token_selected_experts, input_payloads, self.workspace, self.metainfo,
                 runtime_max_tokens_per_rank, self.ep_rank, self.ep_size, self.top_k, self.num_experts,
+                token_count=token_count,
             )  # fmt: skip
             if invalid_token_expert_id is not None:
                 moe_a2a_sanitize_expert_ids(

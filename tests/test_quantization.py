@@ -217,9 +217,10 @@ def test_malformed_quantized_activation_raises():
         QuantizedActivation.from_payloads(QuantFormat.NVFP4, n4.payloads()[:2])
 
 
-def test_quantized_payloads_through_simulated_dispatch_and_combine():
-    """fp8 per-block + nvfp4 payloads ride a 3-rank CPU round; receive planes match the reference
-    bit for bit, rebuilt activations dequantize to their source rows, and combine matches too."""
+def test_quantized_payloads_through_simulated_dispatch_and_combine(device):
+    """fp8 per-block + nvfp4 payloads ride a 3-rank round on the test device; receive planes match
+    the reference bit for bit, rebuilt activations dequantize to their source rows, and combine
+    matches too."""
     ep_size, hidden, top_k, num_experts, counts, rt = 3, 256, 2, 7, [5, 0, 7], 7
     generator = torch.Generator().manual_seed(6)
     experts, payloads, fp8s, nvfp4s = [], [], [], []
@@ -233,15 +234,17 @@ def test_quantized_payloads_through_simulated_dispatch_and_combine():
         payloads.append([*fp8.payloads(), ids, *nvfp4.payloads()])
     row_bytes = [p.shape[1] * p.element_size() for p in payloads[0]]
     size = a2a.moe_a2a_get_workspace_size_per_rank(ep_size, rt, row_bytes, 2 * hidden)
-    world = a2a.SimulatedWorld(ep_size, "cpu")
+    world = a2a.SimulatedWorld(ep_size, device)
     ranks = [
         a2a.MoeAlltoAll(a2a.Mapping(ep_size, r), rt, top_k, num_experts, size, world=world) for r in range(ep_size)
     ]
     recv = [
-        ranks[r].dispatch(experts[r], payloads[r], rt, invalid_token_expert_id=-1, expert_id_payload_index=2)
+        ranks[r].dispatch(experts[r].to(device), [p.to(device) for p in payloads[r]], rt, invalid_token_expert_id=-1,
+                          expert_id_payload_index=2)
         for r in range(ep_size)
-    ]
+    ]  # fmt: skip
     world.synchronize()
+    recv = [[plane.cpu() for plane in planes] for planes in recv]
     expected = reference.dispatch(experts, payloads, num_experts, rt)
     planes, outputs = [], []
     for r in range(ep_size):
@@ -269,9 +272,11 @@ def test_quantized_payloads_through_simulated_dispatch_and_combine():
         out[rows] = received_fp8.dequantize()
         plane.copy_(out.view(ep_size, rt, hidden).to(torch.bfloat16))
         planes.append(plane)
-        outputs.append(plane.clone())
+        outputs.append(plane.cpu().clone())
+    world.synchronize()
     combined = [ranks[r].combine(planes[r], rt, payload_in_workspace=True) for r in range(ep_size)]
     world.synchronize()
+    combined = [c.cpu() for c in combined]
     want = reference.combine(outputs, expected.routing, counts)
     for r in range(ep_size):
         assert torch.equal(combined[r].view(torch.uint8), want[r].view(torch.uint8)), f"combine of rank {r}"

@@ -7,7 +7,8 @@ receive plane row `[ep_rank][slot]` of segment `t`, where
 `slot = block_offsets[i // BLOCK_TOKENS, t] + topk_local_slots[i, k]` (see routing). Programs of
 tile 0 also store the final slots in `topk_send_indices` for combine.
 
-Programs of tokens >= num_tokens copy nothing (the grid has at least one token row, so a rank
+Programs of tokens >= num_tokens (with COUNT_FROM_DEVICE: the count at `num_tokens_ptr`, clamped
+to [0, num_tokens]) copy nothing (the grid has at least one token row, so a rank
 without tokens still signals). With SIGNAL, every program then takes part in an acq_rel election
 and the last one runs the dispatch barrier (a2a.kernels.signal): its release makes every program's
 stores visible to the peers before the flags.
@@ -78,7 +79,8 @@ def _dispatch_copy_kernel(
     timeout_status_ptr,  # [4] int32, own segment
     host_status_ptr,  # int64 address of the host-mapped timeout record (0 without one)
     timeout_ns,
-    num_tokens,
+    num_tokens_ptr,  # [1] int32: real tokens (read with COUNT_FROM_DEVICE)
+    num_tokens,  # real tokens; with COUNT_FROM_DEVICE the rows of the payloads (an upper bound)
     runtime_max_tokens,
     ep_rank,
     NUM_PAYLOADS: tl.constexpr,
@@ -94,8 +96,11 @@ def _dispatch_copy_kernel(
     WAIT: tl.constexpr,  # ... and its wait
     HAS_HOST_STATUS: tl.constexpr,
     PHASE: tl.constexpr,  # timeout code of this phase
+    COUNT_FROM_DEVICE: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
+    if COUNT_FROM_DEVICE:
+        num_tokens = tl.minimum(tl.maximum(tl.load(num_tokens_ptr), 0), num_tokens)
     tile = tl.program_id(1)
     block = token // BLOCK_TOKENS
     topk_row = token * TOP_K

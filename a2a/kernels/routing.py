@@ -12,6 +12,10 @@ or a graph replay, starts from zero) turns the counts into exclusive per-block o
 slot at target t is `block_offsets[block, t] + topk_local_slots`: the number of earlier local tokens
 sent to t, so receive order equals source order and two runs are bitwise identical.
 
+With COUNT_FROM_DEVICE the number of real tokens is read from `num_tokens_ptr` (clamped to
+[0, num_rows]); rows past it are padding: never sent, their top-k entries set to -1, so a CUDA graph
+captured once serves any count. Otherwise all `num_rows` rows are tokens.
+
 This pass also does the "prepare" work of a round: every per-round counter it reads is fully
 rewritten here, so no separate reset launch is needed.
 """
@@ -44,7 +48,7 @@ def _first_targets(expert_ids_ptr, tokens, token_mask, k, num_experts, experts_b
     return tl.where(first, owner, -1), hit & first[:, None], invalid
 
 
-@triton.jit(do_not_specialize=["num_tokens", "num_blocks", "num_experts", "experts_base", "experts_remainder",
+@triton.jit(do_not_specialize=["num_rows", "num_blocks", "num_experts", "experts_base", "experts_remainder",
                                "ep_rank", "stride_recv_rank"],
             do_not_specialize_on_alignment=["expert_ids_ptr"])
 def _route_kernel(
@@ -57,8 +61,9 @@ def _route_kernel(
     send_counters_ptr,  # [EP_SIZE] int32, own segment
     recv_counters_ptr,  # [EP_SIZE] int32 in segment 0; segment t at + t * stride_recv_rank
     stride_recv_rank,  # int32 elements between two segments
-    num_tokens,
-    num_blocks,  # max(1, cdiv(num_tokens, BLOCK_TOKENS)): the grid size
+    num_tokens_ptr,  # [1] int32: real tokens (read with COUNT_FROM_DEVICE)
+    num_rows,  # rows of expert_ids
+    num_blocks,  # max(1, cdiv(num_rows, BLOCK_TOKENS)): the grid size
     num_experts,
     experts_base,
     experts_remainder,
@@ -68,10 +73,16 @@ def _route_kernel(
     EP_PAD: tl.constexpr,
     BLOCK_TOKENS: tl.constexpr,
     SCAN_BLOCKS: tl.constexpr,
+    COUNT_FROM_DEVICE: tl.constexpr,
 ):
     block = tl.program_id(0)
     tokens = block.to(tl.int64) * BLOCK_TOKENS + tl.arange(0, BLOCK_TOKENS)
-    token_mask = tokens < num_tokens
+    row_mask = tokens < num_rows
+    if COUNT_FROM_DEVICE:
+        num_tokens = tl.minimum(tl.maximum(tl.load(num_tokens_ptr), 0), num_rows)
+        token_mask = tokens < num_tokens
+    else:
+        token_mask = row_mask
     ranks = tl.arange(0, EP_PAD)
     rank_mask = ranks < EP_SIZE
 
@@ -83,7 +94,7 @@ def _route_kernel(
                                                   experts_base, experts_remainder, sends, ranks, TOP_K)
         sends = tl.where(new_hit, 1, sends)
         num_invalid += invalid.to(tl.int32)
-        tl.store(topk_target_ranks_ptr + tokens * TOP_K + k, target, mask=token_mask)
+        tl.store(topk_target_ranks_ptr + tokens * TOP_K + k, target, mask=row_mask)
 
     # Pass 2: slot inside the block = earlier tokens of the block sending to the same rank.
     earlier = tl.cumsum(sends, axis=0) - sends
@@ -94,7 +105,7 @@ def _route_kernel(
         seen = tl.where(new_hit, 1, seen)
         local_slot = tl.sum(tl.where(new_hit, earlier, 0), axis=1)
         tl.store(topk_local_slots_ptr + tokens * TOP_K + k, tl.where(target >= 0, local_slot, -1),
-                 mask=token_mask)
+                 mask=row_mask)
 
     counts = tl.sum(sends, axis=0)
     tl.store(block_counts_ptr + block * EP_SIZE + ranks, counts, mask=rank_mask)
