@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from a2a import configs, envs, validation
+from a2a import configs, validation
 from a2a.barrier import combine_barrier_launch
 from a2a.kernels import _combine_kernel, _stage_combine_kernel
 from a2a.launch import KernelLaunch
-from a2a.layout import MAX_TOP_K, PLANE_ALIGN
+from a2a.layout import MAX_TOP_K, PLANE_ALIGN, TimeoutPhase
 from a2a.runtime.scheduler import schedule_phase
 from a2a.runtime.streams import SignalMode, current_stream, current_stream_for_launch
 from a2a.workspace import RankWorkspace, resolve_rank_workspace
@@ -29,6 +29,7 @@ def moe_a2a_combine(
     payload_in_workspace: bool = False,
     *,
     output: torch.Tensor | None = None,
+    active_rank_mask: int | None = None,
 ) -> torch.Tensor:
     """Return every local token's sum over its top-k expert outputs, gathered from the peers.
 
@@ -43,11 +44,11 @@ def moe_a2a_combine(
     """
     rank_workspace = resolve_rank_workspace(workspace, metainfo, ep_rank)
     key = _plan_key(payload, output, runtime_max_tokens_per_rank, ep_size, top_k, combine_payload_offset,
-                    payload_in_workspace)  # fmt: skip
-    plan = rank_workspace.plans.get(key)
+                    payload_in_workspace, active_rank_mask)  # fmt: skip
+    plan = rank_workspace.find_plan(key)
     if plan is None or not plan.accepts(payload, local_num_tokens, output):
         plan = _CombinePlan.build(payload, local_num_tokens, rank_workspace, runtime_max_tokens_per_rank, ep_size,
-                                  top_k, combine_payload_offset, payload_in_workspace, output)  # fmt: skip
+                                  top_k, combine_payload_offset, payload_in_workspace, output, active_rank_mask)  # fmt: skip
         rank_workspace.remember_plan(key, plan)
     rank_workspace.raise_if_timed_out()
     if output is None:
@@ -57,7 +58,7 @@ def moe_a2a_combine(
 
 
 def _plan_key(payload: object, output: object, rt: object, ep_size: object, top_k: object, offset: object,
-              in_workspace: object):
+              in_workspace: object, active_rank_mask: object):
     """What validation and the kernel variants depend on besides the local token count (see
     a2a.dispatch._plan_key)."""
     try:
@@ -68,8 +69,8 @@ def _plan_key(payload: object, output: object, rt: object, ep_size: object, top_
         )
     except (AttributeError, TypeError):
         return object()
-    values = (rt, ep_size, top_k, offset, in_workspace)
-    return ("combine", payload_key, output_key, values, tuple(map(type, values)), envs.signal_timeout_s())
+    values = (rt, ep_size, top_k, offset, in_workspace, active_rank_mask)
+    return ("combine", payload_key, output_key, values, tuple(map(type, values)))
 
 
 class _CombinePlan:
@@ -77,12 +78,14 @@ class _CombinePlan:
 
     @classmethod
     def build(cls, payload, local_num_tokens, rank_workspace: RankWorkspace, runtime_max_tokens_per_rank: int,
-              ep_size: int, top_k: int, combine_payload_offset: int, payload_in_workspace: bool, output) -> _CombinePlan:  # fmt: skip
+              ep_size: int, top_k: int, combine_payload_offset: int, payload_in_workspace: bool, output,
+              active_rank_mask: int | None) -> _CombinePlan:  # fmt: skip
         layout = rank_workspace.layout
         workspace = rank_workspace.workspace
         validation.check_geometry(ep_size, rank_workspace.ep_rank, top_k)
         if layout.ep_size != ep_size:
             raise ValueError(f"ep_size ({ep_size}) must equal the workspace layout's ep_size ({layout.ep_size})")
+        mask = validation.check_active_rank_mask(active_rank_mask, ep_size, rank_workspace.ep_rank)
         payload = validation.require_tensor("payload", payload, dtypes=COMBINE_DTYPES, ndim=3, device=workspace.device)
         validation.check_runtime_max_tokens(runtime_max_tokens_per_rank, layout.max_num_tokens)
         validation.require_shape(
@@ -108,16 +111,16 @@ class _CombinePlan:
         if output is not None:
             validation.require_tensor("output", output, dtypes=[payload.dtype], ndim=2, device=workspace.device)
             validation.require_shape("output", output, (local_num_tokens, hidden), "[local_num_tokens, hidden]")
-        return cls(rank_workspace, payload, combine_payload_offset, payload_in_workspace, top_k, output)
+        return cls(rank_workspace, payload, combine_payload_offset, payload_in_workspace, top_k, output, mask)
 
     def __init__(self, rank_workspace: RankWorkspace, payload: torch.Tensor, combine_offset: int, in_workspace: bool,
-                 top_k: int, output: torch.Tensor | None):  # fmt: skip
+                 top_k: int, output: torch.Tensor | None, active_rank_mask: int):  # fmt: skip
         self.device = rank_workspace.workspace.device
         self.hidden = payload.shape[2]
         self.in_workspace = in_workspace
         self.plane_address = rank_workspace.own_address(combine_offset)
         self.stream_mode = current_stream(self.device).signal_mode
-        self.signals = rank_workspace.combine_signals
+        self.signals = rank_workspace.phase_signals(TimeoutPhase.COMBINE, active_rank_mask)
         if output is None:  # a stand-in of the same dtype and alignment as the ones allocated per call
             output = torch.empty((1, self.hidden), dtype=payload.dtype, device=self.device)
         stage = _stage_launch(rank_workspace, payload, combine_offset)
@@ -127,7 +130,7 @@ class _CombinePlan:
         # Load every variant before the barrier is enqueued, also those this rank skips: see a2a.launch.
         self.stage = stage.bind(dynamic=("src_ptr",))
         self.stage_unit = stage.args[0].dtype
-        self.barrier = combine_barrier_launch(rank_workspace, self.stream_mode).bind(dynamic=())
+        self.barrier = combine_barrier_launch(rank_workspace, self.stream_mode, active_rank_mask).bind(dynamic=())
         self.gather = gather.bind(dynamic=("out_ptr",))
 
     def accepts(self, payload: torch.Tensor, local_num_tokens: object, output: torch.Tensor | None) -> bool:
@@ -139,20 +142,19 @@ class _CombinePlan:
         return output is None or output.shape[0] == local_num_tokens
 
     def launch(self, payload: torch.Tensor, local_num_tokens: int, output: torch.Tensor) -> None:
-        launches = []
-        if not self.in_workspace:
-            source = payload if self.stage.fast else payload.view(torch.uint8).view(self.stage_unit)
-            launches.append(lambda: self.stage(self.stage_grid, source))
-        if self.stream_mode is not SignalMode.STREAM_MEMOPS:
-            launches.append(lambda: self.barrier((1,)))
+        source = payload if self.stage.fast else payload.view(torch.uint8).view(self.stage_unit)
         gather_grid = (local_num_tokens, self.gather_tiles)
-        gather = [lambda: self.gather(gather_grid, output)]
         stream = current_stream_for_launch(self.stream_mode, self.device)
         if stream is None:  # KERNEL mode on the current CUDA stream: the barrier kernel waits
-            for launch in launches + gather:
-                launch()
-        else:
-            schedule_phase(stream, launches, self.signals, gather)
+            if not self.in_workspace:
+                self.stage(self.stage_grid, source)
+            self.barrier((1,))
+            self.gather(gather_grid, output)
+            return
+        launches = [] if self.in_workspace else [lambda: self.stage(self.stage_grid, source)]
+        if self.stream_mode is not SignalMode.STREAM_MEMOPS:
+            launches.append(lambda: self.barrier((1,)))
+        schedule_phase(stream, launches, self.signals, [lambda: self.gather(gather_grid, output)])
 
 
 def _stage_launch(rank_workspace: RankWorkspace, payload: torch.Tensor, combine_offset: int) -> KernelLaunch:

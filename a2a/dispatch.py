@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
-from a2a import configs, envs, validation
-from a2a.barrier import barrier_args, barrier_constexprs
+from a2a import configs, validation
+from a2a.barrier import barrier_args, barrier_constexprs, mask_halves
 from a2a.expert_partition import ExpertPartition
 from a2a.kernels import _dispatch_copy_kernel, _route_kernel
 from a2a.launch import KernelLaunch
@@ -30,6 +30,7 @@ def moe_a2a_dispatch(
     num_experts: int,
     *,
     token_count: torch.Tensor | None = None,
+    active_rank_mask: int | None = None,
 ) -> tuple[list[torch.Tensor], int]:
     """Send every local token's payload rows to the ranks that own its experts.
 
@@ -45,18 +46,23 @@ def moe_a2a_dispatch(
     never sent, and combine returns zero rows for them. The count is read on the device, so one
     captured CUDA graph serves every count up to the tensors' rows.
 
-    When the stream reaches the end of this op, every peer's rows have landed. The views stay
+    active_rank_mask (a2a addition): bit r set if rank r takes part (default: all). Experts of
+    inactive ranks are not sent to (their top-k entries become -1), inactive ranks are neither
+    signalled nor waited for, and their rows here count as empty. Every active rank must pass the
+    same mask, including itself, in dispatch and the matching combine; inactive ranks run nothing.
+
+    When the stream reaches the end of this op, every active peer's rows have landed. The views stay
     valid until this rank's next combine starts. Raises `A2ATimeoutError` if an earlier wait of
     this rank timed out on the device (see `a2a.kernels.signal`).
     """
     rank_workspace = resolve_rank_workspace(workspace, metainfo, ep_rank)
     key = _plan_key(token_selected_experts, input_payloads, token_count, runtime_max_tokens_per_rank, ep_size, top_k,
-                    num_experts)  # fmt: skip
-    plan = rank_workspace.plans.get(key)
+                    num_experts, active_rank_mask)  # fmt: skip
+    plan = rank_workspace.find_plan(key)
     num_tokens = _token_count(token_selected_experts, input_payloads, runtime_max_tokens_per_rank) if plan else None
     if num_tokens is None:  # a new call signature, or a count the plan's checks did not cover
         plan = _DispatchPlan.build(token_selected_experts, input_payloads, token_count, rank_workspace,
-                                   runtime_max_tokens_per_rank, ep_size, top_k, num_experts)  # fmt: skip
+                                   runtime_max_tokens_per_rank, ep_size, top_k, num_experts, active_rank_mask)  # fmt: skip
         rank_workspace.remember_plan(key, plan)
         num_tokens = token_selected_experts.shape[0]
     rank_workspace.raise_if_timed_out()
@@ -71,7 +77,7 @@ def _tensor_key(tensor: object) -> tuple | None:
 
 
 def _plan_key(experts: object, payloads: object, token_count: object, rt: object, ep_size: object, top_k: object,
-              num_experts: object):  # fmt: skip
+              num_experts: object, active_rank_mask: object):  # fmt: skip
     """What validation and the kernel variants depend on besides the token count: dtypes, widths,
     contiguity, devices, address alignment mod 16, and the int arguments (with their types). Equal
     keys: the same checks pass and the same plan applies. Unexpected arguments (not tensors, not a
@@ -80,8 +86,8 @@ def _plan_key(experts: object, payloads: object, token_count: object, rt: object
         tensors = (_tensor_key(experts), tuple(map(_tensor_key, payloads)), _tensor_key(token_count))  # type: ignore[arg-type]
     except (AttributeError, TypeError):
         return object()
-    ints = (rt, ep_size, top_k, num_experts)
-    return ("dispatch", tensors, type(payloads), ints, tuple(map(type, ints)), envs.signal_timeout_s())
+    ints = (rt, ep_size, top_k, num_experts, active_rank_mask)
+    return ("dispatch", tensors, type(payloads), ints, tuple(map(type, ints)))
 
 
 def _token_count(experts: torch.Tensor, payloads: Sequence[torch.Tensor], rt: int) -> int | None:
@@ -100,12 +106,14 @@ class _DispatchPlan:
 
     @classmethod
     def build(cls, token_selected_experts, input_payloads, token_count, rank_workspace: RankWorkspace,
-              runtime_max_tokens_per_rank: int, ep_size: int, top_k: int, num_experts: int) -> _DispatchPlan:  # fmt: skip
+              runtime_max_tokens_per_rank: int, ep_size: int, top_k: int, num_experts: int,
+              active_rank_mask: int | None) -> _DispatchPlan:  # fmt: skip
         layout = rank_workspace.layout
         workspace = rank_workspace.workspace
         validation.check_geometry(ep_size, rank_workspace.ep_rank, top_k, num_experts)
         if layout.ep_size != ep_size:
             raise ValueError(f"ep_size ({ep_size}) must equal the workspace layout's ep_size ({layout.ep_size})")
+        mask = validation.check_active_rank_mask(active_rank_mask, ep_size, rank_workspace.ep_rank)
         experts = validation.require_tensor(
             "token_selected_experts", token_selected_experts, dtypes=[torch.int32], ndim=2, device=workspace.device
         )
@@ -120,19 +128,21 @@ class _DispatchPlan:
         round_layout = layout.round_layout(runtime_max_tokens_per_rank, [_row_bytes(p) for p in payloads])
         planes_end = round_layout.recv_plane_offsets[-1] + round_layout.recv_plane_sizes[-1]
         validation.check_fits("the dispatch receive planes", planes_end, workspace.shape[1])
-        return cls(rank_workspace, experts, payloads, token_count, round_layout, top_k, num_experts)
+        return cls(rank_workspace, experts, payloads, token_count, round_layout, top_k, num_experts, mask)
 
     def __init__(self, rank_workspace: RankWorkspace, experts: torch.Tensor, payloads: list[torch.Tensor],
-                 token_count: torch.Tensor | None, round_layout: RoundLayout, top_k: int, num_experts: int):  # fmt: skip
+                 token_count: torch.Tensor | None, round_layout: RoundLayout, top_k: int, num_experts: int,
+                 active_rank_mask: int):  # fmt: skip
         self.device = rank_workspace.workspace.device
         self.stream_mode = current_stream(self.device).signal_mode
-        self.signals = rank_workspace.dispatch_signals
+        self.signals = rank_workspace.phase_signals(TimeoutPhase.DISPATCH, active_rank_mask)
         # Without a device count the pointer is unused; any int32 word of the own segment stands in.
         self.count_stand_in = rank_workspace.round_state
         count = token_count if token_count is not None else self.count_stand_in
-        route = _route_launch(rank_workspace, experts, count, token_count is not None, top_k, num_experts)
+        route = _route_launch(rank_workspace, experts, count, token_count is not None, top_k, num_experts,
+                              active_rank_mask)  # fmt: skip
         copy, self.unit_dtypes, self.num_tiles = _copy_launch(rank_workspace, payloads, count, token_count is not None,
-                                                              round_layout, top_k, self.stream_mode)  # fmt: skip
+                                                              round_layout, top_k, self.stream_mode, active_rank_mask)  # fmt: skip
         # Everything this phase (and the sanitize that usually follows it) may launch is loaded
         # before the barrier is enqueued: see a2a.launch.
         self.route = route.bind(dynamic=("expert_ids_ptr", "num_tokens_ptr", "num_rows", "num_blocks"))
@@ -176,7 +186,7 @@ def _row_bytes(payload: torch.Tensor) -> int:
 
 
 def _route_launch(rank_workspace: RankWorkspace, experts: torch.Tensor, count: torch.Tensor, count_from_device: bool,
-                  top_k: int, num_experts: int) -> KernelLaunch:  # fmt: skip
+                  top_k: int, num_experts: int, active_rank_mask: int) -> KernelLaunch:  # fmt: skip
     layout = rank_workspace.layout
     num_tokens = experts.shape[0]
     partition = ExpertPartition(num_experts, layout.ep_size)
@@ -190,7 +200,8 @@ def _route_launch(rank_workspace: RankWorkspace, experts: torch.Tensor, count: t
         (num_blocks,),
         (experts, targets, local_slots, rank_workspace.block_counts, rank_workspace.block_invalid,
          rank_workspace.round_state, rank_workspace.send_counters, recv_counters, recv_counters.stride(0),
-         count, num_tokens, num_blocks, num_experts, partition.base, partition.remainder, rank_workspace.ep_rank),
+         count, num_tokens, num_blocks, num_experts, partition.base, partition.remainder, *mask_halves(active_rank_mask),
+         rank_workspace.ep_rank),
         dict(TOP_K=top_k, EP_SIZE=layout.ep_size, EP_PAD=configs.rank_pad(layout.ep_size), BLOCK_TOKENS=ROUTE_BLOCK_TOKENS,
              SCAN_BLOCKS=configs.ROUTE_SCAN_BLOCKS, COUNT_FROM_DEVICE=count_from_device,
              num_warps=configs.ROUTE_NUM_WARPS),
@@ -199,7 +210,7 @@ def _route_launch(rank_workspace: RankWorkspace, experts: torch.Tensor, count: t
 
 def _copy_launch(
     rank_workspace: RankWorkspace, payloads: list[torch.Tensor], count: torch.Tensor, count_from_device: bool,
-    round_layout: RoundLayout, top_k: int, mode: SignalMode,
+    round_layout: RoundLayout, top_k: int, mode: SignalMode, active_rank_mask: int,
 ) -> tuple[KernelLaunch, list[torch.dtype], int]:
     """The copy launch, the copy-unit dtype of each payload, and the column tiles per token."""
     layout = rank_workspace.layout
@@ -229,7 +240,7 @@ def _copy_launch(
         _dispatch_copy_kernel,
         (max(1, num_tokens), num_tiles),
         (tuple(sources), tuple(planes), tuple(strides), targets, local_slots, rank_workspace.block_counts,
-         send_indices, election, *barrier_args(rank_workspace, layout.dispatch_flags_offset), count, num_tokens,
+         send_indices, election, *barrier_args(rank_workspace, layout.dispatch_flags_offset, active_rank_mask), count, num_tokens,
          round_layout.runtime_max_tokens, rank_workspace.ep_rank),
         dict(NUM_PAYLOADS=len(sources), ROW_UNITS=tuple(row_units), VEC_UNITS=tuple(vec_units), TOP_K=top_k,
              K_CHUNK=min(configs.next_power_of_2(top_k), 8), EP_SIZE=layout.ep_size, BLOCK_TOKENS=ROUTE_BLOCK_TOKENS,

@@ -2,7 +2,7 @@
 
 | variable | type | default | effect |
 |---|---|---|---|
-| `A2A_SIGNAL_TIMEOUT_S` | float | 300 | a wait for a peer's flag gives up after this many seconds: on the CPU the host raises `A2ATimeoutError` naming the missing ranks; on CUDA the waiting kernel records the missing ranks and returns, and the rank's next a2a call (or `MoeAlltoAll.synchronize()`) raises it. Read at each launch (a CUDA graph keeps the value it was captured with) |
+| `A2A_SIGNAL_TIMEOUT_S` | float | 300 | a wait for a peer's flag gives up after this many seconds: on the CPU the host raises `A2ATimeoutError` naming the missing ranks; on CUDA the waiting kernel records the missing ranks and returns, and the rank's next a2a call (or `MoeAlltoAll.synchronize()`) raises it. Read when a call signature is first seen on a workspace (a launch plan is built); a CUDA graph keeps the value it was captured with |
 | `A2A_SIGNALS` | `kernel` or `stream` | kernel | CUDA only: where a phase's cross-rank barrier runs: in one program of the phase's last kernel (epoch flags, bounded wait), or as CUDA stream memory operations (set / wait / reset, no timeout). Every rank must use the same value; read once per process |
 | `A2A_HOST_POLL_S` | float | 0.0005 | sleep between two polls of a flag in a blocking host wait |
 | `TRITON_INTERPRET` | bool | set to 1 by a2a when no CUDA device exists | run the Triton kernels under the Triton interpreter on the CPU (read by Triton itself) |

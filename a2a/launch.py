@@ -69,19 +69,30 @@ def _address(value: Any) -> Any:
     return value
 
 
+def _pointer(tensor: torch.Tensor) -> int:
+    return tensor.data_ptr()
+
+
+def _pointers(tensors: tuple) -> tuple:
+    return tuple([t.data_ptr() for t in tensors])
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
 class BoundLaunch:
     """A compiled, loaded kernel variant whose launches change only the grid and a few arguments
     (which must not change the variant: unspecialised ints, tensors of the same dtype and alignment).
 
     Under the interpreter (or an untested Triton version) a launch is the ordinary
-    `kernel[grid](...)`. On CUDA (`fast`) it goes through the compiled kernel's own launcher with
-    every argument already in parameter order and pointers as plain addresses: a few us of Python
+    `kernel[grid](...)`. On CUDA (`fast`) it calls the compiled kernel's C launcher directly, every
+    argument already in parameter order and pointers as plain addresses: a few us of Python
     instead of ~25 us for Triton's argument binding and specialisation check.
     """
 
     def __init__(self, launch: KernelLaunch, dynamic: tuple[int, ...]):
         self.dynamic = dynamic
-        self._run = None
         launch.prepare()
         # Keep no reference to the caller's tensors of the first call (they can be large).
         stand_ins = tuple(None if i in dynamic else value for i, value in enumerate(launch.args))
@@ -92,26 +103,40 @@ class BoundLaunch:
         kernel = launch.kernel
         compiled = kernel.warmup(*launch.args, grid=launch.grid or (1,), **launch.constexprs)
         compiled._init_handles()
+        launcher = compiled.run
+        if launcher.global_scratch_size or launcher.profile_scratch_size:
+            raise RuntimeError(f"{kernel.__name__} needs scratch memory; BoundLaunch does not allocate it")
         values = [_address(v) for v in stand_ins]
         values += [launch.constexprs[name] for name in kernel.arg_names[len(launch.args) :]]
         self._values = values
-        self._run = compiled.run
-        self._head = (compiled.function, compiled.packed_metadata, None, None, None)
+        self._convert = tuple(
+            _pointer if isinstance(launch.args[i], torch.Tensor) else _pointers if isinstance(launch.args[i], tuple)
+            else _same
+            for i in dynamic
+        )  # fmt: skip
+        self._launch = launcher.launch
+        # (function, cooperative grid, PDL, global scratch, profile scratch, packed metadata,
+        #  launch metadata, enter hook, exit hook): the C launcher's fixed leading arguments.
+        self._head = (compiled.function, launcher.launch_cooperative_grid, launcher.launch_pdl, None, None,
+                      compiled.packed_metadata, None, None, None)  # fmt: skip
+        self._device = torch.cuda.current_device()
 
     def __call__(self, grid: tuple[int, ...], *dynamic_values: Any) -> None:
         """Launch over `grid` with `dynamic_values[i]` as the i-th parameter named at `bind` (as the
         kernel takes it: tensors, tuples of tensors, ints). An empty grid launches nothing."""
         if not all(grid):
             return
-        if self._run is None:
+        if not self.fast:
             args = list(self.launch.args)
             for position, value in zip(self.dynamic, dynamic_values):
                 args[position] = value
             self.launch.kernel[grid](*args, **self.launch.constexprs)
             return
         values = self._values.copy()
-        for position, value in zip(self.dynamic, dynamic_values):
-            values[position] = _address(value)
-        stream = torch._C._cuda_getCurrentRawStream(torch.cuda.current_device())
-        grid = tuple(grid) + (1,) * (3 - len(grid))
-        self._run(*grid, stream, *self._head, *values)
+        for position, convert, value in zip(self.dynamic, self._convert, dynamic_values):
+            values[position] = convert(value)
+        stream = torch._C._cuda_getCurrentRawStream(self._device)
+        if len(grid) == 1:
+            self._launch(grid[0], 1, 1, stream, *self._head, *values)
+        else:
+            self._launch(grid[0], grid[1], 1, stream, *self._head, *values)

@@ -109,7 +109,24 @@ class MoeAlltoAll:
         self._workspace_key = ("moe_alltoall", workspace_size_per_rank, max_num_tokens)
         self.workspace = world.workspace(self._workspace_key, workspace_size_per_rank)
         self.metainfo = self.layout.to_metainfo()
+        self.active_rank_mask: int | None = None  # None: every rank takes part (see set_active_ranks)
         self._state = _RoundState()
+
+    def set_active_ranks(self, ranks: Sequence[int] | None) -> None:
+        """Later rounds run among `ranks` only (None: all): experts of other ranks are not sent to,
+        their top-k entries become -1, combine sums the rest, and they are neither signalled nor
+        waited for (e.g. a failed rank). Every active rank must set the same list, including itself;
+        inactive ranks must not run rounds. Takes effect at the next dispatch."""
+        if self._state.phase != "idle":
+            raise PhaseError(f"set_active_ranks called in phase {self._state.phase!r}: call it between rounds")
+        if ranks is None:
+            self.active_rank_mask = None
+            return
+        mask = 0
+        for rank in ranks:
+            validation.require_int("active rank", rank, 0, self.ep_size - 1)
+            mask |= 1 << rank
+        self.active_rank_mask = validation.check_active_rank_mask(mask, self.ep_size, self.ep_rank)
 
     @staticmethod
     def get_moe_workspace_size_per_rank(
@@ -156,7 +173,7 @@ class MoeAlltoAll:
             recv, combine_offset = moe_a2a_dispatch(
                 token_selected_experts, input_payloads, self.workspace, self.metainfo,
                 runtime_max_tokens_per_rank, self.ep_rank, self.ep_size, self.top_k, self.num_experts,
-                token_count=token_count,
+                token_count=token_count, active_rank_mask=self.active_rank_mask,
             )  # fmt: skip
             if invalid_token_expert_id is not None:
                 moe_a2a_sanitize_expert_ids(
@@ -189,7 +206,7 @@ class MoeAlltoAll:
             result = moe_a2a_combine(
                 payload, self._state.local_num_tokens, self.workspace, self.metainfo, runtime_max_tokens_per_rank,
                 self.ep_rank, self.ep_size, self.top_k, self._state.combine_payload_offset, payload_in_workspace,
-                output=output,
+                output=output, active_rank_mask=self.active_rank_mask,
             )  # fmt: skip
         self._state = _RoundState()
         return result

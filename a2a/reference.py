@@ -51,12 +51,18 @@ class DispatchReference:
         return torch.arange(rt)[None, :] < self.recv_counts[rank][:, None]
 
 
-def route_rank(token_selected_experts: torch.Tensor, num_experts: int, ep_size: int) -> RankRouting:
-    """Targets, deterministic slots and per-target counts of one rank's tokens."""
+def route_rank(
+    token_selected_experts: torch.Tensor, num_experts: int, ep_size: int, active_ranks: Sequence[int] | None = None
+) -> RankRouting:
+    """Targets, deterministic slots and per-target counts of one rank's tokens. Experts owned by a
+    rank outside `active_ranks` (default: all) are not sent to, like repeats (not counted invalid)."""
     experts = token_selected_experts.cpu()
     num_tokens, top_k = experts.shape
     owner = ExpertPartition(num_experts, ep_size).owner(experts)  # [n, k], -1 if invalid
     num_invalid = int((owner < 0).sum())
+    if active_ranks is not None:
+        inactive = torch.tensor([r not in active_ranks for r in range(ep_size)])
+        owner = torch.where((owner >= 0) & inactive[owner.clamp(min=0).long()], torch.full_like(owner, -1), owner)
     targets = owner.clone()
     for k in range(top_k):
         for j in range(k):
@@ -80,10 +86,12 @@ def dispatch(
     input_payloads: Sequence[Sequence[torch.Tensor]],
     num_experts: int,
     runtime_max_tokens: int,
+    active_ranks: Sequence[int] | None = None,
 ) -> DispatchReference:
-    """Global-view dispatch of every rank's payloads (inputs may live on any device)."""
+    """Global-view dispatch of every rank's payloads (inputs may live on any device). With
+    `active_ranks`, the other ranks take no part: give them zero tokens."""
     ep_size = len(token_selected_experts)
-    routing = [route_rank(experts, num_experts, ep_size) for experts in token_selected_experts]
+    routing = [route_rank(experts, num_experts, ep_size, active_ranks) for experts in token_selected_experts]
     recv_counts = torch.stack([r.send_counts for r in routing], dim=1)  # [receiver, source]
     widths = [p.shape[1] for p in input_payloads[0]]
     dtypes = [p.dtype for p in input_payloads[0]]

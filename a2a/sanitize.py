@@ -34,7 +34,7 @@ def moe_a2a_sanitize_expert_ids(
                expert_ids.data_ptr() & 15, type(invalid_expert_id))  # fmt: skip
     except AttributeError:
         key = None
-    bound = rank_workspace.plans.get(key)
+    bound = rank_workspace.find_plan(key)
     if bound is None:
         expert_ids = validation.require_tensor(
             "expert_ids", expert_ids, dtypes=[torch.int32], ndim=3, device=rank_workspace.workspace.device

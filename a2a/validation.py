@@ -99,3 +99,17 @@ def check_fits(what: str, needed: int, size_per_rank: int) -> None:
         raise ValueError(
             f"workspace size per rank insufficient for {what}: need {needed} bytes, have {size_per_rank}"
         )
+
+
+def check_active_rank_mask(mask: object, ep_size: int, ep_rank: int) -> int:
+    """`mask` (bit r set: rank r takes part) as an int; None means every rank."""
+    full = (1 << ep_size) - 1
+    if mask is None:
+        return full
+    if isinstance(mask, bool) or not isinstance(mask, int):
+        raise TypeError(f"active_rank_mask must be an int bitmask (bit r: rank r is active), got {type(mask).__name__}")
+    if mask < 0 or mask & ~full:
+        raise ValueError(f"active_rank_mask must only set bits 0..{ep_size - 1} (ep_size={ep_size}), got {mask:#x}")
+    if not mask >> ep_rank & 1:
+        raise ValueError(f"active_rank_mask must include this rank ({ep_rank}): an inactive rank takes no part, got {mask:#x}")
+    return mask

@@ -81,28 +81,25 @@ class RankWorkspace:
         """A phase's flag array in every segment, `[ep_size, ep_size]` int32 (row t: segment t)."""
         return self.every_rank(flags_offset, 4 * self.ep_size, torch.int32)
 
-    def _phase_signals(self, phase_code: int, flags_offset: int) -> PhaseSignals:
+    def phase_signals(self, phase_code: int, active_rank_mask: int) -> PhaseSignals:
+        """The flag words of a phase (TimeoutPhase code) among the active ranks (bit r: rank r)."""
+        flags_offset = (self.layout.dispatch_flags_offset if phase_code == TimeoutPhase.DISPATCH
+                        else self.layout.combine_flags_offset)  # fmt: skip
         base = self.workspace.data_ptr()
         stride = self.segment_stride
         own = base + self.ep_rank * stride
         state = own + self.layout.round_state_offset
+        peers = tuple(r for r in range(self.ep_size) if active_rank_mask >> r & 1)
         return PhaseSignals(
             what=TimeoutPhase.NAMES[phase_code],
             ep_rank=self.ep_rank,
-            signal_addresses=tuple(base + t * stride + flags_offset + 4 * self.ep_rank for t in range(self.ep_size)),
-            wait_addresses=tuple(own + flags_offset + 4 * s for s in range(self.ep_size)),
+            peer_ranks=peers,
+            signal_addresses=tuple(base + t * stride + flags_offset + 4 * self.ep_rank for t in peers),
+            wait_addresses=tuple(own + flags_offset + 4 * s for s in peers),
             flag_value_address=state + 4 * RoundState.FLAG_VALUE,
             phase_code=phase_code,
             timeout_record_address=state + 4 * RoundState.TIMEOUT_STATUS,
         )
-
-    @cached_property
-    def dispatch_signals(self) -> PhaseSignals:
-        return self._phase_signals(TimeoutPhase.DISPATCH, self.layout.dispatch_flags_offset)
-
-    @cached_property
-    def combine_signals(self) -> PhaseSignals:
-        return self._phase_signals(TimeoutPhase.COMBINE, self.layout.combine_flags_offset)
 
     @cached_property
     def flag_value(self) -> torch.Tensor:
@@ -127,7 +124,19 @@ class RankWorkspace:
         """Launch plans of this rank's call signatures (a2a.dispatch / combine / sanitize), newest last."""
         return {}
 
+    def find_plan(self, key: object) -> object | None:
+        """The plan of `key`, or None (also for a key that cannot be hashed: the caller's full
+        checks then report the argument that made it so)."""
+        try:
+            return self.plans.get(key)
+        except TypeError:
+            return None
+
     def remember_plan(self, key: object, plan: object) -> None:
+        try:
+            hash(key)
+        except TypeError:
+            return
         plans = self.plans
         plans.pop(key, None)
         if len(plans) >= MAX_PLANS_PER_RANK:

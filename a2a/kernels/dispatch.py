@@ -62,7 +62,7 @@ def _copy_row_tile(src_ptr, dst_ptr, dst_stride, token, tile, block, topk_row, f
 
 
 @triton.jit(do_not_specialize=["num_tokens", "runtime_max_tokens", "ep_rank", "stride_flags_rank", "host_status_ptr",
-                               "timeout_ns"],
+                               "timeout_ns", "active_low", "active_high"],
             do_not_specialize_on_alignment=["src_ptrs"])
 def _dispatch_copy_kernel(
     src_ptrs,  # tuple of NUM_PAYLOADS: [num_tokens, ROW_UNITS[p]] copy units, the caller's payloads
@@ -79,6 +79,8 @@ def _dispatch_copy_kernel(
     timeout_status_ptr,  # [4] int32, own segment
     host_status_ptr,  # int64 address of the host-mapped timeout record (0 without one)
     timeout_ns,
+    active_low,  # active-rank mask, bits 0..31 (int32)
+    active_high,  # bits 32..63
     num_tokens_ptr,  # [1] int32: real tokens (read with COUNT_FROM_DEVICE)
     num_tokens,  # real tokens; with COUNT_FROM_DEVICE the rows of the payloads (an upper bound)
     runtime_max_tokens,
@@ -127,4 +129,5 @@ def _dispatch_copy_kernel(
         if finished == num_programs - 1:
             tl.store(election_ptr, 0)
             _signal_and_wait(flag_value_ptr, flags_ptr, stride_flags_rank, timeout_status_ptr, host_status_ptr,
-                             timeout_ns, ep_rank, PHASE, EP_SIZE, EP_PAD, WAIT, HAS_HOST_STATUS)
+                             timeout_ns, active_low, active_high, ep_rank, PHASE, EP_SIZE, EP_PAD, WAIT,
+                             HAS_HOST_STATUS)

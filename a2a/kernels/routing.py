@@ -6,6 +6,9 @@ One program per block of BLOCK_TOKENS local tokens. Each program:
 2. counts, per target rank, the block's tokens sent there and stores the slot each token gets
    inside its block (`topk_local_slots`: earlier tokens of the block sending to the same target);
 3. publishes its per-target counts in `block_counts[block]`.
+Experts of inactive ranks (bit clear in the active-rank mask) are not sent to: their k gets -1
+like a repeat (not counted as invalid); the last program writes no counter into an inactive rank
+and zeroes its own `recv_counters` of inactive sources, so sanitize and combine skip them.
 The last program to finish (an acq_rel election counter, reset by that program so the next round,
 or a graph replay, starts from zero) turns the counts into exclusive per-block offsets, writes
 `send_counters`, and stores `recv_counters[ep_rank]` into every target's segment. A token's final
@@ -23,6 +26,8 @@ rewritten here, so no separate reset launch is needed.
 import triton
 import triton.language as tl
 
+from a2a.kernels.signal import _rank_is_active
+
 
 @triton.jit
 def _owner_rank(expert, experts_base, experts_remainder):
@@ -35,21 +40,22 @@ def _owner_rank(expert, experts_base, experts_remainder):
 
 @triton.jit
 def _first_targets(expert_ids_ptr, tokens, token_mask, k, num_experts, experts_base, experts_remainder,
-                   sends, ranks, TOP_K: tl.constexpr):
-    """Target of column k for each token (-1: invalid id or rank already hit), and its one-hot row."""
+                   active_low, active_high, sends, ranks, TOP_K: tl.constexpr):
+    """Target of column k for each token (-1: invalid id, inactive owner or rank already hit), and
+    its one-hot row."""
     expert = tl.load(expert_ids_ptr + tokens * TOP_K + k, mask=token_mask, other=-1)
     valid = token_mask & (expert >= 0) & (expert < num_experts)
     owner = _owner_rank(tl.where(valid, expert, 0), experts_base, experts_remainder)
-    owner = tl.where(valid, owner, -1)
+    owner = tl.where(valid & _rank_is_active(owner, active_low, active_high), owner, -1)
     hit = ranks[None, :] == owner[:, None]  # [BLOCK_TOKENS, EP_PAD]
     seen = tl.sum(tl.where(hit, sends, 0), axis=1) > 0
-    first = valid & (~seen)
+    first = (owner >= 0) & (~seen)
     invalid = token_mask & (~valid)
     return tl.where(first, owner, -1), hit & first[:, None], invalid
 
 
 @triton.jit(do_not_specialize=["num_rows", "num_blocks", "num_experts", "experts_base", "experts_remainder",
-                               "ep_rank", "stride_recv_rank"],
+                               "ep_rank", "stride_recv_rank", "active_low", "active_high"],
             do_not_specialize_on_alignment=["expert_ids_ptr"])
 def _route_kernel(
     expert_ids_ptr,  # [num_tokens, TOP_K] int32: the caller's routing
@@ -67,6 +73,8 @@ def _route_kernel(
     num_experts,
     experts_base,
     experts_remainder,
+    active_low,  # active-rank mask, bits 0..31 (int32)
+    active_high,  # bits 32..63
     ep_rank,
     TOP_K: tl.constexpr,
     EP_SIZE: tl.constexpr,
@@ -91,7 +99,7 @@ def _route_kernel(
     num_invalid = tl.zeros([BLOCK_TOKENS], dtype=tl.int32)
     for k in range(TOP_K):
         target, new_hit, invalid = _first_targets(expert_ids_ptr, tokens, token_mask, k, num_experts,
-                                                  experts_base, experts_remainder, sends, ranks, TOP_K)
+                                                  experts_base, experts_remainder, active_low, active_high, sends, ranks, TOP_K)
         sends = tl.where(new_hit, 1, sends)
         num_invalid += invalid.to(tl.int32)
         tl.store(topk_target_ranks_ptr + tokens * TOP_K + k, target, mask=row_mask)
@@ -101,7 +109,7 @@ def _route_kernel(
     seen = tl.zeros([BLOCK_TOKENS, EP_PAD], dtype=tl.int32)
     for k in range(TOP_K):
         target, new_hit, invalid = _first_targets(expert_ids_ptr, tokens, token_mask, k, num_experts,
-                                                  experts_base, experts_remainder, seen, ranks, TOP_K)
+                                                  experts_base, experts_remainder, active_low, active_high, seen, ranks, TOP_K)
         seen = tl.where(new_hit, 1, seen)
         local_slot = tl.sum(tl.where(new_hit, earlier, 0), axis=1)
         tl.store(topk_local_slots_ptr + tokens * TOP_K + k, tl.where(target >= 0, local_slot, -1),
@@ -129,7 +137,10 @@ def _route_kernel(
             total_invalid += tl.sum(tl.load(block_invalid_ptr + blocks, mask=block_mask, other=0,
                                             cache_modifier=".cg"), axis=0)
         tl.store(send_counters_ptr + ranks, carry, mask=rank_mask)
+        active = _rank_is_active(ranks, active_low, active_high)
         remote = recv_counters_ptr + ranks.to(tl.int64) * stride_recv_rank + ep_rank
-        tl.store(remote, carry, mask=rank_mask)
+        tl.store(remote, carry, mask=rank_mask & active)
+        own = recv_counters_ptr + ep_rank.to(tl.int64) * stride_recv_rank + ranks
+        tl.store(own, tl.zeros([EP_PAD], dtype=tl.int32), mask=rank_mask & (~active))
         tl.store(round_state_ptr + 1, total_invalid)
         tl.store(round_state_ptr, 0)

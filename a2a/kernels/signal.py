@@ -13,6 +13,9 @@ Protocol (one flag array per phase, `u32 [EP_SIZE]` in every segment, never rese
 
 Because the value comes from device memory, a CUDA graph replays the protocol unchanged.
 
+Only active ranks take part (`active_low` / `active_high`: bits 0..31 / 32..63 of the active-rank
+mask, as int32): inactive peers (failed or fenced off) are neither signalled nor waited for.
+
 The wait is bounded: after `timeout_ns` of `%globaltimer` the program records the timeout (phase,
 missing ranks as a 64-bit mask, the awaited value) in this rank's `timeout_status` words and in a
 host-mapped copy the host reads without synchronising, and returns. Once a timeout is recorded,
@@ -39,8 +42,16 @@ def _fence_acquire_system():
 
 
 @triton.jit
-def _signal_peers(flag_value_ptr, flags_ptr, stride_flags_rank, ep_rank, EP_SIZE: tl.constexpr,
-                  EP_PAD: tl.constexpr):
+def _rank_is_active(ranks, active_low, active_high):
+    """Bit `rank` of the 64-bit active-rank mask given as two int32 halves (ranks: an int vector)."""
+    ranks = ranks.to(tl.int32)
+    word = tl.where(ranks < 32, active_low, active_high)
+    return ((word >> (ranks & 31)) & 1) != 0
+
+
+@triton.jit
+def _signal_peers(flag_value_ptr, flags_ptr, stride_flags_rank, ep_rank, active_low, active_high,
+                  EP_SIZE: tl.constexpr, EP_PAD: tl.constexpr):
     """Bump `flag_value` and store it into `flags[ep_rank]` of every segment (release, system scope).
 
     flag_value_ptr: own segment, u32 counter. flags_ptr: this phase's flag array of segment 0
@@ -50,14 +61,14 @@ def _signal_peers(flag_value_ptr, flags_ptr, stride_flags_rank, ep_rank, EP_SIZE
     tl.store(flag_value_ptr, value)
     ranks = tl.arange(0, EP_PAD)
     targets = flags_ptr + ranks.to(tl.int64) * stride_flags_rank + ep_rank
-    tl.atomic_xchg(targets, tl.zeros([EP_PAD], dtype=tl.int32) + value, mask=ranks < EP_SIZE, sem="release",
-                   scope="sys")
+    mask = (ranks < EP_SIZE) & _rank_is_active(ranks, active_low, active_high)
+    tl.atomic_xchg(targets, tl.zeros([EP_PAD], dtype=tl.int32) + value, mask=mask, sem="release", scope="sys")
     return value
 
 
 @triton.jit
-def _wait_peers(own_flags_ptr, value, timeout_status_ptr, host_status_ptr, timeout_ns, PHASE: tl.constexpr,
-                EP_SIZE: tl.constexpr, EP_PAD: tl.constexpr, HAS_HOST_STATUS: tl.constexpr):
+def _wait_peers(own_flags_ptr, value, timeout_status_ptr, host_status_ptr, timeout_ns, active_low, active_high,
+                PHASE: tl.constexpr, EP_SIZE: tl.constexpr, EP_PAD: tl.constexpr, HAS_HOST_STATUS: tl.constexpr):
     """Spin until own `flags[s] == value` for every s, or record a timeout (see the module docstring).
 
     own_flags_ptr: this phase's flag array of the own segment. timeout_status_ptr: own segment,
@@ -65,7 +76,7 @@ def _wait_peers(own_flags_ptr, value, timeout_status_ptr, host_status_ptr, timeo
     four words in host-mapped memory (int64 address, used when HAS_HOST_STATUS).
     """
     ranks = tl.arange(0, EP_PAD)
-    rank_mask = ranks < EP_SIZE
+    rank_mask = (ranks < EP_SIZE) & _rank_is_active(ranks, active_low, active_high)
     arrived = tl.load(own_flags_ptr + ranks, mask=rank_mask, other=value, volatile=True) == value
     waiting = tl.sum((~arrived).to(tl.int32), axis=0) > 0
     # A timeout already recorded: this round is lost; do not wait again.
@@ -95,16 +106,18 @@ def _wait_peers(own_flags_ptr, value, timeout_status_ptr, host_status_ptr, timeo
 
 @triton.jit
 def _signal_and_wait(flag_value_ptr, flags_ptr, stride_flags_rank, timeout_status_ptr, host_status_ptr, timeout_ns,
-                     ep_rank, PHASE: tl.constexpr, EP_SIZE: tl.constexpr, EP_PAD: tl.constexpr, WAIT: tl.constexpr,
-                     HAS_HOST_STATUS: tl.constexpr):
-    value = _signal_peers(flag_value_ptr, flags_ptr, stride_flags_rank, ep_rank, EP_SIZE, EP_PAD)
+                     active_low, active_high, ep_rank, PHASE: tl.constexpr, EP_SIZE: tl.constexpr,
+                     EP_PAD: tl.constexpr, WAIT: tl.constexpr, HAS_HOST_STATUS: tl.constexpr):
+    value = _signal_peers(flag_value_ptr, flags_ptr, stride_flags_rank, ep_rank, active_low, active_high, EP_SIZE,
+                          EP_PAD)
     if WAIT:
         own_flags_ptr = flags_ptr + ep_rank.to(tl.int64) * stride_flags_rank
-        _wait_peers(own_flags_ptr, value, timeout_status_ptr, host_status_ptr, timeout_ns, PHASE, EP_SIZE, EP_PAD,
-                    HAS_HOST_STATUS)
+        _wait_peers(own_flags_ptr, value, timeout_status_ptr, host_status_ptr, timeout_ns, active_low, active_high,
+                    PHASE, EP_SIZE, EP_PAD, HAS_HOST_STATUS)
 
 
-@triton.jit(do_not_specialize=["ep_rank", "stride_flags_rank", "host_status_ptr", "timeout_ns"])
+@triton.jit(do_not_specialize=["ep_rank", "stride_flags_rank", "host_status_ptr", "timeout_ns", "active_low",
+                               "active_high"])
 def _barrier_kernel(
     flag_value_ptr,  # [1] u32 (as int32), own segment
     flags_ptr,  # [EP_SIZE] int32: this phase's flags in segment 0; segment t at + t * stride_flags_rank
@@ -112,6 +125,8 @@ def _barrier_kernel(
     timeout_status_ptr,  # [4] int32, own segment
     host_status_ptr,  # int64 address of 4 host-mapped int32 words (0 without one)
     timeout_ns,
+    active_low,  # active-rank mask, bits 0..31 (int32)
+    active_high,  # bits 32..63
     ep_rank,
     PHASE: tl.constexpr,  # code recorded on timeout (a2a.layout.TimeoutPhase)
     EP_SIZE: tl.constexpr,
@@ -122,4 +137,4 @@ def _barrier_kernel(
     """One program: everything this rank's stream did before is visible to every peer, then (WAIT)
     every peer's signal for the same phase has arrived."""
     _signal_and_wait(flag_value_ptr, flags_ptr, stride_flags_rank, timeout_status_ptr, host_status_ptr, timeout_ns,
-                     ep_rank, PHASE, EP_SIZE, EP_PAD, WAIT, HAS_HOST_STATUS)
+                     active_low, active_high, ep_rank, PHASE, EP_SIZE, EP_PAD, WAIT, HAS_HOST_STATUS)

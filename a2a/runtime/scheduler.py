@@ -51,16 +51,16 @@ class PhaseSignals:
 
     what: str  # "dispatch" or "combine": named in timeout errors
     ep_rank: int
-    signal_addresses: tuple[int, ...]  # flags[ep_rank] in every segment
-    wait_addresses: tuple[int, ...]  # own flags[s] for every peer s
+    peer_ranks: tuple[int, ...]  # the active ranks (this one included)
+    signal_addresses: tuple[int, ...]  # flags[ep_rank] in the segment of every active rank
+    wait_addresses: tuple[int, ...]  # own flags[s] for every active rank s
     flag_value_address: int  # own u32 flag value (KERNEL / HOST_WAIT modes)
     phase_code: int  # recorded on a timeout
     timeout_record_address: int  # own timeout record (see FlagWait)
 
     @property
     def flag_wait(self) -> FlagWait:
-        peers = tuple(range(len(self.wait_addresses)))
-        return FlagWait(self.what, self.ep_rank, peers, self.phase_code, self.timeout_record_address)
+        return FlagWait(self.what, self.ep_rank, self.peer_ranks, self.phase_code, self.timeout_record_address)
 
 
 def schedule_phase(
