@@ -1,14 +1,21 @@
 """Launch parameters: copy units and tile / warp choices, deterministic and identical on every rank.
 
-A choice depends only on shapes every rank agrees on (row bytes, top_k, ep_size), never on timing,
-so all ranks launch the same variants.
+A choice depends only on shapes every rank agrees on (row bytes, top_k, ep_size) and the GPU
+architecture, never on timing at run time, so all ranks launch the same variants: the tuned table
+(`tuned_configs.json`, written by `python -m bench.tune`, keyed by architecture, kernel,
+row-bytes bucket, top_k and ep_size), else a heuristic.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+
+TUNED_TABLE = Path(__file__).with_name("tuned_configs.json")
 
 # The widest vector access: 16 bytes (v4.b32).
 VECTOR_BYTES = 16
@@ -62,13 +69,66 @@ def _tile_for(row_elements: int, element_bytes: int) -> TileConfig:
     return TileConfig(tile=tile, num_warps=num_warps)
 
 
+# Candidates `bench.tune` times for the copy and gather-reduce kernels (tile in copy units or
+# elements, warps); the heuristic's choice is always among those timed too.
+TILE_CANDIDATES = (256, 512, 1024, 2048)
+WARP_CANDIDATES = (4, 8)
+
+
+def candidate_configs(row_elements: int, element_bytes: int) -> list[TileConfig]:
+    """Configs worth timing for rows of `row_elements`: every thread moves at least one 16-byte vector
+    and the tile is not more than twice the row."""
+    vec = max(1, VECTOR_BYTES // element_bytes)
+    configs = {
+        TileConfig(tile, warps)
+        for tile in TILE_CANDIDATES
+        for warps in WARP_CANDIDATES
+        if tile >= 32 * vec * warps and tile <= 2 * next_power_of_2(row_elements)
+    }
+    configs.add(_tile_for(row_elements, element_bytes))
+    return sorted(configs, key=lambda c: (c.tile, c.num_warps))
+
+
+def table_key(row_bytes: int, top_k: int, ep_size: int) -> str:
+    return f"row_bytes<={next_power_of_2(row_bytes)},top_k={top_k},ep_size={ep_size}"
+
+
+@functools.cache
+def architecture() -> str | None:
+    """`sm<major><minor>` of the current CUDA device, None on the CPU (the interpreter ignores tiles' speed)."""
+    if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
+        return None
+    major, minor = torch.cuda.get_device_capability()
+    return f"sm{major}{minor}"
+
+
+@functools.cache
+def _tuned_table() -> dict:
+    if not TUNED_TABLE.exists():
+        return {}
+    return json.loads(TUNED_TABLE.read_text()).get("configs", {})
+
+
+def _tuned(kernel: str, row_elements: int, element_bytes: int, top_k: int, ep_size: int) -> TileConfig | None:
+    arch = architecture()
+    if arch is None:
+        return None
+    entry = _tuned_table().get(arch, {}).get(kernel, {}).get(table_key(row_elements * element_bytes, top_k, ep_size))
+    if entry is None:
+        return None
+    return TileConfig(tile=int(entry["tile"]), num_warps=int(entry["num_warps"]))
+
+
 def dispatch_copy_config(max_row_units: int, unit_bytes: int, top_k: int, ep_size: int) -> TileConfig:
-    """Tile over the widest payload row (in copy units)."""
-    return _tile_for(max_row_units, unit_bytes)
+    """Tile over the widest payload row (in copy units): tuned table, else heuristic."""
+    tuned = _tuned("dispatch_copy", max_row_units, unit_bytes, top_k, ep_size)
+    return tuned or _tile_for(max_row_units, unit_bytes)
 
 
 def combine_config(hidden: int, element_bytes: int, top_k: int, ep_size: int) -> TileConfig:
-    return _tile_for(hidden, element_bytes)
+    """Tile over the hidden size (elements): tuned table, else heuristic."""
+    tuned = _tuned("combine", hidden, element_bytes, top_k, ep_size)
+    return tuned or _tile_for(hidden, element_bytes)
 
 
 def stage_config(row_units: int, unit_bytes: int) -> TileConfig:

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# compute-sanitizer memcheck and racecheck over the demo (4 simulated ranks on one GPU, every a2a
+# kernel: route, dispatch copy with its barrier, sanitize, combine barrier, gather-reduce) and over a
+# staged-combine round. Logs under $OUT. Usage (device tool): bash scripts/sanitize_check.sh
+set -u
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 A2A_SIGNAL_TIMEOUT_S=120
+OUT=${OUT:-/tmp/a2a-out}; mkdir -p "$OUT"
+for tool in memcheck racecheck; do
+  timeout ${SANITIZER_TIMEOUT:-200} compute-sanitizer --tool $tool --target-processes all --print-limit 20 \
+    python3 -m a2a.demo --ranks 3 --tokens 5,0,9 > "$OUT/sanitizer_$tool.log" 2>&1
+  echo "$tool rc=$? : $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|result:' "$OUT/sanitizer_$tool.log" | tr '\n' ' ')"
+done
