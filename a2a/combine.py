@@ -8,12 +8,13 @@ from a2a import configs, validation
 from a2a.barrier import combine_barrier_launch
 from a2a.kernels import _combine_kernel, _stage_combine_kernel
 from a2a.launch import KernelLaunch
-from a2a.layout import MAX_TOP_K, PLANE_ALIGN, TimeoutPhase
+from a2a.layout import MAX_TOP_K, PLANE_ALIGN, TimeoutPhase, combine_scales_offset
 from a2a.runtime.scheduler import schedule_phase
 from a2a.runtime.streams import SignalMode, current_stream, current_stream_for_launch
 from a2a.workspace import RankWorkspace, resolve_rank_workspace
 
 COMBINE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+QUANTIZED_COMBINE_DTYPES = (torch.float8_e4m3fn,)
 
 
 def moe_a2a_combine(
@@ -30,6 +31,7 @@ def moe_a2a_combine(
     *,
     output: torch.Tensor | None = None,
     active_rank_mask: int | None = None,
+    payload_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Return every local token's sum over its top-k expert outputs, gathered from the peers.
 
@@ -39,45 +41,55 @@ def moe_a2a_combine(
     (`MoeAlltoAll.get_combine_payload_tensor_in_workspace`) and no staging copy runs.
     `local_num_tokens`, `runtime_max_tokens_per_rank`, `top_k` and `combine_payload_offset` must be
     those of the matching dispatch. Returns `[local_num_tokens, H]` of the payload's dtype (written
-    into `output` when given), valid once the stream reaches the end of this op. Raises
+    into `output` when given), valid once the stream reaches the end of this op.
+
+    Low-precision combine (a2a addition): `payload` float8_e4m3fn with `payload_scales` `[ep_size,
+    rt, 1]` fp32, one scale per row (e.g. `a2a.quantization.quantize_fp8_per_token` of the expert
+    outputs): half the bytes cross the links; rows are dequantized and summed in fp32 on this
+    rank, and the output is bf16 (or `output`'s fp16 / bf16 / fp32). In the workspace, the scales
+    live in `MoeAlltoAll.get_combine_scales_tensor_in_workspace`. Raises
     `A2ATimeoutError` if an earlier wait of this rank timed out on the device.
     """
     rank_workspace = resolve_rank_workspace(workspace, metainfo, ep_rank)
-    key = _plan_key(payload, output, runtime_max_tokens_per_rank, ep_size, top_k, combine_payload_offset,
-                    payload_in_workspace, active_rank_mask)  # fmt: skip
+    key = _plan_key(payload, output, payload_scales, runtime_max_tokens_per_rank, ep_size, top_k,
+                    combine_payload_offset, payload_in_workspace, active_rank_mask)  # fmt: skip
     plan = rank_workspace.find_plan(key)
-    if plan is None or not plan.accepts(payload, local_num_tokens, output):
-        plan = _CombinePlan.build(payload, local_num_tokens, rank_workspace, runtime_max_tokens_per_rank, ep_size,
-                                  top_k, combine_payload_offset, payload_in_workspace, output, active_rank_mask)  # fmt: skip
+    if plan is None or not plan.accepts(payload, payload_scales, local_num_tokens, output):
+        plan = _CombinePlan.build(payload, payload_scales, local_num_tokens, rank_workspace, runtime_max_tokens_per_rank,
+                                  ep_size, top_k, combine_payload_offset, payload_in_workspace, output,
+                                  active_rank_mask)  # fmt: skip
         rank_workspace.remember_plan(key, plan)
     rank_workspace.raise_if_timed_out()
     if output is None:
-        output = torch.empty((local_num_tokens, plan.hidden), dtype=payload.dtype, device=plan.device)
-    plan.launch(payload, local_num_tokens, output)
+        output = torch.empty((local_num_tokens, plan.hidden), dtype=plan.output_dtype, device=plan.device)
+    plan.launch(payload, payload_scales, local_num_tokens, output)
     return output
 
 
-def _plan_key(payload: object, output: object, rt: object, ep_size: object, top_k: object, offset: object,
-              in_workspace: object, active_rank_mask: object):
+def _tensor_key(tensor: object) -> tuple | None:
+    if tensor is None:
+        return None
+    return (tensor.dtype, tensor.shape, tensor.is_contiguous(), tensor.get_device(), tensor.data_ptr() & 15)  # type: ignore[attr-defined]
+
+
+def _plan_key(payload: object, output: object, scales: object, rt: object, ep_size: object, top_k: object,
+              offset: object, in_workspace: object, active_rank_mask: object):  # fmt: skip
     """What validation and the kernel variants depend on besides the local token count (see
-    a2a.dispatch._plan_key)."""
+    a2a.dispatch._plan_key); the output's rows are the token count, so only its row shape counts."""
     try:
-        payload_key = (payload.dtype, payload.shape, payload.is_contiguous(), payload.get_device(),  # type: ignore[attr-defined]
-                       payload.data_ptr() & 15)  # type: ignore[attr-defined]  # fmt: skip
-        output_key = None if output is None else (
-            output.dtype, output.shape[1:], output.is_contiguous(), output.get_device(), output.data_ptr() & 15  # type: ignore[attr-defined]
-        )
+        output_key = None if output is None else _tensor_key(output)[:1] + (output.shape[1:],) + _tensor_key(output)[2:]  # type: ignore[index, attr-defined]
+        tensors = (_tensor_key(payload), output_key, _tensor_key(scales))
     except (AttributeError, TypeError):
         return object()
     values = (rt, ep_size, top_k, offset, in_workspace, active_rank_mask)
-    return ("combine", payload_key, output_key, values, tuple(map(type, values)))
+    return ("combine", tensors, values, tuple(map(type, values)))
 
 
 class _CombinePlan:
     """One validated call signature of combine on one rank: loaded stage / barrier / gather kernels."""
 
     @classmethod
-    def build(cls, payload, local_num_tokens, rank_workspace: RankWorkspace, runtime_max_tokens_per_rank: int,
+    def build(cls, payload, payload_scales, local_num_tokens, rank_workspace: RankWorkspace, runtime_max_tokens_per_rank: int,
               ep_size: int, top_k: int, combine_payload_offset: int, payload_in_workspace: bool, output,
               active_rank_mask: int | None) -> _CombinePlan:  # fmt: skip
         layout = rank_workspace.layout
@@ -86,7 +98,9 @@ class _CombinePlan:
         if layout.ep_size != ep_size:
             raise ValueError(f"ep_size ({ep_size}) must equal the workspace layout's ep_size ({layout.ep_size})")
         mask = validation.check_active_rank_mask(active_rank_mask, ep_size, rank_workspace.ep_rank)
-        payload = validation.require_tensor("payload", payload, dtypes=COMBINE_DTYPES, ndim=3, device=workspace.device)
+        payload = validation.require_tensor(
+            "payload", payload, dtypes=COMBINE_DTYPES + QUANTIZED_COMBINE_DTYPES, ndim=3, device=workspace.device
+        )
         validation.check_runtime_max_tokens(runtime_max_tokens_per_rank, layout.max_num_tokens)
         validation.require_shape(
             "payload", payload, (ep_size, runtime_max_tokens_per_rank, payload.shape[2]),
@@ -101,6 +115,20 @@ class _CombinePlan:
         if combine_payload_offset % PLANE_ALIGN:
             raise ValueError(f"combine_payload_offset must be a multiple of {PLANE_ALIGN}, got {combine_payload_offset}")
         validation.check_fits("the combine plane", combine_payload_offset + plane_bytes, workspace.shape[1])
+        quantized = payload.dtype in QUANTIZED_COMBINE_DTYPES
+        scales_offset = combine_scales_offset(combine_payload_offset, ep_size, runtime_max_tokens_per_rank,
+                                              hidden * payload.element_size())  # fmt: skip
+        if quantized:
+            if payload_scales is None:
+                raise ValueError(f"payload_scales is required for a {payload.dtype} payload: [ep_size, rt, 1] float32")
+            validation.require_tensor("payload_scales", payload_scales, dtypes=[torch.float32], ndim=3,
+                                      device=workspace.device)  # fmt: skip
+            validation.require_shape("payload_scales", payload_scales, (ep_size, runtime_max_tokens_per_rank, 1),
+                                     "[ep_size, runtime_max_tokens_per_rank, 1]: one scale per row")  # fmt: skip
+            validation.check_fits("the combine scales", scales_offset + 4 * ep_size * runtime_max_tokens_per_rank,
+                                  workspace.shape[1])  # fmt: skip
+        elif payload_scales is not None:
+            raise ValueError(f"payload_scales is only for a float8_e4m3fn payload, got a {payload.dtype} payload")
         if not isinstance(payload_in_workspace, bool):
             raise TypeError(f"payload_in_workspace must be a bool, got {type(payload_in_workspace).__name__}")
         if payload_in_workspace and payload.data_ptr() != rank_workspace.own_address(combine_payload_offset):
@@ -108,50 +136,81 @@ class _CombinePlan:
                 "payload_in_workspace is True but payload is not this rank's combine plane: "
                 f"data_ptr {payload.data_ptr():#x} != {rank_workspace.own_address(combine_payload_offset):#x}"
             )
+        if quantized and payload_in_workspace and payload_scales.data_ptr() != rank_workspace.own_address(scales_offset):
+            raise ValueError(
+                "payload_in_workspace is True but payload_scales is not this rank's combine scales "
+                f"(MoeAlltoAll.get_combine_scales_tensor_in_workspace): data_ptr {payload_scales.data_ptr():#x} != "
+                f"{rank_workspace.own_address(scales_offset):#x}"
+            )
         if output is not None:
-            validation.require_tensor("output", output, dtypes=[payload.dtype], ndim=2, device=workspace.device)
+            dtypes = COMBINE_DTYPES if quantized else [payload.dtype]
+            validation.require_tensor("output", output, dtypes=dtypes, ndim=2, device=workspace.device)
             validation.require_shape("output", output, (local_num_tokens, hidden), "[local_num_tokens, hidden]")
-        return cls(rank_workspace, payload, combine_payload_offset, payload_in_workspace, top_k, output, mask)
+        return cls(rank_workspace, payload, payload_scales, combine_payload_offset, payload_in_workspace, top_k, output,
+                   mask)  # fmt: skip
 
-    def __init__(self, rank_workspace: RankWorkspace, payload: torch.Tensor, combine_offset: int, in_workspace: bool,
-                 top_k: int, output: torch.Tensor | None, active_rank_mask: int):  # fmt: skip
+    def __init__(self, rank_workspace: RankWorkspace, payload: torch.Tensor, payload_scales: torch.Tensor | None,
+                 combine_offset: int, in_workspace: bool, top_k: int, output: torch.Tensor | None,
+                 active_rank_mask: int):  # fmt: skip
         self.device = rank_workspace.workspace.device
-        self.hidden = payload.shape[2]
+        ep_size, rt, self.hidden = payload.shape
         self.in_workspace = in_workspace
         self.plane_address = rank_workspace.own_address(combine_offset)
+        self.quantized = payload_scales is not None
+        scales_offset = combine_scales_offset(combine_offset, ep_size, rt, self.hidden * payload.element_size())
+        self.scales_address = rank_workspace.own_address(scales_offset)
+        self.output_dtype = output.dtype if output is not None else torch.bfloat16 if self.quantized else payload.dtype
         self.stream_mode = current_stream(self.device).signal_mode
         self.signals = rank_workspace.phase_signals(TimeoutPhase.COMBINE, active_rank_mask)
         if output is None:  # a stand-in of the same dtype and alignment as the ones allocated per call
-            output = torch.empty((1, self.hidden), dtype=payload.dtype, device=self.device)
+            output = torch.empty((1, self.hidden), dtype=self.output_dtype, device=self.device)
         stage = _stage_launch(rank_workspace, payload, combine_offset)
         self.stage_grid = stage.grid
-        gather = _gather_launch(rank_workspace, payload, combine_offset, output, top_k)
+        gather = _gather_launch(rank_workspace, payload, combine_offset, output, top_k,
+                                scales_offset if self.quantized else None)  # fmt: skip
         self.gather_tiles = gather.grid[1]
         # Load every variant before the barrier is enqueued, also those this rank skips: see a2a.launch.
         self.stage = stage.bind(dynamic=("src_ptr",))
         self.stage_unit = stage.args[0].dtype
+        self.stage_scales = None
+        if self.quantized:
+            stage_scales = _stage_launch(rank_workspace, payload_scales, scales_offset)
+            self.stage_scales_grid = stage_scales.grid
+            self.stage_scales = stage_scales.bind(dynamic=("src_ptr",))
+            self.stage_scales_unit = stage_scales.args[0].dtype
         self.barrier = combine_barrier_launch(rank_workspace, self.stream_mode, active_rank_mask).bind(dynamic=())
         self.gather = gather.bind(dynamic=("out_ptr",))
 
-    def accepts(self, payload: torch.Tensor, local_num_tokens: object, output: torch.Tensor | None) -> bool:
+    def accepts(self, payload: torch.Tensor, payload_scales: torch.Tensor | None, local_num_tokens: object,
+                output: torch.Tensor | None) -> bool:  # fmt: skip
         """The per-call checks the key leaves open."""
         if type(local_num_tokens) is not int or not 0 <= local_num_tokens <= payload.shape[1]:
             return False
         if self.in_workspace and payload.data_ptr() != self.plane_address:
             return False
+        if self.in_workspace and self.quantized and payload_scales.data_ptr() != self.scales_address:
+            return False
         return output is None or output.shape[0] == local_num_tokens
 
-    def launch(self, payload: torch.Tensor, local_num_tokens: int, output: torch.Tensor) -> None:
+    def launch(self, payload: torch.Tensor, payload_scales: torch.Tensor | None, local_num_tokens: int,
+               output: torch.Tensor) -> None:  # fmt: skip
         source = payload if self.stage.fast else payload.view(torch.uint8).view(self.stage_unit)
         gather_grid = (local_num_tokens, self.gather_tiles)
+
+        def stage() -> None:
+            self.stage(self.stage_grid, source)
+            if self.stage_scales is not None:
+                scales = payload_scales if self.stage_scales.fast else payload_scales.view(self.stage_scales_unit)
+                self.stage_scales(self.stage_scales_grid, scales)
+
         stream = current_stream_for_launch(self.stream_mode, self.device)
         if stream is None:  # KERNEL mode on the current CUDA stream: the barrier kernel waits
             if not self.in_workspace:
-                self.stage(self.stage_grid, source)
+                stage()
             self.barrier((1,))
             self.gather(gather_grid, output)
             return
-        launches = [] if self.in_workspace else [lambda: self.stage(self.stage_grid, source)]
+        launches = [] if self.in_workspace else [stage]
         if self.stream_mode is not SignalMode.STREAM_MEMOPS:
             launches.append(lambda: self.barrier((1,)))
         schedule_phase(stream, launches, self.signals, [lambda: self.gather(gather_grid, output)])
@@ -175,11 +234,16 @@ def _stage_launch(rank_workspace: RankWorkspace, payload: torch.Tensor, combine_
 
 
 def _gather_launch(
-    rank_workspace: RankWorkspace, payload: torch.Tensor, combine_offset: int, output: torch.Tensor, top_k: int
+    rank_workspace: RankWorkspace, payload: torch.Tensor, combine_offset: int, output: torch.Tensor, top_k: int,
+    scales_offset: int | None = None,
 ) -> KernelLaunch:
     ep_size, rt, hidden = payload.shape
     layout = rank_workspace.layout
     planes = rank_workspace.every_rank(combine_offset, ep_size * rt * hidden * payload.element_size(), payload.dtype)
+    if scales_offset is not None:
+        scales = rank_workspace.every_rank(scales_offset, 4 * ep_size * rt, torch.float32)
+    else:  # unused: any fp32 view of the workspace stands in
+        scales = rank_workspace.every_rank(layout.payload_offset, 4, torch.float32)
     capacity = layout.max_num_tokens * MAX_TOP_K
     targets = rank_workspace.own(layout.topk_target_ranks_offset, capacity)
     send_indices = rank_workspace.own(layout.topk_send_indices_offset, capacity)
@@ -187,6 +251,7 @@ def _gather_launch(
     return KernelLaunch(
         _combine_kernel,
         (output.shape[0], -(-hidden // config.tile)),
-        (planes, planes.stride(0), output, targets, send_indices, rt, rank_workspace.ep_rank),
-        dict(HIDDEN=hidden, TOP_K=top_k, TILE=config.tile, num_warps=config.num_warps),
+        (planes, planes.stride(0), scales, scales.stride(0), output, targets, send_indices, rt, rank_workspace.ep_rank),
+        dict(HIDDEN=hidden, TOP_K=top_k, TILE=config.tile, HAS_SCALES=scales_offset is not None,
+             num_warps=config.num_warps),
     )

@@ -202,7 +202,8 @@ def _route_launch(rank_workspace: RankWorkspace, experts: torch.Tensor, count: t
          rank_workspace.round_state, rank_workspace.send_counters, recv_counters, recv_counters.stride(0),
          count, num_tokens, num_blocks, num_experts, partition.base, partition.remainder, *mask_halves(active_rank_mask),
          rank_workspace.ep_rank),
-        dict(TOP_K=top_k, EP_SIZE=layout.ep_size, EP_PAD=configs.rank_pad(layout.ep_size), BLOCK_TOKENS=ROUTE_BLOCK_TOKENS,
+        dict(TOP_K=top_k, K_PAD=configs.next_power_of_2(top_k), EP_SIZE=layout.ep_size,
+             EP_PAD=configs.rank_pad(layout.ep_size), BLOCK_TOKENS=ROUTE_BLOCK_TOKENS,
              SCAN_BLOCKS=configs.ROUTE_SCAN_BLOCKS, COUNT_FROM_DEVICE=count_from_device,
              num_warps=configs.ROUTE_NUM_WARPS),
     )  # fmt: skip

@@ -89,6 +89,12 @@ class RoundLayout:
         return self.combine_offset + ep_size * self.runtime_max_tokens * combine_bytes_per_token
 
 
+def combine_scales_offset(combine_offset: int, ep_size: int, runtime_max_tokens: int, row_bytes: int) -> int:
+    """Where the fp32 `[ep_size, rt, 1]` scales of a quantized (fp8) combine plane start: the next
+    16-byte boundary after the plane of `row_bytes` rows."""
+    return align_up(combine_offset + ep_size * runtime_max_tokens * row_bytes, PLANE_ALIGN)
+
+
 @dataclass(frozen=True)
 class WorkspaceLayout:
     """Static regions of a segment for `(ep_size, max_num_tokens)`; see the module docstring."""

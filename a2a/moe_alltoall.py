@@ -16,7 +16,7 @@ from a2a.functional import (
     moe_a2a_get_workspace_size_per_rank,
     moe_a2a_sanitize_expert_ids,
 )
-from a2a.layout import RoundState, WorkspaceLayout, metainfo_index_pairs
+from a2a.layout import RoundState, WorkspaceLayout, combine_scales_offset, metainfo_index_pairs
 from a2a.runtime.process_world import ProcessWorld, process_world_for
 from a2a.runtime.simulated import SimulatedWorld
 from a2a.workspace import rank_workspace_of, segment_view
@@ -199,14 +199,18 @@ class MoeAlltoAll:
         payload_in_workspace: bool = False,
         *,
         output: torch.Tensor | None = None,
+        payload_scales: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Combine this round's expert outputs `[ep_size, rt, H]`; returns `[num_local_tokens, H]`."""
+        """Combine this round's expert outputs `[ep_size, rt, H]`; returns `[num_local_tokens, H]`.
+
+        A float8_e4m3fn payload needs `payload_scales` `[ep_size, rt, 1]` fp32 (see moe_a2a_combine);
+        in the workspace they go to `get_combine_scales_tensor_in_workspace`."""
         self._check_dispatched("combine", runtime_max_tokens_per_rank)
         with self._on_rank_stream():
             result = moe_a2a_combine(
                 payload, self._state.local_num_tokens, self.workspace, self.metainfo, runtime_max_tokens_per_rank,
                 self.ep_rank, self.ep_size, self.top_k, self._state.combine_payload_offset, payload_in_workspace,
-                output=output, active_rank_mask=self.active_rank_mask,
+                output=output, active_rank_mask=self.active_rank_mask, payload_scales=payload_scales,
             )  # fmt: skip
         self._state = _RoundState()
         return result
@@ -225,6 +229,17 @@ class MoeAlltoAll:
             self.workspace.shape[1],
         )  # fmt: skip
         return segment_view(self.workspace, self.ep_rank, offset, dtype, shape)
+
+    def get_combine_scales_tensor_in_workspace(self, runtime_max_tokens_per_rank: int, hidden_size: int) -> torch.Tensor:
+        """This rank's fp32 `[ep_size, rt, 1]` row scales for a float8_e4m3fn combine plane
+        (`get_combine_payload_tensor_in_workspace(rt, hidden_size, torch.float8_e4m3fn)`), placed
+        right after that plane."""
+        self._check_dispatched("get_combine_scales_tensor_in_workspace", runtime_max_tokens_per_rank)
+        validation.require_int("hidden_size", hidden_size, 1)
+        rt = runtime_max_tokens_per_rank
+        offset = combine_scales_offset(self._state.combine_payload_offset, self.ep_size, rt, hidden_size)
+        validation.check_fits("the combine scales", offset + 4 * self.ep_size * rt, self.workspace.shape[1])
+        return segment_view(self.workspace, self.ep_rank, offset, torch.float32, (self.ep_size, rt, 1))
 
     def num_invalid_expert_ids(self) -> int:
         """(token, k) pairs skipped in this rank's last dispatch for an id outside [0, num_experts).

@@ -124,14 +124,20 @@ def combine(
     expert_outputs: Sequence[torch.Tensor],
     routing: Sequence[RankRouting],
     num_tokens: Sequence[int],
+    scales: Sequence[torch.Tensor] | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> list[torch.Tensor]:
     """Per rank `[num_tokens, H]`: fp32 sum over k (in order) of the gathered expert-output rows.
 
-    `expert_outputs[t]` is rank t's `[ep_size, rt, H]` combine payload.
+    `expert_outputs[t]` is rank t's `[ep_size, rt, H]` combine payload; with `scales` (rank t's
+    `[ep_size, rt, 1]` fp32) each row is multiplied by its scale first (quantized combine). The
+    result has `out_dtype` (default: the payload dtype).
     """
     ep_size = len(expert_outputs)
     hidden = expert_outputs[0].shape[2]
-    planes = [plane.cpu() for plane in expert_outputs]
+    planes = [plane.cpu().to(torch.float32) for plane in expert_outputs]
+    if scales is not None:
+        planes = [plane * scale.cpu() for plane, scale in zip(planes, scales)]
     outputs = []
     for rank, route in enumerate(routing):
         acc = torch.zeros(num_tokens[rank], hidden, dtype=torch.float32)
@@ -141,9 +147,9 @@ def combine(
             for target in range(ep_size):
                 tokens = torch.nonzero(targets == target).flatten()
                 slots = route.topk_send_indices[tokens, k].long()
-                term[tokens] = planes[target][rank, slots].to(torch.float32)
+                term[tokens] = planes[target][rank, slots]
             acc += term  # adding exact zeros where k sends nowhere keeps the fixed k order
-        outputs.append(acc.to(expert_outputs[0].dtype))
+        outputs.append(acc.to(out_dtype or expert_outputs[0].dtype))
     return outputs
 
 

@@ -6,7 +6,9 @@ caller's `[EP_SIZE, rt, ROW_UNITS]` payload into this rank's combine plane when
 
 `_combine_kernel`, grid `(num_tokens, num_tiles)`: output row `i`, column tile `c` =
 sum over k = 0..TOP_K-1 (in that order) of segment `t_k`'s combine plane row `[ep_rank][slot_k]`,
-accumulated in fp32 and cast to the output dtype; a k with target -1 adds an exact zero.
+accumulated in fp32 and cast to the output dtype; a k with target -1 adds an exact zero. With
+HAS_SCALES the plane holds quantized (fp8) rows and each row is multiplied by its fp32 scale from
+the scales plane of the same segment before it is added.
 """
 
 import triton
@@ -47,10 +49,12 @@ def _stage_combine_kernel(
         tl.store(dst_ptr + row * ROW_UNITS + cols, values, mask=col_mask)
 
 
-@triton.jit(do_not_specialize=["runtime_max_tokens", "ep_rank"])
+@triton.jit(do_not_specialize=["runtime_max_tokens", "ep_rank", "stride_scales_rank"])
 def _combine_kernel(
     plane_ptr,  # combine plane of segment 0, [EP_SIZE, runtime_max_tokens, HIDDEN], payload dtype
     stride_plane_rank,  # elements between the combine planes of two consecutive segments
+    scales_ptr,  # with HAS_SCALES: fp32 scales plane of segment 0, [EP_SIZE, runtime_max_tokens]
+    stride_scales_rank,  # fp32 elements between the scales planes of two consecutive segments
     out_ptr,  # [num_tokens, HIDDEN], output dtype
     topk_target_ranks_ptr,  # [num_tokens, TOP_K] int32, own segment
     topk_send_indices_ptr,  # [num_tokens, TOP_K] int32, own segment
@@ -59,6 +63,7 @@ def _combine_kernel(
     HIDDEN: tl.constexpr,
     TOP_K: tl.constexpr,
     TILE: tl.constexpr,
+    HAS_SCALES: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
@@ -71,10 +76,14 @@ def _combine_kernel(
         target = tl.load(topk_target_ranks_ptr + token * TOP_K + k)
         slot = tl.load(topk_send_indices_ptr + token * TOP_K + k)
         sends = target >= 0
-        src = plane_ptr + tl.where(sends, target, 0).to(tl.int64) * stride_plane_rank
-        src += (first_row + tl.where(sends, slot, 0)) * HIDDEN
+        row = first_row + tl.where(sends, slot, 0)
+        src = plane_ptr + tl.where(sends, target, 0).to(tl.int64) * stride_plane_rank + row * HIDDEN
         mask = col_mask & (cols * 0 + target >= 0)  # a tensor mask: Triton 3.9's interpreter rejects scalar & tensor
-        acc += tl.load(src + cols, mask=mask, other=0.0).to(tl.float32)
+        values = tl.load(src + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SCALES:
+            scale = tl.load(scales_ptr + tl.where(sends, target, 0).to(tl.int64) * stride_scales_rank + row)
+            values = values * tl.where(sends, scale, 0.0)
+        acc += values
     if out_ptr.dtype.element_ty == tl.bfloat16:
         result = _round_to_bf16(acc)
     else:
