@@ -39,7 +39,8 @@ def capture(world, body) -> torch.cuda.CUDAGraph:
     return capture_graph(lambda: (body(), world.join_into_caller()))
 
 
-def measure(world, tokens: int, shape: str, payloads: str, iterations: int, flush: L2Flush, roofline: float) -> list[dict]:
+def measure(world, tokens: int, shape: str, payloads: str, iterations: int, flush: L2Flush, roofline: float,
+            commit: str) -> list[dict]:  # fmt: skip
     round_ = Round.build(world, tokens, shape, payloads)
     round_.check()
     ep = world.ep_size
@@ -115,7 +116,7 @@ def measure(world, tokens: int, shape: str, payloads: str, iterations: int, flus
     torch_us["round"] = torch_us["dispatch"] + torch_us["combine_in_workspace"]
 
     common = dict(gpu=torch.cuda.get_device_name(), ranks=ep, tokens=tokens, shape=shape, payloads=payloads,
-                  commit=_commit(), roofline_gbps=round(roofline, 1), unique_pairs=pairs)  # fmt: skip
+                  commit=commit, roofline_gbps=round(roofline, 1), unique_pairs=pairs)  # fmt: skip
     sizes = {"dispatch": (dispatch_bytes, row_bytes), "combine_in_workspace": (combine_bytes, combine_row),
              "combine_staged": (combine_bytes, combine_row), "round": (dispatch_bytes + combine_bytes, None)}  # fmt: skip
     rows = []
@@ -136,7 +137,8 @@ def measure(world, tokens: int, shape: str, payloads: str, iterations: int, flus
     return rows
 
 
-def _commit() -> str:
+def git_commit() -> str:
+    """The checkout's short commit (pass --commit where the checkout's git metadata is not current)."""
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:
@@ -151,6 +153,7 @@ def main() -> None:
     parser.add_argument("--payloads", default="bf16")
     parser.add_argument("--iterations", type=int, default=50)
     parser.add_argument("--out", default="bench/out")
+    parser.add_argument("--commit", default=None, help="commit recorded in the rows (default: git rev-parse)")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     flush = L2Flush()
@@ -162,7 +165,8 @@ def main() -> None:
         for shape in args.shape.split(","):
             for payloads in args.payloads.split(","):
                 for tokens in [int(x) for x in args.tokens.split(",")]:
-                    new = measure(world, tokens, shape, payloads, args.iterations, flush, roofline)
+                    new = measure(world, tokens, shape, payloads, args.iterations, flush, roofline,
+                                  args.commit or git_commit())  # fmt: skip
                     rows += new
                     for row in new:
                         print(f"ep={ep} {shape} {payloads} tokens={tokens:5d} {row['phase']:20s} graph {row['us']:8.1f} us "

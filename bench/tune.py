@@ -94,6 +94,7 @@ def main() -> None:
     parser.add_argument("--ranks", default="8")
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--table", default=str(configs.TUNED_TABLE))
+    parser.add_argument("--commit", default=None, help="commit recorded in the table (default: git rev-parse)")
     args = parser.parse_args()
     arch = configs.architecture()
     table = json.loads(open(args.table).read()) if os.path.exists(args.table) else {}
@@ -105,7 +106,8 @@ def main() -> None:
                 table["configs"][arch].setdefault(kernel, {})[key] = entry
                 print(f"{arch} {kernel:13s} {key:40s} best tile={entry['tile']},warps={entry['num_warps']} "
                       f"(heuristic {entry['heuristic']}): {entry['candidates_us']}", flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                           text=True).stdout.strip()  # fmt: skip
     table.setdefault("provenance", {})[arch] = dict(
         device=torch.cuda.get_device_name(), commit=commit, date=datetime.date.today().isoformat(),
         command=f"python -m bench.tune --shapes {args.shapes} --ranks {args.ranks} --tokens {args.tokens}")
