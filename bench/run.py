@@ -24,6 +24,7 @@ import torch  # noqa: E402
 
 from bench.harness import (  # noqa: E402
     L2Flush,
+    RankGraphs,
     Round,
     capture_graph,
     copy_roofline_gbps,
@@ -109,16 +110,18 @@ def measure(world, tokens: int, shape: str, payloads: str, iterations: int, flus
         for name, graph in (("dispatch", graph_dispatch), ("combine_in_workspace", graph_combine_ws),
                             ("combine_staged", graph_combine_staged), ("round", graph_round))
     }  # fmt: skip
+    graph_us["round_rank_graphs"] = RankGraphs(round_, planes).time_us(iterations, before=flush)
 
     baseline = TorchBaseline(round_)
     torch_us = {"dispatch": time_region(baseline.dispatch, iterations, before=flush)}
     torch_us["combine_in_workspace"] = torch_us["combine_staged"] = time_region(baseline.combine, iterations, before=flush)
-    torch_us["round"] = torch_us["dispatch"] + torch_us["combine_in_workspace"]
+    torch_us["round"] = torch_us["round_rank_graphs"] = torch_us["dispatch"] + torch_us["combine_in_workspace"]
 
     common = dict(gpu=torch.cuda.get_device_name(), ranks=ep, tokens=tokens, shape=shape, payloads=payloads,
                   commit=commit, roofline_gbps=round(roofline, 1), unique_pairs=pairs)  # fmt: skip
     sizes = {"dispatch": (dispatch_bytes, row_bytes), "combine_in_workspace": (combine_bytes, combine_row),
-             "combine_staged": (combine_bytes, combine_row), "round": (dispatch_bytes + combine_bytes, None)}  # fmt: skip
+             "combine_staged": (combine_bytes, combine_row), "round": (dispatch_bytes + combine_bytes, None),
+             "round_rank_graphs": (dispatch_bytes + combine_bytes, None)}  # fmt: skip
     rows = []
     for phase, us in graph_us.items():
         nbytes, row = sizes[phase]

@@ -39,9 +39,18 @@ def _owner_rank(expert, experts_base, experts_remainder):
 
 
 @triton.jit
-def _column(tile, cols, k):
-    """Column k of a [rows, K_PAD] register tile (no memory access)."""
-    return tl.sum(tl.where(cols[None, :] == k, tile, 0), axis=1)
+def _first_targets(expert_tile, cols, k, token_mask, num_experts, experts_base, experts_remainder, active_low,
+                   active_high, sends, ranks):
+    """Target of column k of the block's [BLOCK_TOKENS, K_PAD] expert ids (-1: invalid id, inactive
+    owner or rank already hit), its one-hot row, and whether the id was invalid."""
+    expert = tl.sum(tl.where(cols[None, :] == k, expert_tile, 0), axis=1)  # column k, from registers
+    valid = token_mask & (expert >= 0) & (expert < num_experts)
+    owner = _owner_rank(tl.where(valid, expert, 0), experts_base, experts_remainder)
+    owner = tl.where(valid & _rank_is_active(owner, active_low, active_high), owner, -1)
+    hit = ranks[None, :] == owner[:, None]  # [BLOCK_TOKENS, EP_PAD]
+    seen = tl.sum(tl.where(hit, sends, 0), axis=1) > 0
+    first = (owner >= 0) & (~seen)
+    return tl.where(first, owner, -1), hit & first[:, None], token_mask & (~valid)
 
 
 @triton.jit(do_not_specialize=["num_rows", "num_blocks", "num_experts", "experts_base", "experts_remainder",
@@ -88,35 +97,28 @@ def _route_kernel(
     # All of the block's expert ids in one load: the per-k work below then has no memory access on
     # its dependency chain (a load per k made this kernel latency-bound, ~15 us for one block).
     cols = tl.arange(0, K_PAD)
-    col_mask = cols < TOP_K
-    topk_offsets = tokens[:, None] * TOP_K + cols[None, :]
-    expert_tile = tl.load(expert_ids_ptr + topk_offsets, mask=token_mask[:, None] & col_mask[None, :], other=-1)
+    expert_tile = tl.load(expert_ids_ptr + tokens[:, None] * TOP_K + cols[None, :],
+                          mask=token_mask[:, None] & (cols < TOP_K)[None, :], other=-1)
 
-    # Pass 1: which ranks each token sends to (one-hot rows), de-duplicated per token (first k wins).
+    # Pass 1: which ranks each token sends to (one-hot rows), de-duplicated per token.
     sends = tl.zeros([BLOCK_TOKENS, EP_PAD], dtype=tl.int32)
-    target_tile = tl.full([BLOCK_TOKENS, K_PAD], -1, dtype=tl.int32)
     num_invalid = tl.zeros([BLOCK_TOKENS], dtype=tl.int32)
-    for k in tl.static_range(TOP_K):
-        expert = _column(expert_tile, cols, k)
-        valid = token_mask & (expert >= 0) & (expert < num_experts)
-        owner = _owner_rank(tl.where(valid, expert, 0), experts_base, experts_remainder)
-        owner = tl.where(valid & _rank_is_active(owner, active_low, active_high), owner, -1)
-        hit = ranks[None, :] == owner[:, None]  # [BLOCK_TOKENS, EP_PAD]
-        first = (owner >= 0) & (tl.sum(tl.where(hit, sends, 0), axis=1) == 0)
-        sends = tl.where(hit & first[:, None], 1, sends)
-        num_invalid += (token_mask & (~valid)).to(tl.int32)
-        target_tile = tl.where(cols[None, :] == k, tl.where(first, owner, -1)[:, None], target_tile)
-    store_mask = row_mask[:, None] & col_mask[None, :]
-    tl.store(topk_target_ranks_ptr + topk_offsets, target_tile, mask=store_mask)
+    for k in range(TOP_K):
+        target, new_hit, invalid = _first_targets(expert_tile, cols, k, token_mask, num_experts, experts_base,
+                                                  experts_remainder, active_low, active_high, sends, ranks)
+        sends = tl.where(new_hit, 1, sends)
+        num_invalid += invalid.to(tl.int32)
+        tl.store(topk_target_ranks_ptr + tokens * TOP_K + k, target, mask=row_mask)
 
     # Pass 2: slot inside the block = earlier tokens of the block sending to the same rank.
     earlier = tl.cumsum(sends, axis=0) - sends
-    slot_tile = tl.full([BLOCK_TOKENS, K_PAD], -1, dtype=tl.int32)
-    for k in tl.static_range(TOP_K):
-        target = _column(target_tile, cols, k)
-        slot = tl.sum(tl.where(ranks[None, :] == target[:, None], earlier, 0), axis=1)
-        slot_tile = tl.where((cols[None, :] == k) & (target[:, None] >= 0), slot[:, None], slot_tile)
-    tl.store(topk_local_slots_ptr + topk_offsets, slot_tile, mask=store_mask)
+    seen = tl.zeros([BLOCK_TOKENS, EP_PAD], dtype=tl.int32)
+    for k in range(TOP_K):
+        target, new_hit, invalid = _first_targets(expert_tile, cols, k, token_mask, num_experts, experts_base,
+                                                  experts_remainder, active_low, active_high, seen, ranks)
+        seen = tl.where(new_hit, 1, seen)
+        local_slot = tl.sum(tl.where(new_hit, earlier, 0), axis=1)
+        tl.store(topk_local_slots_ptr + tokens * TOP_K + k, tl.where(target >= 0, local_slot, -1), mask=row_mask)
 
     counts = tl.sum(sends, axis=0)
     tl.store(block_counts_ptr + block * EP_SIZE + ranks, counts, mask=rank_mask)
