@@ -93,7 +93,7 @@ DISPATCH_RULES: list[tuple[str, Mutation, type, str]] = [
 ]
 
 COMBINE_RULES: list[tuple[str, Mutation, type, str]] = [
-    ("payload int32", lambda a: a.update(payload=torch.zeros(EP, RT, HIDDEN, dtype=torch.int32)), TypeError, "payload must be float16 or bfloat16 or float32, got torch.int32"),
+    ("payload int32", lambda a: a.update(payload=torch.zeros(EP, RT, HIDDEN, dtype=torch.int32)), TypeError, "payload must be float16 or bfloat16 or float32 or float8_e4m3fn, got torch.int32"),
     ("payload 2-D", lambda a: a.update(payload=torch.zeros(EP * RT, HIDDEN)), ValueError, "payload must be 3-D"),
     ("payload rt mismatch", lambda a: a.update(payload=torch.zeros(EP, RT + 1, HIDDEN)), ValueError, r"payload must have shape \[2, 3, 8\]"),
     ("payload ep mismatch", lambda a: a.update(payload=torch.zeros(EP + 1, RT, HIDDEN)), ValueError, r"payload must have shape \[2, 3, 8\]"),
