@@ -1,7 +1,8 @@
-"""The kernels of one CUDA-graph replay of a whole round (8 simulated ranks), in start order, with
-start / end relative to the first kernel: shows where a small round's time goes.
+"""The kernels of one replay of a whole round (8 simulated ranks), in start order, with start / end
+relative to the first kernel: shows where a small round's time goes. `rank-graphs` replays one graph
+per rank, gated to start together (bench.harness.RankGraphs), instead of one graph of every rank.
 
-    python scripts/round_timeline.py [tokens]
+    python scripts/round_timeline.py [tokens] [rank-graphs]
 """
 
 import sys
@@ -13,22 +14,30 @@ envs.set_simulation_env()
 import torch  # noqa: E402
 
 import a2a  # noqa: E402
-from bench.harness import Round, capture_graph  # noqa: E402
+from bench.harness import RankGraphs, Round, capture_graph  # noqa: E402
 
 tokens = int(sys.argv[1]) if len(sys.argv) > 1 else 16
 world = a2a.SimulatedWorld(8, "cuda")
 round_ = Round.build(world, tokens, "deepseek", "bf16")
 round_.check()
+round_.dispatch()
 planes = round_.fill_planes()
-graph = capture_graph(lambda: (round_.dispatch(), round_.combine(planes), world.join_into_caller()))
+round_.combine(planes)
+if "rank-graphs" in sys.argv:
+    rank_graphs = RankGraphs(round_, planes)
+    replay = lambda: rank_graphs.time_us(1)  # noqa: E731
+else:
+    graph = capture_graph(lambda: (round_.dispatch(), round_.combine(planes), world.join_into_caller()))
+    replay = graph.replay
 for _ in range(20):
-    graph.replay()
+    replay()
 torch.cuda.synchronize()
 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
     for _ in range(3):
-        graph.replay()
+        replay()
         torch.cuda.synchronize()
-events = [e for e in profile.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+events = [e for e in profile.events() if e.device_type == torch.autograd.DeviceType.CUDA and "sleep" not in e.name
+          and "a2a" not in e.name and not e.name.startswith("Memset")]
 events.sort(key=lambda e: e.time_range.start)
 # The last replay only.
 starts = [e.time_range.start for e in events]
