@@ -136,6 +136,9 @@ def stage_config(row_units: int, unit_bytes: int) -> TileConfig:
 
 
 SANITIZE_BLOCK_ROWS = 128
-ROUTE_NUM_WARPS = 4
+# 8 warps: with every rank's routing running at once (one GPU, or one SM shared by several
+# ranks' single-block launches) a 16-token round's routing took 16.4 us at 4 warps, 11.6 us at 8
+# (scripts/round_timeline.py 16 rank-graphs route-warps=N, H100).
+ROUTE_NUM_WARPS = 8
 # Blocks scanned per step by the last routing program.
 ROUTE_SCAN_BLOCKS = 32
