@@ -7,7 +7,7 @@
 | `A2A_HOST_POLL_S` | float | 0.0005 | sleep between two polls of a flag in a blocking host wait |
 | `TRITON_INTERPRET` | bool | set to 1 by a2a when no CUDA device exists | run the Triton kernels under the Triton interpreter on the CPU (read by Triton itself) |
 | `CUDA_DEVICE_MAX_CONNECTIONS` | int | set to 32 by `SimulatedWorld` on CUDA if CUDA is not initialised yet | hardware queues per device; a simulated world needs one per rank stream, or a parked wait blocks another rank's work |
-| `CUDA_MODULE_LOADING` | str | set to EAGER by `SimulatedWorld` on CUDA if CUDA is not initialised yet | lazy loading of a kernel while a stream is parked in a wait can deadlock a single-thread simulation |
+| `CUDA_MODULE_LOADING` | str | set to EAGER by `SimulatedWorld` on CUDA if CUDA is not initialised yet | lazy loading of a kernel while a stream is parked in a wait (or a kernel spins on a flag) can deadlock a single-thread simulation |
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Test configuration: environment before CUDA starts, devices, hypothesis profiles.
 
 Every test that takes the `device` fixture runs on the GPU where CUDA exists (compiled kernels,
-stream memory operations), else on the CPU (Triton interpreter, cooperative host streams).
+barriers inside the kernels), else on the CPU (Triton interpreter, cooperative host streams).
 Profiles: `ci` (CPU budget; default without CUDA) and `device` (more examples; default with CUDA);
 override with `--hypothesis-profile`.
 """

@@ -1,8 +1,8 @@
 """A simulated world: N ranks in ONE process, sharing one workspace tensor, one stream per rank.
 
-On CUDA each rank gets its own torch stream and the flags go through stream memory operations, so
-N ranks run concurrently on one GPU exactly as N processes would (waits live in the streams, never
-in a kernel, so any number of ranks fits). On the CPU each rank gets a cooperative host stream:
+On CUDA each rank gets its own driver stream, so N ranks run concurrently on one GPU as N processes
+would; a phase's wait is one spinning program per rank (or a stream wait with `A2A_SIGNALS=stream`),
+so the data kernels never wait and any number of ranks up to the hardware queues fits. On the CPU each rank gets a cooperative host stream:
 kernels run under the Triton interpreter and a rank whose wait cannot complete yet is parked until
 a peer's signal arrives.
 """
