@@ -165,6 +165,7 @@ class WorkspaceLayout:
     # The metainfo tensor: the same facts as this dataclass, as the CPU int64 tensor the
     # FlashInfer-style functional API passes around.
     def to_metainfo(self) -> torch.Tensor:
+        """The layout as the CPU int64 `[len(METAINFO_FIELDS)]` metainfo tensor."""
         return torch.tensor([getattr(self, name) for name in METAINFO_FIELDS], dtype=torch.int64)
 
     @classmethod

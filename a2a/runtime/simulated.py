@@ -73,6 +73,7 @@ class SimulatedWorld:
         return workspace
 
     def release_workspace(self, key: tuple) -> None:
+        """Drop the workspace of `key` once every rank's stream has finished with it (drop its views too)."""
         self.synchronize()
         self._workspaces.pop(key, None)
 
