@@ -188,7 +188,13 @@ def resolve_rank_workspace(workspace: object, metainfo: object, ep_rank: object)
     checked = validation.check_workspace(workspace, layout.ep_size)
     validation.check_fits("the aux region", layout.aux_size, checked.shape[1])
     rank_workspace = rank_workspace_of(checked, layout, ep_rank)  # type: ignore[arg-type]
-    _rank_workspaces[id(checked)][1][key] = (metainfo, rank_workspace)
+    if key is not None:
+        per_workspace = _rank_workspaces[id(checked)][1]
+        # A caller that builds a new metainfo tensor for every call must not grow this without bound.
+        resolved = [k for k in per_workspace if isinstance(k, tuple) and k and k[0] == "metainfo"]
+        if len(resolved) >= MAX_PLANS_PER_RANK:
+            del per_workspace[resolved[0]]
+        per_workspace[key] = (metainfo, rank_workspace)
     return rank_workspace
 
 
