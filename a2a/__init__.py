@@ -9,7 +9,14 @@ from a2a import envs
 
 envs.configure_triton_for_host()
 
-from a2a.errors import A2AError, A2ATimeoutError, PhaseError  # noqa: E402
+from a2a.errors import (  # noqa: E402
+    A2AError,
+    A2AFaultError,
+    A2AMismatchError,
+    A2APeerFailedError,
+    A2ATimeoutError,
+    PhaseError,
+)
 from a2a.functional import (  # noqa: E402
     moe_a2a_combine,
     moe_a2a_dispatch,
@@ -27,6 +34,9 @@ from a2a.runtime.simulated import SimulatedWorld  # noqa: E402
 
 __all__ = [
     "A2AError",
+    "A2AFaultError",
+    "A2AMismatchError",
+    "A2APeerFailedError",
     "A2ATimeoutError",
     "MAX_PAYLOADS",
     "MAX_RANKS",

@@ -1,58 +1,100 @@
-"""Arguments of the phase barrier (a2a.kernels.signal) for one rank and its stream's signal mode.
+"""Launch arguments of the cross-rank protocol (a2a.kernels.signal) for one rank, and round signatures.
 
-The dispatch copy kernel runs the dispatch barrier in its last program; combine launches
-`_barrier_kernel` on its own. Both take the same pointers, built here once per rank and phase.
+Every kernel that signals, waits or must stop after a fault takes some of the same pointers: the
+flag block, the round-state words, the fault record and its host-mapped copy, the timeout. They
+are built here once per rank and call signature. A round's signature (a2a.runtime.protocol) is a
+small int32 device tensor per plan: the same words on every rank that agrees on the round.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
-from a2a import configs, envs
+import torch
+
+from a2a import configs
 from a2a.kernels import _barrier_kernel
 from a2a.launch import KernelLaunch
-from a2a.layout import TimeoutPhase
-from a2a.runtime.streams import SignalMode
-from a2a.workspace import RankWorkspace
+from a2a.layout import RoundState
+from a2a.runtime.protocol import (
+    COMBINE_SIGNATURE_FIELDS,
+    DISPATCH_SIGNATURE_FIELDS,
+    MAX_SIGNATURE_PAYLOADS,
+    SIGNATURE_WORDS,
+    FlagArray,
+    Phase,
+    dtype_code,
+    mask_halves,
+)
+from a2a.workspace import RankWorkspace, timeout_of_plan
 
 
-def mask_halves(active_rank_mask: int) -> tuple[int, int]:
-    """Bits 0..31 and 32..63 of the mask as signed int32 values (always an i32 kernel argument, so
-    the mask never changes a kernel variant)."""
-    def signed(word: int) -> int:
-        return word - (1 << 32) if word >= 1 << 31 else word
-
-    return signed(active_rank_mask & 0xFFFFFFFF), signed(active_rank_mask >> 32 & 0xFFFFFFFF)
+def _code(dtype: torch.dtype) -> int:
+    return dtype_code(str(dtype).removeprefix("torch."))
 
 
-def barrier_args(rank_workspace: RankWorkspace, flags_offset: int, active_rank_mask: int) -> tuple:
-    """(flag_value_ptr, flags_ptr, stride_flags_rank, timeout_status_ptr, host_status_ptr, timeout_ns,
-    active_low, active_high)."""
-    flags = rank_workspace.flags_every_rank(flags_offset)
-    host_status = rank_workspace.host_timeout_status
-    timeout_ns = min(int(envs.signal_timeout_s() * 1e9), 2**62)
-    return (rank_workspace.flag_value, flags, flags.stride(0), rank_workspace.timeout_status,
-            0 if host_status is None else host_status.device_address, timeout_ns, *mask_halves(active_rank_mask))  # fmt: skip
+def _word(value: int) -> int:
+    """A signature word: the low 31 bits (every field but the split offset fits)."""
+    return value & 0x7FFFFFFF
 
 
-def barrier_constexprs(rank_workspace: RankWorkspace, mode: SignalMode, phase: int) -> dict[str, Any]:
+def dispatch_signature(runtime_max_tokens: int, max_num_tokens: int, top_k: int, num_experts: int,
+                       payloads: Sequence[torch.Tensor], active_rank_mask: int) -> list[int]:  # fmt: skip
+    """The words of protocol.DISPATCH_SIGNATURE_FIELDS for this rank's round."""
+    row_bytes = [p.shape[1] * p.element_size() for p in payloads] + [0] * (MAX_SIGNATURE_PAYLOADS - len(payloads))
+    dtypes = [_code(p.dtype) for p in payloads] + [0] * (MAX_SIGNATURE_PAYLOADS - len(payloads))
+    words = [runtime_max_tokens, max_num_tokens, top_k, num_experts, len(payloads), *mask_halves(active_rank_mask),
+             *row_bytes, *dtypes]  # fmt: skip
+    assert len(words) == len(DISPATCH_SIGNATURE_FIELDS)
+    return [_word(w) for w in words]
+
+
+def combine_signature(runtime_max_tokens: int, max_num_tokens: int, top_k: int, payload: torch.Tensor,
+                      combine_offset: int, has_scales: bool, active_rank_mask: int) -> list[int]:  # fmt: skip
+    """The words of protocol.COMBINE_SIGNATURE_FIELDS for this rank's round."""
+    words = [runtime_max_tokens, max_num_tokens, top_k, payload.shape[2] * payload.element_size(), _code(payload.dtype),
+             combine_offset & 0x7FFFFFFF, combine_offset >> 31, int(has_scales), *mask_halves(active_rank_mask)]  # fmt: skip
+    assert len(words) == len(COMBINE_SIGNATURE_FIELDS)
+    return [_word(w) for w in words]
+
+
+def signature_tensor(words: Sequence[int], device: torch.device) -> torch.Tensor:
+    padded = list(words) + [0] * (SIGNATURE_WORDS - len(words))
+    return torch.tensor(padded, dtype=torch.int32, device=device)
+
+
+def protocol_constexprs(rank_workspace: RankWorkspace, wait_in_kernel: bool) -> dict[str, Any]:
+    """Constexprs every protocol kernel takes (those of a given kernel are picked by name)."""
     return dict(
+        EP_SIZE=rank_workspace.ep_size,
         EP_PAD=configs.rank_pad(rank_workspace.ep_size),
-        SIGNAL=mode is not SignalMode.STREAM_MEMOPS,
-        WAIT=mode is SignalMode.KERNEL,
-        HAS_HOST_STATUS=rank_workspace.host_timeout_status is not None,
-        PHASE=phase,
+        FLAG_ARRAY_STRIDE=rank_workspace.layout.flag_array_stride,
+        SIGNATURE_WORDS=SIGNATURE_WORDS,
+        WAIT=wait_in_kernel,
+        HAS_HOST_RECORD=rank_workspace.state.host_record is not None,
     )
 
 
-def combine_barrier_launch(rank_workspace: RankWorkspace, mode: SignalMode, active_rank_mask: int) -> KernelLaunch:
-    """One program: signal "my combine plane is ready" to every peer, then (KERNEL mode) wait for theirs."""
-    constexprs = barrier_constexprs(rank_workspace, mode, TimeoutPhase.COMBINE)
-    del constexprs["SIGNAL"]
+def barrier_args(rank_workspace: RankWorkspace, phase: Phase, own_signature: torch.Tensor,
+                 active_rank_mask: int) -> tuple:  # fmt: skip
+    """(flag_value_ptr, flags_ptr, signatures_ptr, own_signature_ptr, stride_rank, fault_record_ptr,
+    host_record_ptr, timeout_ns, timeout_ms, active_low, active_high): `_phase_barrier`'s pointers."""
+    timeout_ns, timeout_ms = timeout_of_plan()
+    return (rank_workspace.round_word(RoundState.FLAG_VALUE), rank_workspace.flag_block_every_rank,
+            rank_workspace.signatures_every_rank(phase), own_signature, rank_workspace.stride_rank,
+            rank_workspace.fault_record, rank_workspace.host_record_address, timeout_ns, timeout_ms,
+            *mask_halves(active_rank_mask))  # fmt: skip
+
+
+def combine_barrier_launch(rank_workspace: RankWorkspace, own_signature: torch.Tensor, active_rank_mask: int,
+                           wait_in_kernel: bool) -> KernelLaunch:  # fmt: skip
+    """One program: signal "my combine plane is ready" (with the round's signature) to every peer,
+    then (on CUDA) wait for theirs and compare signatures."""
     return KernelLaunch(
         _barrier_kernel,
         (1,),
-        (*barrier_args(rank_workspace, rank_workspace.layout.combine_flags_offset, active_rank_mask),
-         rank_workspace.ep_rank),
-        dict(EP_SIZE=rank_workspace.ep_size, num_warps=1, **constexprs),
+        (*barrier_args(rank_workspace, Phase.COMBINE, own_signature, active_rank_mask), rank_workspace.ep_rank),
+        dict(PHASE=int(Phase.COMBINE), FLAG_ROW=int(FlagArray.COMBINE), num_warps=1,
+             **protocol_constexprs(rank_workspace, wait_in_kernel)),
     )

@@ -5,13 +5,14 @@ from __future__ import annotations
 import torch
 
 from a2a import configs, validation
-from a2a.barrier import combine_barrier_launch
+from a2a.barrier import combine_barrier_launch, combine_signature, protocol_constexprs, signature_tensor
 from a2a.kernels import _combine_kernel, _stage_combine_kernel
 from a2a.launch import KernelLaunch
-from a2a.layout import MAX_TOP_K, PLANE_ALIGN, TimeoutPhase, combine_scales_offset
-from a2a.runtime.scheduler import schedule_phase
-from a2a.runtime.streams import SignalMode, current_stream, current_stream_for_launch
-from a2a.workspace import RankWorkspace, resolve_rank_workspace
+from a2a.layout import MAX_TOP_K, PLANE_ALIGN, RoundState, combine_scales_offset
+from a2a.runtime.protocol import Phase, mask_halves
+from a2a.runtime.scheduler import run_steps
+from a2a.runtime.streams import current_stream
+from a2a.workspace import RankWorkspace, resolve_rank_workspace, timeout_of_plan
 
 COMBINE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 QUANTIZED_COMBINE_DTYPES = (torch.float8_e4m3fn,)
@@ -51,6 +52,32 @@ def moe_a2a_combine(
     `A2ATimeoutError` if an earlier wait of this rank timed out on the device.
     """
     rank_workspace = resolve_rank_workspace(workspace, metainfo, ep_rank)
+    rank_workspace.raise_if_faulted()
+    live = rank_workspace.live_round_for("moe_a2a_combine", 0)
+    if live is not None:
+        check_matches_dispatch(live, local_num_tokens, runtime_max_tokens_per_rank, combine_payload_offset)
+    plan = combine_plan(rank_workspace, payload, payload_scales, local_num_tokens, runtime_max_tokens_per_rank, ep_size,
+                        top_k, combine_payload_offset, payload_in_workspace, output, active_rank_mask)  # fmt: skip
+    if output is None:
+        output = torch.empty((local_num_tokens, plan.hidden), dtype=plan.output_dtype, device=plan.device)
+    plan.launch(payload, payload_scales, local_num_tokens, output)
+    rank_workspace.end_round()
+    return output
+
+
+def check_matches_dispatch(live, local_num_tokens: object, runtime_max_tokens: object, combine_offset: object) -> None:
+    """A combine must use the token count, rt and combine offset of the dispatch it ends: anything
+    else would read top-k entries or plane rows that dispatch did not write."""
+    for name, got, want in (("local_num_tokens", local_num_tokens, live.num_tokens),
+                            ("runtime_max_tokens_per_rank", runtime_max_tokens, live.runtime_max_tokens),
+                            ("combine_payload_offset", combine_offset, live.combine_offset)):  # fmt: skip
+        if type(got) is not int or got != want:
+            raise ValueError(f"{name} must be the dispatch's ({want}) for the combine of its round, got {got!r}")
+
+
+def combine_plan(rank_workspace: RankWorkspace, payload, payload_scales, local_num_tokens, runtime_max_tokens_per_rank,
+                 ep_size, top_k, combine_payload_offset, payload_in_workspace, output, active_rank_mask) -> _CombinePlan:  # fmt: skip
+    """The validated plan of this call; launches nothing (a call that fails here changed nothing)."""
     key = _plan_key(payload, output, payload_scales, runtime_max_tokens_per_rank, ep_size, top_k,
                     combine_payload_offset, payload_in_workspace, active_rank_mask)  # fmt: skip
     plan = rank_workspace.find_plan(key)
@@ -59,11 +86,7 @@ def moe_a2a_combine(
                                   ep_size, top_k, combine_payload_offset, payload_in_workspace, output,
                                   active_rank_mask)  # fmt: skip
         rank_workspace.remember_plan(key, plan)
-    rank_workspace.raise_if_timed_out()
-    if output is None:
-        output = torch.empty((local_num_tokens, plan.hidden), dtype=plan.output_dtype, device=plan.device)
-    plan.launch(payload, payload_scales, local_num_tokens, output)
-    return output
+    return plan
 
 
 def _tensor_key(tensor: object) -> tuple | None:
@@ -160,14 +183,18 @@ class _CombinePlan:
         scales_offset = combine_scales_offset(combine_offset, ep_size, rt, self.hidden * payload.element_size())
         self.scales_address = rank_workspace.own_address(scales_offset)
         self.output_dtype = output.dtype if output is not None else torch.bfloat16 if self.quantized else payload.dtype
-        self.stream_mode = current_stream(self.device).signal_mode
-        self.signals = rank_workspace.phase_signals(TimeoutPhase.COMBINE, active_rank_mask)
+        self.wait_in_kernel = self.device.type == "cuda"  # the CPU path waits on the host
+        layout = rank_workspace.layout
+        self.signature = signature_tensor(
+            combine_signature(rt, layout.max_num_tokens, top_k, payload, combine_offset, self.quantized,
+                              active_rank_mask), self.device
+        )  # fmt: skip
         if output is None:  # a stand-in of the same dtype and alignment as the ones allocated per call
             output = torch.empty((1, self.hidden), dtype=self.output_dtype, device=self.device)
         stage = _stage_launch(rank_workspace, payload, combine_offset)
         self.stage_grid = stage.grid
         gather = _gather_launch(rank_workspace, payload, combine_offset, output, top_k,
-                                scales_offset if self.quantized else None)  # fmt: skip
+                                scales_offset if self.quantized else None, active_rank_mask, self.wait_in_kernel)  # fmt: skip
         self.gather_tiles = gather.grid[1]
         # Load every variant before the barrier is enqueued, also those this rank skips: see a2a.launch.
         self.stage = stage.bind(dynamic=("src_ptr",))
@@ -178,8 +205,11 @@ class _CombinePlan:
             self.stage_scales_grid = stage_scales.grid
             self.stage_scales = stage_scales.bind(dynamic=("src_ptr",))
             self.stage_scales_unit = stage_scales.args[0].dtype
-        self.barrier = combine_barrier_launch(rank_workspace, self.stream_mode, active_rank_mask).bind(dynamic=())
-        self.gather = gather.bind(dynamic=("out_ptr",))
+        self.barrier = combine_barrier_launch(rank_workspace, self.signature, active_rank_mask,
+                                              self.wait_in_kernel).bind(dynamic=())  # fmt: skip
+        self.gather = gather.bind(dynamic=("out_ptr", "num_tokens"))
+        if not self.wait_in_kernel:
+            self.combine_wait = rank_workspace.flag_wait(Phase.COMBINE, active_rank_mask, timeout_of_plan()[1])
 
     def accepts(self, payload: torch.Tensor, payload_scales: torch.Tensor | None, local_num_tokens: object,
                 output: torch.Tensor | None) -> bool:  # fmt: skip
@@ -195,7 +225,8 @@ class _CombinePlan:
     def launch(self, payload: torch.Tensor, payload_scales: torch.Tensor | None, local_num_tokens: int,
                output: torch.Tensor) -> None:  # fmt: skip
         source = payload if self.stage.fast else payload.view(torch.uint8).view(self.stage_unit)
-        gather_grid = (local_num_tokens, self.gather_tiles)
+        # At least one token row, so a rank without tokens still tells its peers its gather is done.
+        gather_grid = (max(1, local_num_tokens), self.gather_tiles)
 
         def stage() -> None:
             self.stage(self.stage_grid, source)
@@ -203,17 +234,17 @@ class _CombinePlan:
                 scales = payload_scales if self.stage_scales.fast else payload_scales.view(self.stage_scales_unit)
                 self.stage_scales(self.stage_scales_grid, scales)
 
-        stream = current_stream_for_launch(self.stream_mode, self.device)
-        if stream is None:  # KERNEL mode on the current CUDA stream: the barrier kernel waits
+        def gather() -> None:
+            self.gather(gather_grid, output, local_num_tokens)
+
+        if self.wait_in_kernel:  # on the current CUDA stream: the barrier kernel waits
             if not self.in_workspace:
                 stage()
             self.barrier((1,))
-            self.gather(gather_grid, output)
+            gather()
             return
-        launches = [] if self.in_workspace else [stage]
-        if self.stream_mode is not SignalMode.STREAM_MEMOPS:
-            launches.append(lambda: self.barrier((1,)))
-        schedule_phase(stream, launches, self.signals, [lambda: self.gather(gather_grid, output)])
+        steps = [] if self.in_workspace else [stage]
+        run_steps(current_stream(self.device), [*steps, lambda: self.barrier((1,)), self.combine_wait, gather])
 
 
 def _stage_launch(rank_workspace: RankWorkspace, payload: torch.Tensor, combine_offset: int) -> KernelLaunch:
@@ -235,7 +266,7 @@ def _stage_launch(rank_workspace: RankWorkspace, payload: torch.Tensor, combine_
 
 def _gather_launch(
     rank_workspace: RankWorkspace, payload: torch.Tensor, combine_offset: int, output: torch.Tensor, top_k: int,
-    scales_offset: int | None = None,
+    scales_offset: int | None, active_rank_mask: int, wait_in_kernel: bool,
 ) -> KernelLaunch:
     ep_size, rt, hidden = payload.shape
     layout = rank_workspace.layout
@@ -248,10 +279,17 @@ def _gather_launch(
     targets = rank_workspace.own(layout.topk_target_ranks_offset, capacity)
     send_indices = rank_workspace.own(layout.topk_send_indices_offset, capacity)
     config = configs.combine_config(hidden, payload.element_size(), top_k, ep_size)
+    protocol = protocol_constexprs(rank_workspace, wait_in_kernel)
     return KernelLaunch(
         _combine_kernel,
-        (output.shape[0], -(-hidden // config.tile)),
-        (planes, planes.stride(0), scales, scales.stride(0), output, targets, send_indices, rt, rank_workspace.ep_rank),
+        (max(1, output.shape[0]), -(-hidden // config.tile)),
+        (planes, planes.stride(0), scales, scales.stride(0), output, targets, send_indices, rt, rank_workspace.ep_rank,
+         output.shape[0], rank_workspace.round_word(RoundState.GATHER_ELECTION),
+         rank_workspace.round_word(RoundState.GATHER_COUNT), rank_workspace.flag_block_every_rank,
+         rank_workspace.stride_rank, rank_workspace.fault_record, rank_workspace.host_record_address,
+         rank_workspace.round_word(RoundState.DISPATCH_ROWS), rank_workspace.round_word(RoundState.DISPATCH_RT),
+         *mask_halves(active_rank_mask)),
         dict(HIDDEN=hidden, TOP_K=top_k, TILE=config.tile, HAS_SCALES=scales_offset is not None,
-             num_warps=config.num_warps),
+             EP_SIZE=ep_size, EP_PAD=protocol["EP_PAD"], FLAG_ARRAY_STRIDE=protocol["FLAG_ARRAY_STRIDE"],
+             HAS_HOST_RECORD=protocol["HAS_HOST_RECORD"], num_warps=config.num_warps),
     )

@@ -7,15 +7,16 @@ from collections.abc import Sequence
 import torch
 
 from a2a import configs, validation
-from a2a.barrier import barrier_args, barrier_constexprs, mask_halves
+from a2a.barrier import barrier_args, dispatch_signature, protocol_constexprs, signature_tensor
 from a2a.expert_partition import ExpertPartition
 from a2a.kernels import _dispatch_copy_kernel, _route_kernel
 from a2a.launch import KernelLaunch
-from a2a.layout import MAX_TOP_K, ROUTE_BLOCK_TOKENS, RoundLayout, RoundState, TimeoutPhase, num_route_blocks
-from a2a.runtime.scheduler import schedule_phase
-from a2a.runtime.streams import SignalMode, current_stream, current_stream_for_launch
+from a2a.layout import MAX_TOP_K, ROUTE_BLOCK_TOKENS, RoundLayout, RoundState, num_route_blocks
+from a2a.runtime.protocol import FlagArray, Phase, mask_halves
+from a2a.runtime.scheduler import run_steps
+from a2a.runtime.streams import current_stream
 from a2a.sanitize import expert_id_sanitize_launch
-from a2a.workspace import RankWorkspace, resolve_rank_workspace, segment_view
+from a2a.workspace import RankWorkspace, resolve_rank_workspace, segment_view, timeout_of_plan
 
 
 def moe_a2a_dispatch(
@@ -51,11 +52,27 @@ def moe_a2a_dispatch(
     signalled nor waited for, and their rows here count as empty. Every active rank must pass the
     same mask, including itself, in dispatch and the matching combine; inactive ranks run nothing.
 
-    When the stream reaches the end of this op, every active peer's rows have landed. The views stay
-    valid until this rank's next combine starts. Raises `A2ATimeoutError` if an earlier wait of
-    this rank timed out on the device (see `a2a.kernels.signal`).
+    Every rank must agree on the round (runtime_max_tokens_per_rank, the payloads' bytes per token
+    and dtypes, top_k, num_experts, the mask): the ranks compare signatures at the barrier, and a
+    disagreement is recorded as a fault (`A2AMismatchError`). One round per workspace and rank may
+    be live: a second dispatch before the combine raises `PhaseError`. When the stream reaches the
+    end of this op, every active peer's rows have landed. The views stay valid until this rank's
+    next combine starts. Raises the `A2AFaultError` an earlier wait of this rank recorded.
     """
     rank_workspace = resolve_rank_workspace(workspace, metainfo, ep_rank)
+    rank_workspace.raise_if_faulted()
+    rank_workspace.check_no_live_round("moe_a2a_dispatch", 0)
+    plan, num_tokens = dispatch_plan(rank_workspace, token_selected_experts, input_payloads, token_count,
+                                     runtime_max_tokens_per_rank, ep_size, top_k, num_experts, active_rank_mask)  # fmt: skip
+    plan.launch(token_selected_experts, input_payloads, token_count, num_tokens)
+    rank_workspace.begin_round("moe_a2a_dispatch", 0, num_tokens, runtime_max_tokens_per_rank, plan.combine_offset)
+    return plan.recv, plan.combine_offset
+
+
+def dispatch_plan(rank_workspace: RankWorkspace, token_selected_experts, input_payloads, token_count,
+                  runtime_max_tokens_per_rank, ep_size, top_k, num_experts, active_rank_mask) -> tuple[_DispatchPlan, int]:  # fmt: skip
+    """The validated plan of this call and its token count (rows); launches nothing, so a call
+    that fails here has changed nothing."""
     key = _plan_key(token_selected_experts, input_payloads, token_count, runtime_max_tokens_per_rank, ep_size, top_k,
                     num_experts, active_rank_mask)  # fmt: skip
     plan = rank_workspace.find_plan(key)
@@ -65,9 +82,7 @@ def moe_a2a_dispatch(
                                    runtime_max_tokens_per_rank, ep_size, top_k, num_experts, active_rank_mask)  # fmt: skip
         rank_workspace.remember_plan(key, plan)
         num_tokens = token_selected_experts.shape[0]
-    rank_workspace.raise_if_timed_out()
-    plan.launch(token_selected_experts, input_payloads, token_count, num_tokens)
-    return plan.recv, plan.combine_offset
+    return plan, num_tokens
 
 
 def _tensor_key(tensor: object) -> tuple | None:
@@ -134,26 +149,35 @@ class _DispatchPlan:
                  token_count: torch.Tensor | None, round_layout: RoundLayout, top_k: int, num_experts: int,
                  active_rank_mask: int):  # fmt: skip
         self.device = rank_workspace.workspace.device
-        self.stream_mode = current_stream(self.device).signal_mode
-        self.signals = rank_workspace.phase_signals(TimeoutPhase.DISPATCH, active_rank_mask)
+        self.wait_in_kernel = self.device.type == "cuda"  # the CPU path waits on the host
+        layout = rank_workspace.layout
+        rt = round_layout.runtime_max_tokens
+        self.signature = signature_tensor(
+            dispatch_signature(rt, layout.max_num_tokens, top_k, num_experts, payloads, active_rank_mask), self.device
+        )
         # Without a device count the pointer is unused; any int32 word of the own segment stands in.
         self.count_stand_in = rank_workspace.round_state
         count = token_count if token_count is not None else self.count_stand_in
         route = _route_launch(rank_workspace, experts, count, token_count is not None, top_k, num_experts,
-                              active_rank_mask)  # fmt: skip
+                              active_rank_mask, self.wait_in_kernel)  # fmt: skip
         copy, self.unit_dtypes, self.num_tiles = _copy_launch(rank_workspace, payloads, count, token_count is not None,
-                                                              round_layout, top_k, self.stream_mode, active_rank_mask)  # fmt: skip
+                                                              round_layout, top_k, self.signature, active_rank_mask,
+                                                              self.wait_in_kernel)  # fmt: skip
         # Everything this phase (and the sanitize that usually follows it) may launch is loaded
         # before the barrier is enqueued: see a2a.launch.
         self.route = route.bind(dynamic=("expert_ids_ptr", "num_tokens_ptr", "num_rows", "num_blocks"))
         self.copy = copy.bind(dynamic=("src_ptrs", "num_tokens_ptr", "num_tokens"))
-        expert_id_sanitize_launch(rank_workspace, round_layout.runtime_max_tokens, top_k).prepare()
-        rt, ep_rank, ep_size = round_layout.runtime_max_tokens, rank_workspace.ep_rank, rank_workspace.ep_size
+        expert_id_sanitize_launch(rank_workspace, rt, top_k).prepare()
+        ep_rank, ep_size = rank_workspace.ep_rank, rank_workspace.ep_size
         self.recv = [
             segment_view(rank_workspace.workspace, ep_rank, offset, payload.dtype, (ep_size, rt, payload.shape[1]))
             for offset, payload in zip(round_layout.recv_plane_offsets, payloads)
         ]
         self.combine_offset = round_layout.combine_offset
+        if not self.wait_in_kernel:
+            timeout_ms = timeout_of_plan()[1]
+            self.ordering_wait = rank_workspace.flag_wait(Phase.ORDERING, active_rank_mask, timeout_ms)
+            self.dispatch_wait = rank_workspace.flag_wait(Phase.DISPATCH, active_rank_mask, timeout_ms)
 
     def launch(self, experts: torch.Tensor, payloads: Sequence[torch.Tensor], token_count: torch.Tensor | None,
                num_tokens: int) -> None:  # fmt: skip
@@ -173,12 +197,11 @@ class _DispatchPlan:
             # At least one token row, so a rank without tokens still runs the barrier.
             self.copy(copy_grid, sources, count, num_tokens)
 
-        stream = current_stream_for_launch(self.stream_mode, self.device)
-        if stream is None:  # KERNEL mode on the current CUDA stream: the copy kernel holds the barrier
+        if self.wait_in_kernel:  # on the current CUDA stream: routing and the copy kernel wait themselves
             route()
             copy()
         else:
-            schedule_phase(stream, [route, copy], self.signals)
+            run_steps(current_stream(self.device), [self.ordering_wait, route, copy, self.dispatch_wait])
 
 
 def _row_bytes(payload: torch.Tensor) -> int:
@@ -186,32 +209,36 @@ def _row_bytes(payload: torch.Tensor) -> int:
 
 
 def _route_launch(rank_workspace: RankWorkspace, experts: torch.Tensor, count: torch.Tensor, count_from_device: bool,
-                  top_k: int, num_experts: int, active_rank_mask: int) -> KernelLaunch:  # fmt: skip
+                  top_k: int, num_experts: int, active_rank_mask: int, wait_in_kernel: bool) -> KernelLaunch:  # fmt: skip
     layout = rank_workspace.layout
     num_tokens = experts.shape[0]
     partition = ExpertPartition(num_experts, layout.ep_size)
     capacity = layout.max_num_tokens * MAX_TOP_K
     targets = rank_workspace.own(layout.topk_target_ranks_offset, capacity)
     local_slots = rank_workspace.own(layout.topk_local_slots_offset, capacity)
-    recv_counters = rank_workspace.recv_counters_every_rank
     num_blocks = num_route_blocks(num_tokens)
+    timeout_ns, timeout_ms = timeout_of_plan()
+    protocol = protocol_constexprs(rank_workspace, wait_in_kernel)
     return KernelLaunch(
         _route_kernel,
         (num_blocks,),
         (experts, targets, local_slots, rank_workspace.block_counts, rank_workspace.block_invalid,
-         rank_workspace.round_state, rank_workspace.send_counters, recv_counters, recv_counters.stride(0),
+         rank_workspace.round_word(RoundState.ROUTE_ELECTION), rank_workspace.round_word(RoundState.INVALID_COUNT),
+         rank_workspace.send_counters, rank_workspace.recv_counters_every_rank, rank_workspace.stride_rank,
+         rank_workspace.round_word(RoundState.GATHER_COUNT), rank_workspace.flag_block_every_rank,
+         rank_workspace.fault_record, rank_workspace.host_record_address, timeout_ns, timeout_ms,
          count, num_tokens, num_blocks, num_experts, partition.base, partition.remainder, *mask_halves(active_rank_mask),
          rank_workspace.ep_rank),
-        dict(TOP_K=top_k, K_PAD=configs.next_power_of_2(top_k), EP_SIZE=layout.ep_size,
-             EP_PAD=configs.rank_pad(layout.ep_size), BLOCK_TOKENS=ROUTE_BLOCK_TOKENS,
-             SCAN_BLOCKS=configs.ROUTE_SCAN_BLOCKS, COUNT_FROM_DEVICE=count_from_device,
-             num_warps=configs.ROUTE_NUM_WARPS),
+        dict(TOP_K=top_k, K_PAD=configs.next_power_of_2(top_k), EP_SIZE=layout.ep_size, EP_PAD=protocol["EP_PAD"],
+             BLOCK_TOKENS=ROUTE_BLOCK_TOKENS, SCAN_BLOCKS=configs.ROUTE_SCAN_BLOCKS,
+             COUNT_FROM_DEVICE=count_from_device, FLAG_ARRAY_STRIDE=protocol["FLAG_ARRAY_STRIDE"],
+             WAIT=protocol["WAIT"], HAS_HOST_RECORD=protocol["HAS_HOST_RECORD"], num_warps=configs.ROUTE_NUM_WARPS),
     )  # fmt: skip
 
 
 def _copy_launch(
     rank_workspace: RankWorkspace, payloads: list[torch.Tensor], count: torch.Tensor, count_from_device: bool,
-    round_layout: RoundLayout, top_k: int, mode: SignalMode, active_rank_mask: int,
+    round_layout: RoundLayout, top_k: int, own_signature: torch.Tensor, active_rank_mask: int, wait_in_kernel: bool,
 ) -> tuple[KernelLaunch, list[torch.dtype], int]:
     """The copy launch, the copy-unit dtype of each payload, and the column tiles per token."""
     layout = rank_workspace.layout
@@ -234,18 +261,20 @@ def _copy_launch(
     targets = rank_workspace.own(layout.topk_target_ranks_offset, capacity)
     local_slots = rank_workspace.own(layout.topk_local_slots_offset, capacity)
     send_indices = rank_workspace.own(layout.topk_send_indices_offset, capacity)
-    election = rank_workspace.round_state[RoundState.COPY_ELECTION : RoundState.COPY_ELECTION + 1]
+    election = rank_workspace.round_word(RoundState.COPY_ELECTION)
     num_tokens = payloads[0].shape[0]
     # At least one token row, so a rank without tokens still runs the barrier.
     launch = KernelLaunch(
         _dispatch_copy_kernel,
         (max(1, num_tokens), num_tiles),
         (tuple(sources), tuple(planes), tuple(strides), targets, local_slots, rank_workspace.block_counts,
-         send_indices, election, *barrier_args(rank_workspace, layout.dispatch_flags_offset, active_rank_mask), count, num_tokens,
-         round_layout.runtime_max_tokens, rank_workspace.ep_rank),
+         send_indices, rank_workspace.round_word(RoundState.DISPATCH_ROWS),
+         rank_workspace.round_word(RoundState.DISPATCH_RT), election, *barrier_args(rank_workspace, Phase.DISPATCH, own_signature, active_rank_mask),
+         count, num_tokens, round_layout.runtime_max_tokens, rank_workspace.ep_rank),
         dict(NUM_PAYLOADS=len(sources), ROW_UNITS=tuple(row_units), VEC_UNITS=tuple(vec_units), TOP_K=top_k,
-             K_CHUNK=min(configs.next_power_of_2(top_k), 8), EP_SIZE=layout.ep_size, BLOCK_TOKENS=ROUTE_BLOCK_TOKENS,
-             TILE=config.tile, num_warps=config.num_warps,
-             COUNT_FROM_DEVICE=count_from_device, **barrier_constexprs(rank_workspace, mode, TimeoutPhase.DISPATCH)),
+             K_CHUNK=min(configs.next_power_of_2(top_k), 8), BLOCK_TOKENS=ROUTE_BLOCK_TOKENS,
+             TILE=config.tile, num_warps=config.num_warps, COUNT_FROM_DEVICE=count_from_device,
+             PHASE=int(Phase.DISPATCH), FLAG_ROW=int(FlagArray.DISPATCH),
+             **protocol_constexprs(rank_workspace, wait_in_kernel)),
     )  # fmt: skip
     return launch, [source.dtype for source in sources], num_tiles

@@ -2,8 +2,7 @@
 
 | variable | type | default | effect |
 |---|---|---|---|
-| `A2A_SIGNAL_TIMEOUT_S` | float | 300 | a wait for a peer's flag gives up after this many seconds: on the CPU the host raises `A2ATimeoutError` naming the missing ranks; on CUDA the waiting kernel records the missing ranks and returns, and the rank's next a2a call (or `MoeAlltoAll.synchronize()`) raises it. Read when a call signature is first seen on a workspace (a launch plan is built); a CUDA graph keeps the value it was captured with |
-| `A2A_SIGNALS` | `kernel` or `stream` | kernel | CUDA only: where a phase's cross-rank barrier runs: in one program of the phase's last kernel (epoch flags, bounded wait), or as CUDA stream memory operations (set / wait / reset, no timeout). Every rank must use the same value; read once per process |
+| `A2A_SIGNAL_TIMEOUT_S` | float > 0 | 300 | a wait for a peer's flag gives up after this many seconds: the waiting rank records the missing ranks, poisons its flags so its peers stop too, and raises `A2ATimeoutError` (on CUDA at its next a2a call or `MoeAlltoAll.synchronize()`). Read when a call signature is first seen on a workspace (a launch plan is built); a CUDA graph keeps the value it was captured with |
 | `A2A_HOST_POLL_S` | float | 0.0005 | sleep between two polls of a flag in a blocking host wait |
 | `TRITON_INTERPRET` | bool | set to 1 by a2a when no CUDA device exists | run the Triton kernels under the Triton interpreter on the CPU (read by Triton itself) |
 | `CUDA_DEVICE_MAX_CONNECTIONS` | int | set to 32 by `SimulatedWorld` on CUDA if CUDA is not initialised yet | hardware queues per device; a simulated world needs one per rank stream, or a parked wait blocks another rank's work |
@@ -26,22 +25,11 @@ def _float(name: str, default: float) -> float:
 
 
 def signal_timeout_s() -> float:
-    """Seconds a host wait for a peer flag may take before `A2ATimeoutError`."""
-    return _float("A2A_SIGNAL_TIMEOUT_S", 300.0)
-
-
-_signal_mode: str | None = None
-
-
-def signal_mode() -> str:
-    """`A2A_SIGNALS`: "kernel" (default) or "stream"; read once per process."""
-    global _signal_mode
-    if _signal_mode is None:
-        raw = os.environ.get("A2A_SIGNALS", "kernel").strip().lower() or "kernel"
-        if raw not in ("kernel", "stream"):
-            raise ValueError(f"environment variable A2A_SIGNALS must be 'kernel' or 'stream', got {raw!r}")
-        _signal_mode = raw
-    return _signal_mode
+    """Seconds a wait for a peer flag may take before it records a timeout (> 0)."""
+    seconds = _float("A2A_SIGNAL_TIMEOUT_S", 300.0)
+    if not seconds > 0:  # also NaN
+        raise ValueError(f"environment variable A2A_SIGNAL_TIMEOUT_S must be a number of seconds > 0, got {seconds!r}")
+    return seconds
 
 
 def host_poll_s() -> float:

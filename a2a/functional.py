@@ -15,6 +15,7 @@ from a2a.combine import moe_a2a_combine
 from a2a.dispatch import moe_a2a_dispatch
 from a2a.layout import WorkspaceLayout, aux_data_size, metainfo_index_pairs, workspace_size_per_rank
 from a2a.sanitize import moe_a2a_sanitize_expert_ids
+from a2a.workspace import reset_rank_state
 
 
 def moe_a2a_get_workspace_size_per_rank(
@@ -50,6 +51,7 @@ def moe_a2a_initialize(workspace: torch.Tensor, ep_rank: int, ep_size: int, max_
     layout = WorkspaceLayout.compute(ep_size, max_num_tokens)
     validation.check_fits("the aux region", layout.aux_size, workspace.shape[1])
     workspace[ep_rank].zero_()
+    reset_rank_state(workspace, ep_rank)  # a zeroed segment: no live round, no fault
     if workspace.is_cuda:
         torch.cuda.current_stream(workspace.device).synchronize()
     return layout.to_metainfo()

@@ -11,6 +11,7 @@ the first rank to reach a phase ever loads anything.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,9 @@ import triton
 from a2a import envs
 
 _prepared: set[tuple] = set()
+# The Triton interpreter keeps the running program's ids in globals: kernels of ranks that run in
+# threads (SimulatedWorld.run_ranks on the CPU) take turns.
+_interpreter_lock = threading.RLock()
 # Triton versions whose compiled-kernel launcher this module calls directly (see BoundLaunch).
 _LOW_LEVEL_LAUNCH_VERSIONS = ("3.4", "3.5", "3.6")
 
@@ -54,7 +58,8 @@ class KernelLaunch:
 
     def __call__(self) -> None:
         if all(self.grid):
-            self.kernel[self.grid](*self.args, **self.constexprs)
+            with _interpreter_lock:
+                self.kernel[self.grid](*self.args, **self.constexprs)
 
     def bind(self, dynamic: Sequence[str]) -> BoundLaunch:
         """Compile and load this variant; later launches pass a grid and the parameters named in `dynamic`."""
@@ -130,7 +135,8 @@ class BoundLaunch:
             args = list(self.launch.args)
             for position, value in zip(self.dynamic, dynamic_values):
                 args[position] = value
-            self.launch.kernel[grid](*args, **self.launch.constexprs)
+            with _interpreter_lock:
+                self.launch.kernel[grid](*args, **self.launch.constexprs)
             return
         values = self._values.copy()
         for position, convert, value in zip(self.dynamic, self._convert, dynamic_values):

@@ -10,14 +10,19 @@ Aux region (static for a given `(ep_size, max_num_tokens)`), each field 128-byte
 |---|---|---|---|
 | send_counters | i32 [ep] | own routing (last program) | host / tests |
 | recv_counters | i32 [ep] | source `s` writes `[s]` remotely (routing, last program) | own sanitize, combine staging |
-| dispatch_flags | u32 [ep] | peer `s` stores its flag value into `[s]` after its dispatch copy (epoch, never reset) | own copy kernel's last program (or the host) waits for `[s] == flag value` |
-| combine_flags | u32 [ep] | peer `s` stores its flag value into `[s]` once its combine plane is ready (epoch) | own combine barrier waits |
-| round_state | i32 [8] | own kernels | see `RoundState`: election counters (self-resetting), invalid count, flag value, timeout record |
+| dispatch_flags | i32 [ep] | peer `s` stores its epoch into `[s]` after its dispatch copy | own copy kernel's last program (or the host) |
+| combine_flags | i32 [ep] | peer `s` stores its epoch into `[s]` once its combine plane is ready | own combine barrier |
+| gather_flags | i32 [ep] | peer `s` stores its gather count into `[s]` after its gather | own routing's last program, before this rank's next dispatch writes |
+| signatures | i32 [2, ep, SIGNATURE_WORDS] | peer `s` stores its round's signature into `[phase][s]` before its flag | own barrier (compared with its own) |
+| round_state | i32 [32] | own kernels | see `RoundState`: election counters (self-resetting), invalid count, epoch and gather counters, fault record |
 | topk_target_ranks | i32 [max_num_tokens * top_k] | own routing | own combine |
 | topk_send_indices | i32 [max_num_tokens * top_k] | own dispatch copy | own combine |
 | topk_local_slots | i32 [max_num_tokens * top_k] | own routing (slot inside its token block) | own dispatch copy |
 | block_counts | i32 [num_route_blocks, ep] | own routing: per-block counts, then exclusive offsets | own dispatch copy |
 | block_invalid | i32 [num_route_blocks] | own routing | own routing (last program) |
+
+The three flag arrays are consecutive, `flag_array_stride` int32 apart (see a2a.runtime.protocol
+for what their values mean, poison included).
 
 The top-k arrays reserve `MAX_TOP_K` entries per token but are indexed with the runtime `top_k`
 as row stride: entry `(token i, k)` sits at element `i * top_k + k`.
@@ -26,6 +31,12 @@ Payload region (per round: depends on `runtime_max_tokens_per_rank` and the payl
 receive plane `p` is `[ep, rt, bytes_p]` (row `source * rt + slot`), planes packed in payload order,
 each starting on a 16-byte boundary so the widest vector copy is always legal. The combine plane
 `[ep, rt, combine_bytes]` starts at the next 128-byte boundary after the last receive plane.
+
+Because the planes move with the round's geometry, a round's receive planes may cover bytes that
+were the previous round's combine plane. That is safe because a rank's dispatch writes only after
+every peer has finished gathering the previous round (the gather flags; see
+a2a.kernels.signal._await_previous_gathers), and a peer's combine plane is read only after its
+combine barrier, which follows every peer's dispatch.
 """
 
 from __future__ import annotations
@@ -34,6 +45,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from a2a.runtime.protocol import FAULT_RECORD_WORDS, SIGNATURE_WORDS
 
 MAX_RANKS = 64
 MAX_TOP_K = 22
@@ -50,21 +63,17 @@ class RoundState:
 
     ROUTE_ELECTION = 0  # routing programs finished this round; the last one resets it to 0
     INVALID_COUNT = 1  # (token, k) pairs skipped in the last dispatch for an id outside [0, num_experts)
-    FLAG_VALUE = 2  # u32 phase counter: +1 per signalled phase (dispatch odd, combine even), never reset
+    FLAG_VALUE = 2  # epoch counter: +1 per signalled phase (dispatch, combine), 31 bits, never reset
     COPY_ELECTION = 3  # dispatch copy programs finished this round; the last one resets it to 0
-    TIMEOUT_STATUS = 4  # 4 words: (TimeoutPhase or 0, missing ranks 0..31, missing ranks 32..63, flag value)
-    TIMEOUT_STATUS_LEN = 4
+    GATHER_ELECTION = 4  # gather programs finished this round; the last one resets it to 0
+    GATHER_COUNT = 5  # gathers finished by this rank (31 bits, never reset): its gather-flag epoch
+    DISPATCH_ROWS = 6  # token rows of this rank's last dispatch (its combine must have as many)
+    DISPATCH_RT = 7  # runtime_max_tokens_per_rank of this rank's last dispatch (its combine's too)
+    FAULT_RECORD = 8  # FAULT_RECORD_WORDS words: the first fault this rank recorded (a2a.runtime.protocol)
 
 
-ROUND_STATE_LEN = 8
-
-
-class TimeoutPhase:
-    """Codes a timed-out wait records in `RoundState.TIMEOUT_STATUS`."""
-
-    DISPATCH = 1
-    COMBINE = 2
-    NAMES = {DISPATCH: "dispatch", COMBINE: "combine"}
+ROUND_STATE_LEN = 32
+assert RoundState.FAULT_RECORD + FAULT_RECORD_WORDS <= ROUND_STATE_LEN
 
 
 def align_up(value: int, alignment: int) -> int:
@@ -105,6 +114,8 @@ class WorkspaceLayout:
     recv_counters_offset: int
     dispatch_flags_offset: int
     combine_flags_offset: int
+    gather_flags_offset: int
+    signatures_offset: int
     round_state_offset: int
     topk_target_ranks_offset: int
     topk_send_indices_offset: int
@@ -124,8 +135,10 @@ class WorkspaceLayout:
         sizes = [
             ("send_counters_offset", 4 * ep_size),
             ("recv_counters_offset", 4 * ep_size),
-            ("dispatch_flags_offset", 4 * ep_size),
+            ("dispatch_flags_offset", 4 * ep_size),  # the three flag arrays: equal sizes, consecutive
             ("combine_flags_offset", 4 * ep_size),
+            ("gather_flags_offset", 4 * ep_size),
+            ("signatures_offset", 4 * 2 * ep_size * SIGNATURE_WORDS),
             ("round_state_offset", 4 * ROUND_STATE_LEN),
             ("topk_target_ranks_offset", topk_bytes),
             ("topk_send_indices_offset", topk_bytes),
@@ -143,6 +156,15 @@ class WorkspaceLayout:
     @property
     def aux_size(self) -> int:
         return self.payload_offset
+
+    @property
+    def flag_array_stride(self) -> int:
+        """int32 elements between two consecutive flag arrays (dispatch, combine, gather)."""
+        return (self.combine_flags_offset - self.dispatch_flags_offset) // 4
+
+    def signatures_offset_of(self, phase_index: int) -> int:
+        """Byte offset of phase `phase_index`'s (0: dispatch, 1: combine) `[ep, SIGNATURE_WORDS]` rows."""
+        return self.signatures_offset + 4 * phase_index * self.ep_size * SIGNATURE_WORDS
 
     def round_layout(
         self, runtime_max_tokens: int, dispatch_bytes_per_token: Sequence[int]
@@ -193,6 +215,8 @@ METAINFO_FIELDS: tuple[str, ...] = (
     "recv_counters_offset",
     "dispatch_flags_offset",
     "combine_flags_offset",
+    "gather_flags_offset",
+    "signatures_offset",
     "round_state_offset",
     "topk_target_ranks_offset",
     "topk_send_indices_offset",

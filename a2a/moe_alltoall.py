@@ -9,16 +9,14 @@ from dataclasses import dataclass
 import torch
 
 from a2a import validation
+from a2a.combine import check_matches_dispatch, combine_plan
+from a2a.dispatch import dispatch_plan
 from a2a.errors import PhaseError
-from a2a.functional import (
-    moe_a2a_combine,
-    moe_a2a_dispatch,
-    moe_a2a_get_workspace_size_per_rank,
-    moe_a2a_sanitize_expert_ids,
-)
+from a2a.functional import moe_a2a_get_workspace_size_per_rank
 from a2a.layout import RoundState, WorkspaceLayout, combine_scales_offset, metainfo_index_pairs
 from a2a.runtime.process_world import ProcessWorld, process_world_for
 from a2a.runtime.simulated import SimulatedWorld
+from a2a.sanitize import sanitize_plan
 from a2a.workspace import rank_workspace_of, segment_view
 
 
@@ -35,8 +33,13 @@ class Mapping:
         return self.rank % (self.moe_ep_size or self.world_size)
 
     def __post_init__(self) -> None:
+        validation.require_int("Mapping.world_size", self.world_size, 1)
+        validation.require_int("Mapping.rank", self.rank, 0, self.world_size - 1)
         if self.moe_ep_size is None:
             object.__setattr__(self, "moe_ep_size", self.world_size)
+        validation.require_int("Mapping.moe_ep_size", self.moe_ep_size, 1, self.world_size)
+        if self.world_size % self.moe_ep_size:
+            raise ValueError(f"Mapping.moe_ep_size ({self.moe_ep_size}) must divide world_size ({self.world_size})")
 
 
 @dataclass
@@ -162,30 +165,39 @@ class MoeAlltoAll:
         With `token_count` (int32 `[1]` on the device) only that many leading rows are tokens; the
         combine output keeps all `num_tokens` rows, zero past the count (one CUDA graph, any count).
         """
-        self._rank_workspace.raise_if_timed_out()  # a lost round outranks a phase error
+        rank_workspace = self._rank_workspace
+        rank_workspace.raise_if_faulted()  # a lost round outranks a phase error
         if self._state.phase != "idle":
             raise PhaseError(f"dispatch called in phase {self._state.phase!r}: dispatch called twice without combine")
+        rank_workspace.check_no_live_round("MoeAlltoAll.dispatch", id(self))
+        # Everything is checked before anything is launched: a call that raises has changed nothing.
+        plan, num_tokens = dispatch_plan(rank_workspace, token_selected_experts, input_payloads, token_count,
+                                         runtime_max_tokens_per_rank, self.ep_size, self.top_k, self.num_experts,
+                                         self.active_rank_mask)  # fmt: skip
+        sanitize = None
         if invalid_token_expert_id is not None:
             if expert_id_payload_index is None:
                 raise ValueError("expert_id_payload_index is required when invalid_token_expert_id is given")
             validation.require_int("expert_id_payload_index", expert_id_payload_index, 0, len(input_payloads) - 1)
+            sanitize = sanitize_plan(rank_workspace, plan.recv[expert_id_payload_index], invalid_token_expert_id)
         with self._on_rank_stream():
-            recv, combine_offset = moe_a2a_dispatch(
-                token_selected_experts, input_payloads, self.workspace, self.metainfo,
-                runtime_max_tokens_per_rank, self.ep_rank, self.ep_size, self.top_k, self.num_experts,
-                token_count=token_count, active_rank_mask=self.active_rank_mask,
-            )  # fmt: skip
-            if invalid_token_expert_id is not None:
-                moe_a2a_sanitize_expert_ids(
-                    recv[expert_id_payload_index], self.workspace, self.metainfo, self.ep_rank, invalid_token_expert_id
-                )
-        self._state = _RoundState("dispatched", token_selected_experts.shape[0], runtime_max_tokens_per_rank, combine_offset)
-        return recv
+            plan.launch(token_selected_experts, input_payloads, token_count, num_tokens)
+            if sanitize is not None:
+                sanitize()
+        rank_workspace.begin_round(self._owner_name, id(self), num_tokens, runtime_max_tokens_per_rank,
+                                   plan.combine_offset)  # fmt: skip
+        self._state = _RoundState("dispatched", num_tokens, runtime_max_tokens_per_rank, plan.combine_offset)
+        return plan.recv
+
+    @property
+    def _owner_name(self) -> str:
+        return f"MoeAlltoAll(ep_rank={self.ep_rank}, top_k={self.top_k}, num_experts={self.num_experts}) at {id(self):#x}"
 
     def _check_dispatched(self, what: str, runtime_max_tokens_per_rank: int) -> None:
-        self._rank_workspace.raise_if_timed_out()  # a lost round outranks a phase error
+        self._rank_workspace.raise_if_faulted()  # a lost round outranks a phase error
         if self._state.phase != "dispatched":
             raise PhaseError(f"{what} called in phase {self._state.phase!r}: it needs a successful dispatch first")
+        self._rank_workspace.live_round_for(f"MoeAlltoAll.{what}", id(self))
         if runtime_max_tokens_per_rank != self._state.runtime_max_tokens:
             raise ValueError(
                 f"runtime_max_tokens_per_rank ({runtime_max_tokens_per_rank}) must equal the dispatch's "
@@ -206,14 +218,20 @@ class MoeAlltoAll:
         A float8_e4m3fn payload needs `payload_scales` `[ep_size, rt, 1]` fp32 (see moe_a2a_combine);
         in the workspace they go to `get_combine_scales_tensor_in_workspace`."""
         self._check_dispatched("combine", runtime_max_tokens_per_rank)
+        rank_workspace = self._rank_workspace
+        state = self._state
+        check_matches_dispatch(rank_workspace.live_round_for("MoeAlltoAll.combine", id(self)), state.local_num_tokens,
+                               runtime_max_tokens_per_rank, state.combine_payload_offset)  # fmt: skip
+        plan = combine_plan(rank_workspace, payload, payload_scales, state.local_num_tokens, runtime_max_tokens_per_rank,
+                            self.ep_size, self.top_k, state.combine_payload_offset, payload_in_workspace, output,
+                            self.active_rank_mask)  # fmt: skip
         with self._on_rank_stream():
-            result = moe_a2a_combine(
-                payload, self._state.local_num_tokens, self.workspace, self.metainfo, runtime_max_tokens_per_rank,
-                self.ep_rank, self.ep_size, self.top_k, self._state.combine_payload_offset, payload_in_workspace,
-                output=output, active_rank_mask=self.active_rank_mask, payload_scales=payload_scales,
-            )  # fmt: skip
+            if output is None:
+                output = torch.empty((state.local_num_tokens, plan.hidden), dtype=plan.output_dtype, device=plan.device)
+            plan.launch(payload, payload_scales, state.local_num_tokens, output)
+        rank_workspace.end_round()
         self._state = _RoundState()
-        return result
+        return output
 
     def get_combine_payload_tensor_in_workspace(
         self, runtime_max_tokens_per_rank: int, hidden_size: int, dtype: torch.dtype
@@ -251,14 +269,15 @@ class MoeAlltoAll:
         return int(state[RoundState.INVALID_COUNT].item())
 
     def synchronize(self) -> None:
-        """Block until this rank's stream has run everything submitted so far, then raise
-        `A2ATimeoutError` (naming the ranks whose signal never came) if one of its waits timed out.
+        """Block until this rank's stream has run everything submitted so far, then raise the fault
+        one of its waits recorded, if any (`A2AFaultError`: `A2ATimeoutError` naming the ranks whose
+        signal never came, `A2APeerFailedError`, `A2AMismatchError`).
 
-        After a timeout the ranks' rounds are out of step: every later call of this rank raises
-        too; drop the instances (and the world) on every rank and build new ones.
+        After a fault every later call of this rank raises too, and its outputs since the fault are
+        NaN; drop the instances (and the world) on every rank and build new ones.
         """
         self.world.stream(self.ep_rank).synchronize()
-        self._rank_workspace.raise_if_timed_out()
+        self._rank_workspace.raise_if_faulted()
 
     @property
     def _rank_workspace(self):

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from a2a import configs, validation
 from a2a.kernels import _sanitize_kernel
 from a2a.launch import KernelLaunch
-from a2a.runtime.scheduler import schedule_local
 from a2a.runtime.streams import current_stream
 from a2a.workspace import RankWorkspace, resolve_rank_workspace
 
-
-_NOTHING_TO_SANITIZE = object()  # the plan of a `[ep_size, rt, 0]` expert-id plane
+# Columns one sanitize program writes per step (any width works: the kernel loops over them).
+WIDTH_BLOCK_MAX = 64
 
 
 def moe_a2a_sanitize_expert_ids(
@@ -22,16 +23,23 @@ def moe_a2a_sanitize_expert_ids(
     ep_rank: int,
     invalid_expert_id: int,
 ) -> None:
-    """In place: rows `(s, j)` of `expert_ids` `[ep_size, rt, top_k]` int32 with `j >= recv_counters[s]`
+    """In place: rows `(s, j)` of `expert_ids` `[ep_size, rt, width]` int32 with `j >= recv_counters[s]`
     get `invalid_expert_id` in every column; valid rows keep their (global) ids.
 
     Call it on the dispatch's stream after dispatch and before combine: `recv_counters` hold this
-    round's counts from the end of dispatch until this rank's combine starts.
+    round's counts from the end of dispatch until this rank's combine starts. After a recorded
+    fault every row counts as stale.
     """
     rank_workspace = resolve_rank_workspace(workspace, metainfo, ep_rank)
+    rank_workspace.raise_if_faulted()
+    sanitize_plan(rank_workspace, expert_ids, invalid_expert_id)()
+
+
+def sanitize_plan(rank_workspace: RankWorkspace, expert_ids: torch.Tensor, invalid_expert_id: int) -> Callable[[], None]:
+    """The validated launch of this call, to run on the current stream (nothing is launched here)."""
     try:
         key = ("sanitize", expert_ids.dtype, expert_ids.shape, expert_ids.is_contiguous(), expert_ids.get_device(),
-               expert_ids.data_ptr() & 15, type(invalid_expert_id))  # fmt: skip
+               expert_ids.data_ptr() & 15)  # fmt: skip
     except AttributeError:
         key = None
     bound = rank_workspace.find_plan(key)
@@ -49,14 +57,20 @@ def moe_a2a_sanitize_expert_ids(
             bound = sanitize_launch(rank_workspace, expert_ids, 0).bind(dynamic=("expert_ids_ptr", "invalid_expert_id"))
         rank_workspace.remember_plan(key, bound)
     validation.require_int("invalid_expert_id", invalid_expert_id, -(2**31), 2**31 - 1)
-    rank_workspace.raise_if_timed_out()
     if bound is _NOTHING_TO_SANITIZE:
-        return
+        return lambda: None
     grid = bound.launch.grid
-    if rank_workspace.workspace.is_cuda:  # torch's current stream is the rank stream (also when activated)
-        bound(grid, expert_ids, invalid_expert_id)
-    else:
-        schedule_local(current_stream(rank_workspace.workspace.device), lambda: bound(grid, expert_ids, invalid_expert_id))
+
+    def launch() -> None:
+        if rank_workspace.workspace.is_cuda:  # torch's current stream is the rank stream (also when activated)
+            bound(grid, expert_ids, invalid_expert_id)
+        else:
+            current_stream(rank_workspace.workspace.device).submit(lambda: bound(grid, expert_ids, invalid_expert_id))
+
+    return launch
+
+
+_NOTHING_TO_SANITIZE = object()  # the plan of a `[ep_size, rt, 0]` expert-id plane
 
 
 def sanitize_launch(rank_workspace: RankWorkspace, expert_ids: torch.Tensor, invalid_expert_id: int) -> KernelLaunch:
@@ -64,8 +78,8 @@ def sanitize_launch(rank_workspace: RankWorkspace, expert_ids: torch.Tensor, inv
     return KernelLaunch(
         _sanitize_kernel,
         (-(-(ep_size * rt) // configs.SANITIZE_BLOCK_ROWS),),
-        (expert_ids, rank_workspace.recv_counters, rt, invalid_expert_id),
-        dict(EP_SIZE=ep_size, TOP_K=width, K_PAD=configs.next_power_of_2(width),
+        (expert_ids, rank_workspace.recv_counters, rank_workspace.fault_record, rt, invalid_expert_id),
+        dict(EP_SIZE=ep_size, WIDTH=width, WIDTH_BLOCK=min(configs.next_power_of_2(width), WIDTH_BLOCK_MAX),
              BLOCK_ROWS=configs.SANITIZE_BLOCK_ROWS, num_warps=4),
     )  # fmt: skip
 

@@ -64,6 +64,11 @@ def check_workspace(workspace: object, ep_size: int) -> torch.Tensor:
         raise ValueError(f"workspace first dim must equal ep_size={ep_size}, got {workspace.shape[0]}")
     if workspace.stride(1) != 1:
         raise ValueError(f"workspace rows must be contiguous (stride(1) == 1), got strides {workspace.stride()}")
+    if workspace.shape[0] > 1 and workspace.stride(0) % 16:
+        raise ValueError(f"workspace segments must be a multiple of 16 bytes apart (stride(0) % 16 == 0), got "
+                         f"stride {workspace.stride(0)}: size it with moe_a2a_get_workspace_size_per_rank")
+    if workspace.data_ptr() % 16:
+        raise ValueError(f"workspace must start on a 16-byte boundary, got address {workspace.data_ptr():#x}")
     return workspace
 
 

@@ -1,11 +1,17 @@
-"""Typed views of one rank's regions of a workspace, and the addresses of its flags.
+"""Typed views of one rank's regions of a workspace, its protocol words, and its round state.
 
 Views onto other ranks' segments are strided tensors `[ep_size, ...]` whose row stride is the
 workspace's segment stride, so a kernel reaches segment t as `base + t * stride` in int64.
+
+What the host knows about a rank's rounds (the live round, the host-mapped copy of its fault
+record) lives in a `RankState` shared by every tensor over the same storage: a second tensor
+object over the same workspace (a view, a re-wrap) sees the same live round and the same fault,
+and it lives exactly as long as the memory (a new allocation starts with a fresh one).
 """
 
 from __future__ import annotations
 
+import ctypes
 import weakref
 from dataclasses import dataclass
 from functools import cached_property
@@ -13,9 +19,61 @@ from functools import cached_property
 import torch
 
 from a2a import envs, validation
-from a2a.errors import A2ATimeoutError
-from a2a.layout import ROUND_STATE_LEN, RoundState, TimeoutPhase, WorkspaceLayout, num_route_blocks
-from a2a.runtime.scheduler import PhaseSignals
+from a2a.errors import A2AFaultError, PhaseError, fault_error
+from a2a.layout import ROUND_STATE_LEN, RoundState, WorkspaceLayout, num_route_blocks
+from a2a.runtime.protocol import FAULT_RECORD_WORDS, SIGNATURE_WORDS, FlagArray, Phase
+from a2a.runtime.streams import FlagWait
+
+
+@dataclass
+class LiveRound:
+    """A dispatched round of one rank that has not been combined yet."""
+
+    owner: str  # who dispatched it, named in errors ("moe_a2a_dispatch", or a MoeAlltoAll)
+    owner_id: int  # id() of the MoeAlltoAll, 0 for the functional API
+    num_tokens: int  # rows of the dispatch's token tensors
+    runtime_max_tokens: int
+    combine_offset: int
+
+
+@dataclass(eq=False)
+class RankState:
+    """The host's knowledge of one rank's rounds on one piece of workspace memory."""
+
+    host_record: object | None  # HostMappedWords on CUDA (the kernels write it), None on the CPU
+    live: LiveRound | None = None
+    rounds_seen: int = 0  # dispatches the host saw on this memory (0: a copy it knows nothing of)
+
+
+# storage -> {(byte offset of the rank's segment in it, segment stride, size): RankState}. Storage
+# objects are unique per allocation while it lives (torch keeps their Python object), so the
+# entry goes with the memory, and every tensor over it finds the same state.
+_rank_states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _rank_state_for(workspace: torch.Tensor, ep_rank: int) -> RankState:
+    storage = workspace.untyped_storage()
+    key = (workspace.data_ptr() - storage.data_ptr() + ep_rank * workspace.stride(0), workspace.stride(0),
+           workspace.shape[1])  # fmt: skip
+    states = _rank_states.setdefault(storage, {})
+    state = states.get(key)
+    if state is None:
+        host_record = None
+        if workspace.device.type == "cuda":
+            from a2a.runtime.host_mapped import HostMappedWords
+
+            host_record = HostMappedWords(FAULT_RECORD_WORDS, workspace.device)
+        state = states[key] = RankState(host_record)
+    return state
+
+
+def reset_rank_state(workspace: torch.Tensor, ep_rank: int) -> None:
+    """Forget the host's knowledge of this rank's rounds (its segment was just zeroed)."""
+    state = _rank_state_for(workspace, ep_rank)
+    state.live = None
+    state.rounds_seen = 0
+    if state.host_record is not None:
+        ctypes.memset(ctypes.addressof(state.host_record.words), 0, 4 * FAULT_RECORD_WORDS)
 
 
 @dataclass(frozen=True, eq=False)
@@ -39,6 +97,11 @@ class RankWorkspace:
         """Bytes between two segments (may exceed size_per_rank)."""
         return self.workspace.stride(0)
 
+    @property
+    def stride_rank(self) -> int:
+        """int32 elements between two segments (what the kernels take)."""
+        return self.segment_stride // 4
+
     def own(self, offset: int, numel: int, dtype: torch.dtype = torch.int32) -> torch.Tensor:
         """Own segment bytes [offset, offset + numel * itemsize) as a 1-D `dtype` tensor."""
         nbytes = numel * dtype.itemsize
@@ -48,9 +111,17 @@ class RankWorkspace:
         """Address of byte `offset` of this rank's segment."""
         return self.workspace.data_ptr() + self.ep_rank * self.segment_stride + offset
 
+    def address(self, rank: int, offset: int) -> int:
+        """Address of byte `offset` of segment `rank`."""
+        return self.workspace.data_ptr() + rank * self.segment_stride + offset
+
     def every_rank(self, offset: int, nbytes: int, dtype: torch.dtype) -> torch.Tensor:
         """Bytes [offset, offset + nbytes) of every segment as `[ep_size, nbytes / itemsize]` of `dtype`."""
         return self.workspace[:, offset : offset + nbytes].view(dtype)
+
+    @cached_property
+    def state(self) -> RankState:
+        return _rank_state_for(self.workspace, self.ep_rank)
 
     @cached_property
     def send_counters(self) -> torch.Tensor:
@@ -68,6 +139,15 @@ class RankWorkspace:
     def round_state(self) -> torch.Tensor:
         return self.own(self.layout.round_state_offset, ROUND_STATE_LEN)
 
+    def round_word(self, index: int) -> torch.Tensor:
+        """Word `index` (a RoundState index) of the own round state as a `[1]` int32 view."""
+        return self.round_state[index : index + 1]
+
+    @cached_property
+    def fault_record(self) -> torch.Tensor:
+        first = RoundState.FAULT_RECORD
+        return self.round_state[first : first + FAULT_RECORD_WORDS]
+
     @cached_property
     def block_counts(self) -> torch.Tensor:
         blocks = num_route_blocks(self.layout.max_num_tokens)
@@ -77,47 +157,99 @@ class RankWorkspace:
     def block_invalid(self) -> torch.Tensor:
         return self.own(self.layout.block_invalid_offset, num_route_blocks(self.layout.max_num_tokens))
 
-    def flags_every_rank(self, flags_offset: int) -> torch.Tensor:
-        """A phase's flag array in every segment, `[ep_size, ep_size]` int32 (row t: segment t)."""
-        return self.every_rank(flags_offset, 4 * self.ep_size, torch.int32)
+    @cached_property
+    def flag_block_every_rank(self) -> torch.Tensor:
+        """The three flag arrays of every segment, `[ep_size, 3 * flag_array_stride]` int32."""
+        return self.every_rank(self.layout.dispatch_flags_offset, 4 * 3 * self.layout.flag_array_stride, torch.int32)
 
-    def phase_signals(self, phase_code: int, active_rank_mask: int) -> PhaseSignals:
-        """The flag words of a phase (TimeoutPhase code) among the active ranks (bit r: rank r)."""
-        flags_offset = (self.layout.dispatch_flags_offset if phase_code == TimeoutPhase.DISPATCH
-                        else self.layout.combine_flags_offset)  # fmt: skip
-        base = self.workspace.data_ptr()
-        stride = self.segment_stride
-        own = base + self.ep_rank * stride
-        state = own + self.layout.round_state_offset
+    def signatures_every_rank(self, phase: Phase) -> torch.Tensor:
+        """A phase's signature rows of every segment, `[ep_size, ep_size * SIGNATURE_WORDS]` int32."""
+        return self.every_rank(self.layout.signatures_offset_of(_signature_row(phase)),
+                               4 * self.ep_size * SIGNATURE_WORDS, torch.int32)  # fmt: skip
+
+    @property
+    def host_record_address(self) -> int:
+        """Device address of the host-mapped fault record (0 on the CPU)."""
+        record = self.state.host_record
+        return 0 if record is None else record.device_address
+
+    def flag_wait(self, phase: Phase, active_rank_mask: int, timeout_ms: int) -> FlagWait:
+        """The host wait (CPU path) of `phase` among the active ranks (bit r: rank r)."""
+        layout = self.layout
+        row = FlagArray.GATHER if phase is Phase.ORDERING else FlagArray(_signature_row(phase))
+        flags_offset = layout.dispatch_flags_offset + 4 * layout.flag_array_stride * row
         peers = tuple(r for r in range(self.ep_size) if active_rank_mask >> r & 1)
-        return PhaseSignals(
-            what=TimeoutPhase.NAMES[phase_code],
-            ep_rank=self.ep_rank,
-            peer_ranks=peers,
-            signal_addresses=tuple(base + t * stride + flags_offset + 4 * self.ep_rank for t in peers),
-            wait_addresses=tuple(own + flags_offset + 4 * s for s in peers),
-            flag_value_address=state + 4 * RoundState.FLAG_VALUE,
-            phase_code=phase_code,
-            timeout_record_address=state + 4 * RoundState.TIMEOUT_STATUS,
-        )
+        value_index = RoundState.GATHER_COUNT if phase is Phase.ORDERING else RoundState.FLAG_VALUE
+        state = layout.round_state_offset
+        poison = tuple(self.address(t, layout.dispatch_flags_offset + 4 * (layout.flag_array_stride * a + self.ep_rank))
+                       for t in peers if t != self.ep_rank for a in FlagArray)  # fmt: skip
+        signatures: tuple[int, ...] = ()
+        own_signature = 0
+        if phase is not Phase.ORDERING:
+            rows = layout.signatures_offset_of(_signature_row(phase))
+            signatures = tuple(self.own_address(rows + 4 * SIGNATURE_WORDS * s) for s in peers)
+            own_signature = self.own_address(rows + 4 * SIGNATURE_WORDS * self.ep_rank)
+        return FlagWait(
+            phase=phase, waiting_rank=self.ep_rank, peer_ranks=peers,
+            flag_addresses=tuple(self.own_address(flags_offset + 4 * s) for s in peers),
+            value_address=self.own_address(state + 4 * value_index),
+            record_address=self.own_address(state + 4 * RoundState.FAULT_RECORD), poison_addresses=poison,
+            signature_addresses=signatures, own_signature_address=own_signature, signature_words=SIGNATURE_WORDS,
+            timeout_ms=timeout_ms,
+        )  # fmt: skip
 
-    @cached_property
-    def flag_value(self) -> torch.Tensor:
-        return self.round_state[RoundState.FLAG_VALUE : RoundState.FLAG_VALUE + 1]
-
-    @cached_property
-    def timeout_status(self) -> torch.Tensor:
-        first = RoundState.TIMEOUT_STATUS
-        return self.round_state[first : first + RoundState.TIMEOUT_STATUS_LEN]
-
-    @cached_property
-    def host_timeout_status(self):
-        """Host-mapped copy of `timeout_status` (CUDA only; None on the CPU, where the host waits)."""
-        if self.workspace.device.type != "cuda":
+    def fault(self) -> A2AFaultError | None:
+        """The fault this rank recorded, if any (no synchronisation: on CUDA the host-mapped copy,
+        which the kernels write when they record and whenever they find the rank faulted)."""
+        record = self.state.host_record
+        if record is not None:
+            if record.words[0] == 0:
+                return None
+            return fault_error(record.read(), self.ep_rank)
+        address = self.own_address(self.layout.round_state_offset + 4 * RoundState.FAULT_RECORD)
+        if ctypes.c_int32.from_address(address).value == 0:
             return None
-        from a2a.runtime.host_mapped import HostMappedWords
+        return fault_error(list((ctypes.c_int32 * FAULT_RECORD_WORDS).from_address(address)), self.ep_rank)
 
-        return HostMappedWords(RoundState.TIMEOUT_STATUS_LEN, self.workspace.device)
+    def raise_if_faulted(self) -> None:
+        """Raise the recorded fault (`A2AFaultError`), if any. Once recorded, every later call raises."""
+        error = self.fault()
+        if error is not None:
+            raise error
+
+    # The round this rank has dispatched and not yet combined (one per workspace and rank).
+    def begin_round(self, owner: str, owner_id: int, num_tokens: int, runtime_max_tokens: int,
+                    combine_offset: int) -> None:  # fmt: skip
+        self.state.live = LiveRound(owner, owner_id, num_tokens, runtime_max_tokens, combine_offset)
+        self.state.rounds_seen += 1
+
+    def check_no_live_round(self, what: str, owner_id: int) -> None:
+        live = self.state.live
+        if live is not None:
+            who = "this instance" if live.owner_id == owner_id and owner_id else live.owner
+            raise PhaseError(
+                f"{what} on rank {self.ep_rank}: this workspace already has a live round on this rank, dispatched "
+                f"by {who} (runtime_max_tokens_per_rank={live.runtime_max_tokens}) and not combined yet. One round "
+                "per workspace and rank may be live: combine it first, or give the other user its own workspace"
+            )
+
+    def live_round_for(self, what: str, owner_id: int) -> LiveRound | None:
+        """The live round a combine ends. None only where the host saw no dispatch on this memory
+        at all (a copy made by torch.library / functionalization): the kernels then check the
+        combine against the dispatch recorded in the workspace."""
+        live = self.state.live
+        if live is None:
+            if owner_id == 0 and self.state.rounds_seen == 0:
+                return None
+            raise PhaseError(f"{what} on rank {self.ep_rank}: no live round on this workspace (its last round was "
+                             "already combined, or none was dispatched): dispatch first")  # fmt: skip
+        if owner_id and live.owner_id != owner_id:
+            raise PhaseError(f"{what} on rank {self.ep_rank}: the live round on this workspace was dispatched by "
+                             f"{live.owner}, not by this instance")  # fmt: skip
+        return live
+
+    def end_round(self) -> None:
+        self.state.live = None
 
     @cached_property
     def plans(self) -> dict:
@@ -143,22 +275,16 @@ class RankWorkspace:
             del plans[next(iter(plans))]
         plans[key] = plan
 
-    def raise_if_timed_out(self) -> None:
-        """Raise `A2ATimeoutError` if a wait of this rank timed out (no synchronisation: on CUDA this
-        reads the host-mapped record). Once a timeout is recorded, every later call raises."""
-        status = self.host_timeout_status
-        if status is not None:
-            if status.words[0] == 0:
-                return
-            phase, low, high, _ = status.read()
-        else:
-            phase, low, high, _ = self.timeout_status.tolist()
-            if phase == 0:
-                return
-        mask = (low & 0xFFFFFFFF) | ((high & 0xFFFFFFFF) << 32)
-        missing = [r for r in range(self.ep_size) if mask >> r & 1]
-        raise A2ATimeoutError(TimeoutPhase.NAMES.get(phase, f"phase {phase}"), self.ep_rank, missing,
-                              envs.signal_timeout_s())  # fmt: skip
+
+def _signature_row(phase: Phase) -> int:
+    """Row of a phase in the signatures region (0: dispatch, 1: combine)."""
+    return 0 if phase is Phase.DISPATCH else 1
+
+
+def timeout_of_plan() -> tuple[int, int]:
+    """(timeout_ns, timeout_ms) of a wait planned now (A2A_SIGNAL_TIMEOUT_S)."""
+    seconds = envs.signal_timeout_s()
+    return min(int(seconds * 1e9), 2**62), min(max(1, int(seconds * 1e3)), 2**31 - 1)
 
 
 # id(workspace tensor) -> (weak reference, {(layout, ep_rank): RankWorkspace, and for

@@ -28,7 +28,7 @@ import a2a  # noqa: E402
 from a2a import configs  # noqa: E402
 from a2a.combine import _gather_launch  # noqa: E402
 from a2a.dispatch import _copy_launch, _row_bytes  # noqa: E402
-from a2a.runtime.streams import SignalMode  # noqa: E402
+from a2a.barrier import signature_tensor  # noqa: E402
 from a2a.workspace import resolve_rank_workspace  # noqa: E402
 from bench.harness import Round  # noqa: E402
 
@@ -63,8 +63,10 @@ def tune_shape(world: a2a.SimulatedWorld, shape: str, tokens: int) -> dict[str, 
     full = (1 << world.ep_size) - 1
     results = {}
 
+    # The copy alone, timed on rank 0: its last program signals but does not wait for the peers.
+    signature = signature_tensor([], rank_workspace.workspace.device)
     copy, unit_dtypes, _ = _copy_launch(rank_workspace, payloads, rank_workspace.round_state, False, round_layout,
-                                        moe.top_k, SignalMode.STREAM_MEMOPS, full)  # fmt: skip
+                                        moe.top_k, signature, full, wait_in_kernel=False)  # fmt: skip
     widest = max(range(len(payloads)), key=lambda p: _row_bytes(payloads[p]))
     unit_bytes = unit_dtypes[widest].itemsize
     row_units = _row_bytes(payloads[widest]) // unit_bytes
@@ -75,7 +77,8 @@ def tune_shape(world: a2a.SimulatedWorld, shape: str, tokens: int) -> dict[str, 
         heuristic=f"tile={heuristic.tile},warps={heuristic.num_warps}")
 
     output = torch.empty(tokens, round_.hidden, dtype=torch.bfloat16, device="cuda")
-    gather = _gather_launch(rank_workspace, planes[0], round_layout.combine_offset, output, moe.top_k)
+    gather = _gather_launch(rank_workspace, planes[0], round_layout.combine_offset, output, moe.top_k, None, full,
+                            wait_in_kernel=False)  # fmt: skip
     best, timings = autotune(gather, round_.hidden, 2, tokens)
     heuristic = configs._tile_for(round_.hidden, 2)
     results[("combine", configs.table_key(round_.hidden * 2, moe.top_k, world.ep_size))] = dict(

@@ -37,6 +37,9 @@ DISPATCH_PAYLOADS = (
 COMBINE_ROW_BYTES = HIDDEN * 2
 
 
+from a2a.runtime.protocol import SIGNATURE_WORDS  # noqa: E402
+
+
 def _aux_rules() -> dict[str, tuple[str, int]]:
     """field -> (size rule as text, unaligned bytes) for the example; one entry per aux field."""
     ep, tokens = EP_SIZE, MAX_NUM_TOKENS
@@ -49,6 +52,8 @@ def _aux_rules() -> dict[str, tuple[str, int]]:
         "recv_counters": (f"4 × ep_size = 4 × {ep}", 4 * ep),
         "dispatch_flags": (f"4 × ep_size = 4 × {ep}", 4 * ep),
         "combine_flags": (f"4 × ep_size = 4 × {ep}", 4 * ep),
+        "gather_flags": (f"4 × ep_size = 4 × {ep}", 4 * ep),
+        "signatures": (f"4 × 2 × ep_size × SIGNATURE_WORDS = 4 × 2 × {ep} × {SIGNATURE_WORDS}", 4 * 2 * ep * SIGNATURE_WORDS),
         "round_state": (f"4 × {state_len}", 4 * state_len),
         "topk_target_ranks": topk,
         "topk_send_indices": topk,

@@ -8,10 +8,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import a2a
+from a2a.runtime.protocol import SIGNATURE_WORDS
 from a2a.layout import (
     MAX_PAYLOADS,
     MAX_TOP_K,
     METAINFO_FIELDS,
+    ROUND_STATE_LEN,
     PLANE_ALIGN,
     REGION_ALIGN,
     WorkspaceLayout,
@@ -30,7 +32,9 @@ def region_sizes(layout: WorkspaceLayout) -> dict[str, int]:
         "recv_counters_offset": 4 * ep,
         "dispatch_flags_offset": 4 * ep,
         "combine_flags_offset": 4 * ep,
-        "round_state_offset": 16,
+        "gather_flags_offset": 4 * ep,
+        "signatures_offset": 4 * 2 * ep * SIGNATURE_WORDS,
+        "round_state_offset": 4 * ROUND_STATE_LEN,
         "topk_target_ranks_offset": topk,
         "topk_send_indices_offset": topk,
         "topk_local_slots_offset": topk,

@@ -97,12 +97,15 @@ def _fault_rank(rank: int, world_size: int, device: str, fault: str) -> dict:
             try:
                 moe.dispatch(inputs.experts[rank].to(world.device), inputs.payloads(rank, world.device), 9)
                 moe.synchronize()
-            except a2a.A2ATimeoutError as error:
-                result.update(what=error.what, missing=list(error.missing_ranks), seconds=time.monotonic() - start)
+            except a2a.A2AFaultError as error:
+                # The first rank to time out names the silent rank; a rank that sees its poison first
+                # names it as failed and the silent rank as still missing.
+                result.update(what=error.what, error=type(error).__name__, missing=list(error.missing_ranks),
+                              seconds=time.monotonic() - start)  # fmt: skip
             start = time.monotonic()
             try:  # the next round: raises at once (before any phase check)
                 moe.dispatch(inputs.experts[rank].to(world.device), inputs.payloads(rank, world.device), 9)
-            except a2a.A2ATimeoutError:
+            except a2a.A2AFaultError:
                 result["sticky_seconds"] = time.monotonic() - start
     finally:
         del moe
@@ -114,8 +117,10 @@ def _check_silent(results: list[dict], world_size: int) -> None:
     for rank in range(world_size - 1):
         got = results[rank]
         assert got.get("missing") == [world_size - 1] and got["what"] == "dispatch", (rank, got)
+        assert got["error"] in ("A2ATimeoutError", "A2APeerFailedError"), (rank, got)
         assert got["seconds"] < TIMEOUT_S + SLACK_S, (rank, got)
         assert got.get("sticky_seconds", 99) < 1.0, (rank, got)
+    assert any(results[rank]["error"] == "A2ATimeoutError" for rank in range(world_size - 1)), results
     assert results[-1] == {}
 
 

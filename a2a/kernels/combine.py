@@ -4,15 +4,22 @@
 caller's `[EP_SIZE, rt, ROW_UNITS]` payload into this rank's combine plane when
 `j < recv_counters[s]` (stale rows are never read by peers, so they are not copied).
 
-`_combine_kernel`, grid `(num_tokens, num_tiles)`: output row `i`, column tile `c` =
+`_combine_kernel`, grid `(max(1, num_tokens), num_tiles)`: output row `i`, column tile `c` =
 sum over k = 0..TOP_K-1 (in that order) of segment `t_k`'s combine plane row `[ep_rank][slot_k]`,
 accumulated in fp32 and cast to the output dtype; a k with target -1 adds an exact zero. With
 HAS_SCALES the plane holds quantized (fp8) rows and each row is multiplied by its fp32 scale from
-the scales plane of the same segment before it is added.
+the scales plane of the same segment before it is added. A rank that has recorded a fault reads
+no peer and writes NaN rows (a2a.runtime.protocol); so does a combine whose token rows or rt differ
+from this rank's last dispatch (recorded in the workspace by the dispatch copy), which records the
+fault. Every program then takes part in an acq_rel
+election; the last one tells every peer that this rank's gather is done (its gather flag), which
+the peers' next dispatch waits for before writing (a2a.kernels.signal._await_previous_gathers).
 """
 
 import triton
 import triton.language as tl
+
+from a2a.kernels.signal import _record_round_mismatch, _signal_gathered
 
 
 @triton.jit
@@ -49,7 +56,8 @@ def _stage_combine_kernel(
         tl.store(dst_ptr + row * ROW_UNITS + cols, values, mask=col_mask)
 
 
-@triton.jit(do_not_specialize=["runtime_max_tokens", "ep_rank", "stride_scales_rank"])
+@triton.jit(do_not_specialize=["runtime_max_tokens", "ep_rank", "stride_scales_rank", "num_tokens", "stride_rank",
+                               "active_low", "active_high", "host_record_ptr"])
 def _combine_kernel(
     plane_ptr,  # combine plane of segment 0, [EP_SIZE, runtime_max_tokens, HIDDEN], payload dtype
     stride_plane_rank,  # elements between the combine planes of two consecutive segments
@@ -60,32 +68,66 @@ def _combine_kernel(
     topk_send_indices_ptr,  # [num_tokens, TOP_K] int32, own segment
     runtime_max_tokens,
     ep_rank,
+    num_tokens,  # rows of out (the grid has max(1, num_tokens) rows, so a rank without tokens signals)
+    election_ptr,  # [1] int32, own segment: gather programs finished (reset by the last)
+    gather_count_ptr,  # [1] int32, own segment: gathers this rank finished
+    flags_ptr,  # [3, EP_SIZE] int32 flag block of segment 0; segment t at + t * stride_rank
+    stride_rank,  # int32 elements between two segments
+    fault_record_ptr,  # [FAULT_RECORD_WORDS] int32, own segment
+    host_record_ptr,  # int64 address of its host-mapped copy (0 without one)
+    dispatch_rows_ptr,  # [1] int32, own segment: token rows of the last dispatch
+    dispatch_rt_ptr,  # [1] int32, own segment: its runtime_max_tokens_per_rank
+    active_low,  # active-rank mask, bits 0..31 (int32)
+    active_high,  # bits 32..63
     HIDDEN: tl.constexpr,
     TOP_K: tl.constexpr,
     TILE: tl.constexpr,
     HAS_SCALES: tl.constexpr,
+    EP_SIZE: tl.constexpr,
+    EP_PAD: tl.constexpr,
+    FLAG_ARRAY_STRIDE: tl.constexpr,
+    HAS_HOST_RECORD: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
-    cols = tile * TILE + tl.arange(0, TILE)
-    col_mask = cols < HIDDEN
-    first_row = ep_rank.to(tl.int64) * runtime_max_tokens
-    acc = tl.zeros([TILE], dtype=tl.float32)
-    # Unrolled so the TOP_K independent row loads are in flight together.
-    for k in tl.static_range(TOP_K):
-        target = tl.load(topk_target_ranks_ptr + token * TOP_K + k)
-        slot = tl.load(topk_send_indices_ptr + token * TOP_K + k)
-        sends = target >= 0
-        row = first_row + tl.where(sends, slot, 0)
-        src = plane_ptr + tl.where(sends, target, 0).to(tl.int64) * stride_plane_rank + row * HIDDEN
-        mask = col_mask & (cols * 0 + target >= 0)  # a tensor mask: Triton 3.9's interpreter rejects scalar & tensor
-        values = tl.load(src + cols, mask=mask, other=0.0).to(tl.float32)
-        if HAS_SCALES:
-            scale = tl.load(scales_ptr + tl.where(sends, target, 0).to(tl.int64) * stride_scales_rank + row)
-            values = values * tl.where(sends, scale, 0.0)
-        acc += values
-    if out_ptr.dtype.element_ty == tl.bfloat16:
-        result = _round_to_bf16(acc)
-    else:
-        result = acc.to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + token * HIDDEN + cols, result, mask=col_mask)
+    dispatch_rows = tl.load(dispatch_rows_ptr)
+    dispatch_rt = tl.load(dispatch_rt_ptr)
+    matches_dispatch = (dispatch_rows == num_tokens) & (dispatch_rt == runtime_max_tokens)
+    if token < num_tokens:
+        cols = tile * TILE + tl.arange(0, TILE)
+        col_mask = cols < HIDDEN
+        acc = tl.zeros([TILE], dtype=tl.float32)
+        if (tl.load(fault_record_ptr) == 0) & matches_dispatch:
+            first_row = ep_rank.to(tl.int64) * runtime_max_tokens
+            # Unrolled so the TOP_K independent row loads are in flight together.
+            for k in tl.static_range(TOP_K):
+                target = tl.load(topk_target_ranks_ptr + token * TOP_K + k)
+                slot = tl.load(topk_send_indices_ptr + token * TOP_K + k)
+                sends = target >= 0
+                row = first_row + tl.where(sends, slot, 0)
+                src = plane_ptr + tl.where(sends, target, 0).to(tl.int64) * stride_plane_rank + row * HIDDEN
+                mask = col_mask & (cols * 0 + target >= 0)  # a tensor mask: Triton 3.9's interpreter rejects scalar & tensor
+                values = tl.load(src + cols, mask=mask, other=0.0).to(tl.float32)
+                if HAS_SCALES:
+                    scale = tl.load(scales_ptr + tl.where(sends, target, 0).to(tl.int64) * stride_scales_rank + row)
+                    values = values * tl.where(sends, scale, 0.0)
+                acc += values
+        else:  # this round is lost: never hand back numbers that look valid
+            acc += float("nan")
+        if out_ptr.dtype.element_ty == tl.bfloat16:
+            result = _round_to_bf16(acc)
+        else:
+            result = acc.to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + token * HIDDEN + cols, result, mask=col_mask)
+
+    # Every thread's loads are done (their values are stored) before the election publishes them.
+    tl.debug_barrier()
+    finished = tl.atomic_add(election_ptr, 1, sem="acq_rel", scope="gpu")
+    if finished == tl.num_programs(0) * tl.num_programs(1) - 1:
+        tl.store(election_ptr, 0)
+        if (tl.load(fault_record_ptr, volatile=True) == 0) & (~matches_dispatch):
+            _record_round_mismatch(dispatch_rows, dispatch_rt, num_tokens, runtime_max_tokens, flags_ptr, stride_rank,
+                                   fault_record_ptr, host_record_ptr, active_low, active_high, ep_rank, EP_SIZE, EP_PAD,
+                                   FLAG_ARRAY_STRIDE, HAS_HOST_RECORD)
+        _signal_gathered(gather_count_ptr, flags_ptr, stride_rank, fault_record_ptr, active_low, active_high, ep_rank,
+                         EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE)

@@ -8,10 +8,11 @@ receive plane row `[ep_rank][slot]` of segment `t`, where
 tile 0 also store the final slots in `topk_send_indices` for combine.
 
 Programs of tokens >= num_tokens (with COUNT_FROM_DEVICE: the count at `num_tokens_ptr`, clamped
-to [0, num_tokens]) copy nothing (the grid has at least one token row, so a rank
-without tokens still signals). With SIGNAL, every program then takes part in an acq_rel election
-and the last one runs the dispatch barrier (a2a.kernels.signal): its release makes every program's
-stores visible to the peers before the flags.
+to [0, num_tokens]) copy nothing (the grid has at least one token row, so a rank without tokens
+still signals), nor does any program of a rank that has recorded a fault (a2a.runtime.protocol:
+no remote store after a fault). Every program then takes part in an acq_rel election and the last
+one runs the dispatch barrier (a2a.kernels.signal): its release makes every program's stores
+visible to the peers before the flag, and its wait compares the peers' round signatures.
 
 Payloads are copied as opaque units (int32 / int16 / uint8 views chosen by the launcher from row
 bytes and alignment); VEC_UNITS[p] > 1 promises that every source and destination row of payload
@@ -21,7 +22,7 @@ p starts on a VEC_UNITS-unit boundary, so loads and stores can be 16-byte vector
 import triton
 import triton.language as tl
 
-from a2a.kernels.signal import _signal_and_wait
+from a2a.kernels.signal import _phase_barrier
 
 
 @triton.jit
@@ -61,8 +62,8 @@ def _copy_row_tile(src_ptr, dst_ptr, dst_stride, token, tile, block, topk_row, f
             tl.store(dst_ptr + offsets[:, None] + cols[None, :], values, mask=sends[:, None] & col_mask[None, :])
 
 
-@triton.jit(do_not_specialize=["num_tokens", "runtime_max_tokens", "ep_rank", "stride_flags_rank", "host_status_ptr",
-                               "timeout_ns", "active_low", "active_high"],
+@triton.jit(do_not_specialize=["num_tokens", "runtime_max_tokens", "ep_rank", "stride_rank", "host_record_ptr",
+                               "timeout_ns", "timeout_ms", "active_low", "active_high"],
             do_not_specialize_on_alignment=["src_ptrs"])
 def _dispatch_copy_kernel(
     src_ptrs,  # tuple of NUM_PAYLOADS: [num_tokens, ROW_UNITS[p]] copy units, the caller's payloads
@@ -72,13 +73,18 @@ def _dispatch_copy_kernel(
     topk_local_slots_ptr,  # [num_tokens, TOP_K] int32, own segment
     block_offsets_ptr,  # [num_blocks, EP_SIZE] int32, own segment
     topk_send_indices_ptr,  # [num_tokens, TOP_K] int32, own segment (written here)
+    dispatch_rows_ptr,  # [1] int32, own segment: this dispatch's token rows, for combine's check
+    dispatch_rt_ptr,  # [1] int32, own segment: its runtime_max_tokens
     election_ptr,  # [1] int32, own segment: programs finished (reset by the last)
-    flag_value_ptr,  # [1] u32, own segment
-    flags_ptr,  # [EP_SIZE] int32: dispatch flags of segment 0; segment t at + t * stride_flags_rank
-    stride_flags_rank,
-    timeout_status_ptr,  # [4] int32, own segment
-    host_status_ptr,  # int64 address of the host-mapped timeout record (0 without one)
+    flag_value_ptr,  # [1] int32, own segment: this rank's epoch counter
+    flags_ptr,  # [3, EP_SIZE] int32 flag block of segment 0; segment t at + t * stride_rank
+    signatures_ptr,  # [EP_SIZE, SIGNATURE_WORDS] int32: dispatch signatures of segment 0
+    own_signature_ptr,  # [SIGNATURE_WORDS] int32: this rank's dispatch signature
+    stride_rank,  # int32 elements between two segments
+    fault_record_ptr,  # [FAULT_RECORD_WORDS] int32, own segment
+    host_record_ptr,  # int64 address of its host-mapped copy (0 without one)
     timeout_ns,
+    timeout_ms,
     active_low,  # active-rank mask, bits 0..31 (int32)
     active_high,  # bits 32..63
     num_tokens_ptr,  # [1] int32: real tokens (read with COUNT_FROM_DEVICE)
@@ -94,20 +100,24 @@ def _dispatch_copy_kernel(
     BLOCK_TOKENS: tl.constexpr,
     TILE: tl.constexpr,
     EP_PAD: tl.constexpr,  # next power of 2 >= EP_SIZE
-    SIGNAL: tl.constexpr,  # run the dispatch barrier's signal in the last program
-    WAIT: tl.constexpr,  # ... and its wait
-    HAS_HOST_STATUS: tl.constexpr,
-    PHASE: tl.constexpr,  # timeout code of this phase
+    PHASE: tl.constexpr,  # protocol.Phase.DISPATCH
+    FLAG_ROW: tl.constexpr,  # protocol.FlagArray.DISPATCH
+    FLAG_ARRAY_STRIDE: tl.constexpr,  # int32 elements between two flag arrays of a segment
+    SIGNATURE_WORDS: tl.constexpr,
+    WAIT: tl.constexpr,  # the last program waits (CUDA; the host waits on the CPU)
+    HAS_HOST_RECORD: tl.constexpr,
     COUNT_FROM_DEVICE: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
+    num_rows = num_tokens
     if COUNT_FROM_DEVICE:
         num_tokens = tl.minimum(tl.maximum(tl.load(num_tokens_ptr), 0), num_tokens)
     tile = tl.program_id(1)
     block = token // BLOCK_TOKENS
     topk_row = token * TOP_K
 
-    if token < num_tokens:
+    healthy = tl.load(fault_record_ptr) == 0
+    if (token < num_tokens) & healthy:
         first_row = ep_rank.to(tl.int64) * runtime_max_tokens
         if tile == 0:
             for chunk in tl.static_range(triton.cdiv(TOP_K, K_CHUNK)):
@@ -121,13 +131,14 @@ def _dispatch_copy_kernel(
                            topk_target_ranks_ptr, topk_local_slots_ptr, block_offsets_ptr,
                            ROW_UNITS[p], VEC_UNITS[p], TOP_K, EP_SIZE, TILE, K_CHUNK)
 
-    if SIGNAL:
-        # Every thread's stores must be issued before the election increment publishes them.
-        tl.debug_barrier()
-        num_programs = tl.num_programs(0) * tl.num_programs(1)
-        finished = tl.atomic_add(election_ptr, 1, sem="acq_rel", scope="gpu")
-        if finished == num_programs - 1:
-            tl.store(election_ptr, 0)
-            _signal_and_wait(flag_value_ptr, flags_ptr, stride_flags_rank, timeout_status_ptr, host_status_ptr,
-                             timeout_ns, active_low, active_high, ep_rank, PHASE, EP_SIZE, EP_PAD, WAIT,
-                             HAS_HOST_STATUS)
+    # Every thread's stores must be issued before the election increment publishes them.
+    tl.debug_barrier()
+    num_programs = tl.num_programs(0) * tl.num_programs(1)
+    finished = tl.atomic_add(election_ptr, 1, sem="acq_rel", scope="gpu")
+    if finished == num_programs - 1:
+        tl.store(election_ptr, 0)
+        tl.store(dispatch_rows_ptr, num_rows)
+        tl.store(dispatch_rt_ptr, runtime_max_tokens)
+        _phase_barrier(flag_value_ptr, flags_ptr, signatures_ptr, own_signature_ptr, stride_rank, fault_record_ptr,
+                       host_record_ptr, timeout_ns, timeout_ms, active_low, active_high, ep_rank, PHASE, FLAG_ROW,
+                       EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE, SIGNATURE_WORDS, WAIT, HAS_HOST_RECORD)

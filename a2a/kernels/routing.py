@@ -11,7 +11,10 @@ like a repeat (not counted as invalid); the last program writes no counter into 
 and zeroes its own `recv_counters` of inactive sources, so sanitize and combine skip them.
 The last program to finish (an acq_rel election counter, reset by that program so the next round,
 or a graph replay, starts from zero) turns the counts into exclusive per-block offsets, writes
-`send_counters`, and stores `recv_counters[ep_rank]` into every target's segment. A token's final
+`send_counters`, then (WAIT) waits until every active peer has finished gathering the previous
+round (a2a.kernels.signal._await_previous_gathers: this round's rows may land where that round's
+combine plane was) and stores `recv_counters[ep_rank]` into every target's segment, unless this
+rank has recorded a fault (then it stores nothing remotely; see a2a.runtime.protocol). A token's final
 slot at target t is `block_offsets[block, t] + topk_local_slots`: the number of earlier local tokens
 sent to t, so receive order equals source order and two runs are bitwise identical.
 
@@ -26,7 +29,7 @@ rewritten here, so no separate reset launch is needed.
 import triton
 import triton.language as tl
 
-from a2a.kernels.signal import _rank_is_active
+from a2a.kernels.signal import _await_previous_gathers, _rank_is_active
 
 
 @triton.jit
@@ -54,7 +57,8 @@ def _first_targets(expert_tile, cols, k, token_mask, num_experts, experts_base, 
 
 
 @triton.jit(do_not_specialize=["num_rows", "num_blocks", "num_experts", "experts_base", "experts_remainder",
-                               "ep_rank", "stride_recv_rank", "active_low", "active_high"],
+                               "ep_rank", "stride_rank", "active_low", "active_high", "host_record_ptr", "timeout_ns",
+                               "timeout_ms"],
             do_not_specialize_on_alignment=["expert_ids_ptr"])
 def _route_kernel(
     expert_ids_ptr,  # [num_tokens, TOP_K] int32: the caller's routing
@@ -62,10 +66,17 @@ def _route_kernel(
     topk_local_slots_ptr,  # [num_tokens, TOP_K] int32, own segment
     block_counts_ptr,  # [num_blocks, EP_SIZE] int32, own segment: counts, then exclusive offsets
     block_invalid_ptr,  # [num_blocks] int32, own segment
-    round_state_ptr,  # [4] int32, own segment: [0] election counter, [1] invalid pairs
+    election_ptr,  # [1] int32, own segment: routing programs finished (reset by the last)
+    invalid_count_ptr,  # [1] int32, own segment: (token, k) pairs skipped for a bad id
     send_counters_ptr,  # [EP_SIZE] int32, own segment
-    recv_counters_ptr,  # [EP_SIZE] int32 in segment 0; segment t at + t * stride_recv_rank
-    stride_recv_rank,  # int32 elements between two segments
+    recv_counters_ptr,  # [EP_SIZE] int32 in segment 0; segment t at + t * stride_rank
+    stride_rank,  # int32 elements between two segments
+    gather_count_ptr,  # [1] int32, own segment: gathers this rank finished
+    flags_ptr,  # [3, EP_SIZE] int32 flag block of segment 0
+    fault_record_ptr,  # [FAULT_RECORD_WORDS] int32, own segment
+    host_record_ptr,  # int64 address of its host-mapped copy (0 without one)
+    timeout_ns,
+    timeout_ms,
     num_tokens_ptr,  # [1] int32: real tokens (read with COUNT_FROM_DEVICE)
     num_rows,  # rows of expert_ids
     num_blocks,  # max(1, cdiv(num_rows, BLOCK_TOKENS)): the grid size
@@ -82,6 +93,9 @@ def _route_kernel(
     BLOCK_TOKENS: tl.constexpr,
     SCAN_BLOCKS: tl.constexpr,
     COUNT_FROM_DEVICE: tl.constexpr,
+    FLAG_ARRAY_STRIDE: tl.constexpr,  # int32 elements between two flag arrays of a segment
+    WAIT: tl.constexpr,  # wait for the previous round's gathers here (CUDA; the host waits on the CPU)
+    HAS_HOST_RECORD: tl.constexpr,
 ):
     block = tl.program_id(0)
     tokens = block.to(tl.int64) * BLOCK_TOKENS + tl.arange(0, BLOCK_TOKENS)
@@ -126,7 +140,7 @@ def _route_kernel(
 
     # Every thread's stores above must be visible before the election increment.
     tl.debug_barrier()
-    finished = tl.atomic_add(round_state_ptr, 1, sem="acq_rel", scope="gpu")
+    finished = tl.atomic_add(election_ptr, 1, sem="acq_rel", scope="gpu")
     if finished == num_blocks - 1:
         carry = tl.zeros([EP_PAD], dtype=tl.int32)
         total_invalid = 0
@@ -142,10 +156,15 @@ def _route_kernel(
             total_invalid += tl.sum(tl.load(block_invalid_ptr + blocks, mask=block_mask, other=0,
                                             cache_modifier=".cg"), axis=0)
         tl.store(send_counters_ptr + ranks, carry, mask=rank_mask)
+        if WAIT:
+            _await_previous_gathers(gather_count_ptr, flags_ptr, stride_rank, fault_record_ptr, host_record_ptr,
+                                    timeout_ns, timeout_ms, active_low, active_high, ep_rank, EP_SIZE, EP_PAD,
+                                    FLAG_ARRAY_STRIDE, HAS_HOST_RECORD)
         active = _rank_is_active(ranks, active_low, active_high)
-        remote = recv_counters_ptr + ranks.to(tl.int64) * stride_recv_rank + ep_rank
-        tl.store(remote, carry, mask=rank_mask & active)
-        own = recv_counters_ptr + ep_rank.to(tl.int64) * stride_recv_rank + ranks
+        healthy = (tl.load(fault_record_ptr + ranks * 0, volatile=True)) == 0  # a tensor, for the mask
+        remote = recv_counters_ptr + ranks.to(tl.int64) * stride_rank + ep_rank
+        tl.store(remote, carry, mask=rank_mask & active & healthy)
+        own = recv_counters_ptr + ep_rank.to(tl.int64) * stride_rank + ranks
         tl.store(own, tl.zeros([EP_PAD], dtype=tl.int32), mask=rank_mask & (~active))
-        tl.store(round_state_ptr + 1, total_invalid)
-        tl.store(round_state_ptr, 0)
+        tl.store(invalid_count_ptr, total_invalid)
+        tl.store(election_ptr, 0)

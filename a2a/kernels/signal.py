@@ -1,33 +1,44 @@
-"""Cross-rank flags inside kernels: one program signals every peer and waits for every peer.
+"""Cross-rank flags inside kernels: signal, bounded wait, round signatures, fault records, poison.
 
-Protocol (one flag array per phase, `u32 [EP_SIZE]` in every segment, never reset):
-- signal: the program bumps this rank's `flag_value` (a counter in its own segment that only it
-  writes), then stores the new value into `flags[ep_rank]` of every segment with system-scope
-  release semantics, so every store this rank made before (earlier kernels on its stream, and the
-  other programs of this kernel, which the caller orders through an acq_rel election counter) is
-  visible to a peer that sees the flag.
-- wait: spin on its own `flags[0 .. EP_SIZE)` until every word equals `flag_value`, then a
-  system-scope acquire fence. Ranks run the same phases in the same order, so their counters
-  agree; a peer can raise a flag again only after a later phase that needs this rank's signal,
-  so equality cannot be overtaken, and u32 wraparound is harmless.
+The protocol and its numbers are `a2a.runtime.protocol`'s (restated below as constexprs, which
+tests/test_protocol.py checks against it). In short, per phase:
 
-Because the value comes from device memory, a CUDA graph replays the protocol unchanged.
+- signal (one program): unless this rank has recorded a fault, bump its `flag_value` (31-bit
+  epoch), store its round signature into `signatures[me]` of every active segment, then store
+  the epoch into `flags[me]` of every active segment with system-scope release semantics, so
+  every store this rank made before (earlier kernels on its stream, and the other programs of
+  this kernel, ordered by the caller through an acq_rel election) is visible to a peer that sees
+  the flag.
+- wait (WAIT): spin until every active `flags[s]` equals the epoch, a peer's flag is FLAG_POISON,
+  or `timeout_ns` of `%globaltimer` passed; system-scope acquire; then compare every peer's
+  signature with this rank's. A poisoned peer, a timeout or a disagreeing peer is recorded in the
+  fault record (own segment, and a host-mapped copy the host reads without synchronising), and
+  the rank poisons its flags in every peer. Ranks run the same phases in the same order, so their
+  epochs agree; a peer can raise a flag again only after a later phase that needs this rank's
+  signal, so equality cannot be overtaken, and wraparound is harmless.
+- a recorded fault is sticky: every later program of the rank skips its waits and remote stores.
 
-Only active ranks take part (`active_low` / `active_high`: bits 0..31 / 32..63 of the active-rank
-mask, as int32): inactive peers (failed or fenced off) are neither signalled nor waited for.
+Because epochs come from device memory, a CUDA graph replays the protocol unchanged. Only active
+ranks take part (`active_low` / `active_high`: bits 0..31 / 32..63 of the active-rank mask).
 
-The wait is bounded: after `timeout_ns` of `%globaltimer` the program records the timeout (phase,
-missing ranks as a 64-bit mask, the awaited value) in this rank's `timeout_status` words and in a
-host-mapped copy the host reads without synchronising, and returns. Once a timeout is recorded,
-later waits of this rank return at once (the round is lost; the host raises), so a dead peer
-costs one timeout, not one per queued phase.
-
-Under the Triton interpreter (CPU) only the signal runs in the kernel; the host waits instead
-(WAIT=False), since interpreted programs run one after another on the calling thread.
+Under the Triton interpreter (CPU) only the signal runs in the kernel; the host waits and judges
+instead (WAIT=False), since interpreted programs run one after another on the calling thread.
 """
 
 import triton
 import triton.language as tl
+
+# a2a.runtime.protocol's numbers.
+FLAG_EPOCH_MASK = tl.constexpr(0x7FFFFFFF)
+FLAG_POISON = tl.constexpr(-1)
+FLAG_ROW_GATHER = tl.constexpr(2)
+PHASE_ORDERING = tl.constexpr(3)
+FAULT_TIMEOUT = tl.constexpr(1)
+FAULT_PEER_FAILED = tl.constexpr(2)
+FAULT_MISMATCH = tl.constexpr(3)
+FAULT_ROUND_MISMATCH = tl.constexpr(4)
+PHASE_COMBINE = tl.constexpr(2)
+NUM_FLAG_ARRAYS = tl.constexpr(3)
 
 
 @triton.jit
@@ -50,91 +61,263 @@ def _rank_is_active(ranks, active_low, active_high):
 
 
 @triton.jit
-def _signal_peers(flag_value_ptr, flags_ptr, stride_flags_rank, ep_rank, active_low, active_high,
-                  EP_SIZE: tl.constexpr, EP_PAD: tl.constexpr):
-    """Bump `flag_value` and store it into `flags[ep_rank]` of every segment (release, system scope).
-
-    flag_value_ptr: own segment, u32 counter. flags_ptr: this phase's flag array of segment 0
-    (int32); segment t's at + t * stride_flags_rank. Returns the new value.
-    """
-    value = tl.load(flag_value_ptr, volatile=True) + 1
-    tl.store(flag_value_ptr, value)
-    ranks = tl.arange(0, EP_PAD)
-    targets = flags_ptr + ranks.to(tl.int64) * stride_flags_rank + ep_rank
-    mask = (ranks < EP_SIZE) & _rank_is_active(ranks, active_low, active_high)
-    tl.atomic_xchg(targets, tl.zeros([EP_PAD], dtype=tl.int32) + value, mask=mask, sem="release", scope="sys")
-    return value
+def _rank_halves(selected, ranks):
+    """A bool vector over ranks as two int32 bit masks (ranks 0..31, 32..63)."""
+    bits = 1 << (ranks & 31)
+    low = tl.sum(tl.where(selected & (ranks < 32), bits, 0), axis=0)
+    high = tl.sum(tl.where(selected & (ranks >= 32), bits, 0), axis=0)
+    return low, high
 
 
 @triton.jit
-def _wait_peers(own_flags_ptr, value, timeout_status_ptr, host_status_ptr, timeout_ns, active_low, active_high,
-                PHASE: tl.constexpr, EP_SIZE: tl.constexpr, EP_PAD: tl.constexpr, HAS_HOST_STATUS: tl.constexpr):
-    """Spin until own `flags[s] == value` for every s, or record a timeout (see the module docstring).
+def _is_faulted(fault_record_ptr):
+    """Whether this rank has recorded a fault (word 0 of its record, own segment)."""
+    return tl.load(fault_record_ptr, volatile=True) != 0
 
-    own_flags_ptr: this phase's flag array of the own segment. timeout_status_ptr: own segment,
-    int32 [4] = (phase, missing ranks 0..31, missing ranks 32..63, value); host_status_ptr: the same
-    four words in host-mapped memory (int64 address, used when HAS_HOST_STATUS).
-    """
+
+@triton.jit
+def _poison_peers(flags_ptr, stride_rank, ep_rank, active_low, active_high, EP_SIZE: tl.constexpr,
+                  EP_PAD: tl.constexpr, FLAG_ARRAY_STRIDE: tl.constexpr):
+    """FLAG_POISON into flags[ep_rank] of all flag arrays of every other active segment."""
     ranks = tl.arange(0, EP_PAD)
-    rank_mask = (ranks < EP_SIZE) & _rank_is_active(ranks, active_low, active_high)
-    arrived = tl.load(own_flags_ptr + ranks, mask=rank_mask, other=value, volatile=True) == value
-    waiting = tl.sum((~arrived).to(tl.int32), axis=0) > 0
-    # A timeout already recorded: this round is lost; do not wait again.
-    waiting = waiting & (tl.load(timeout_status_ptr, volatile=True) == 0)
+    mask = (ranks < EP_SIZE) & _rank_is_active(ranks, active_low, active_high) & (ranks != ep_rank)
+    poison = tl.zeros([EP_PAD], dtype=tl.int32) + FLAG_POISON
+    for row in tl.static_range(NUM_FLAG_ARRAYS):
+        targets = flags_ptr + row * FLAG_ARRAY_STRIDE + ranks.to(tl.int64) * stride_rank + ep_rank
+        tl.atomic_xchg(targets, poison, mask=mask, sem="release", scope="sys")
+
+
+@triton.jit
+def _record_fault(fault_record_ptr, host_record_ptr, phase, kind, ranks_low, ranks_high, fields, first_rank,
+                  first_field, own_value, peer_value, awaited, timeout_ms, missing_low, missing_high,
+                  HAS_HOST_RECORD: tl.constexpr):
+    """Write the fault record (word 0, the phase, last) here and in the host-mapped copy."""
+    tl.store(fault_record_ptr + 11, missing_low)
+    tl.store(fault_record_ptr + 12, missing_high)
+    tl.store(fault_record_ptr + 1, kind)
+    tl.store(fault_record_ptr + 2, ranks_low)
+    tl.store(fault_record_ptr + 3, ranks_high)
+    tl.store(fault_record_ptr + 4, fields)
+    tl.store(fault_record_ptr + 5, first_rank)
+    tl.store(fault_record_ptr + 6, own_value)
+    tl.store(fault_record_ptr + 7, peer_value)
+    tl.store(fault_record_ptr + 8, awaited)
+    tl.store(fault_record_ptr + 9, timeout_ms)
+    tl.store(fault_record_ptr + 10, first_field)
+    tl.atomic_xchg(fault_record_ptr, phase, sem="release", scope="gpu")
+    if HAS_HOST_RECORD:
+        host = host_record_ptr.to(tl.pointer_type(tl.int32))
+        tl.store(host + 11, missing_low)
+        tl.store(host + 12, missing_high)
+        tl.store(host + 1, kind)
+        tl.store(host + 2, ranks_low)
+        tl.store(host + 3, ranks_high)
+        tl.store(host + 4, fields)
+        tl.store(host + 5, first_rank)
+        tl.store(host + 6, own_value)
+        tl.store(host + 7, peer_value)
+        tl.store(host + 8, awaited)
+        tl.store(host + 9, timeout_ms)
+        tl.store(host + 10, first_field)
+        tl.atomic_xchg(host, phase, sem="release", scope="sys")
+
+
+@triton.jit
+def _mirror_fault(fault_record_ptr, host_record_ptr, HAS_HOST_RECORD: tl.constexpr):
+    """Copy a recorded fault into this launch's host-mapped record (the host may watch a fresh copy:
+    a new wrapper of the same workspace), phase word last."""
+    if HAS_HOST_RECORD:
+        host = host_record_ptr.to(tl.pointer_type(tl.int32))
+        words = tl.arange(0, 16)
+        record = tl.load(fault_record_ptr + words, volatile=True)
+        tl.store(host + words, record, mask=words > 0)
+        tl.debug_barrier()
+        tl.atomic_xchg(host, tl.load(fault_record_ptr, volatile=True), sem="release", scope="sys")
+
+
+@triton.jit
+def _await_flags(own_flags_ptr, value, ranks, rank_mask, timeout_ns):
+    """Spin until every flag under `rank_mask` equals `value`, one is FLAG_POISON, or the timeout
+    passes; then a system-scope acquire. Returns (arrived, poisoned, timed_out)."""
+    flags = tl.load(own_flags_ptr + ranks, mask=rank_mask, other=value, volatile=True)
+    arrived = flags == value
+    poisoned = flags < 0
+    pending = (tl.sum((~arrived).to(tl.int32), axis=0) > 0) & (tl.sum(poisoned.to(tl.int32), axis=0) == 0)
     deadline = _global_time_ns() + timeout_ns
     timed_out = deadline < 0  # a false scalar tensor: the loop below reassigns it
-    while waiting:
-        arrived = tl.load(own_flags_ptr + ranks, mask=rank_mask, other=value, volatile=True) == value
+    while pending:
+        flags = tl.load(own_flags_ptr + ranks, mask=rank_mask, other=value, volatile=True)
+        arrived = flags == value
+        poisoned = flags < 0
         timed_out = _global_time_ns() > deadline
-        waiting = (tl.sum((~arrived).to(tl.int32), axis=0) > 0) & (~timed_out)
-    if timed_out:
-        missing = (~arrived) & rank_mask
-        low = tl.sum(tl.where(missing & (ranks < 32), 1 << (ranks & 31), 0), axis=0)
-        high = tl.sum(tl.where(missing & (ranks >= 32), 1 << (ranks & 31), 0), axis=0)
-        tl.store(timeout_status_ptr + 1, low)
-        tl.store(timeout_status_ptr + 2, high)
-        tl.store(timeout_status_ptr + 3, value)
-        tl.store(timeout_status_ptr, PHASE)
-        if HAS_HOST_STATUS:
-            host = host_status_ptr.to(tl.pointer_type(tl.int32))
-            tl.store(host + 1, low)
-            tl.store(host + 2, high)
-            tl.store(host + 3, value)
-            tl.atomic_xchg(host, PHASE, sem="release", scope="sys")
+        pending = (tl.sum((~arrived).to(tl.int32), axis=0) > 0) & (tl.sum(poisoned.to(tl.int32), axis=0) == 0)
+        pending = pending & (~timed_out)
     _fence_acquire_system()
+    return arrived, poisoned, timed_out
 
 
 @triton.jit
-def _signal_and_wait(flag_value_ptr, flags_ptr, stride_flags_rank, timeout_status_ptr, host_status_ptr, timeout_ns,
-                     active_low, active_high, ep_rank, PHASE: tl.constexpr, EP_SIZE: tl.constexpr,
-                     EP_PAD: tl.constexpr, WAIT: tl.constexpr, HAS_HOST_STATUS: tl.constexpr):
-    value = _signal_peers(flag_value_ptr, flags_ptr, stride_flags_rank, ep_rank, active_low, active_high, EP_SIZE,
-                          EP_PAD)
-    if WAIT:
-        own_flags_ptr = flags_ptr + ep_rank.to(tl.int64) * stride_flags_rank
-        _wait_peers(own_flags_ptr, value, timeout_status_ptr, host_status_ptr, timeout_ns, active_low, active_high,
-                    PHASE, EP_SIZE, EP_PAD, HAS_HOST_STATUS)
+def _judge_wait(arrived, poisoned, timed_out, mismatched, fields, first_rank, first_field, own_value, peer_value,
+                ranks, rank_mask, value, phase, flags_ptr, stride_rank, fault_record_ptr, host_record_ptr, timeout_ms,
+                active_low, active_high, ep_rank, EP_SIZE: tl.constexpr, EP_PAD: tl.constexpr,
+                FLAG_ARRAY_STRIDE: tl.constexpr, HAS_HOST_RECORD: tl.constexpr):
+    """After a wait: record the first problem (a poisoned peer, else a timeout, else a signature
+    mismatch) and poison this rank's flags in every peer; nothing if all is well."""
+    any_poisoned = tl.sum(poisoned.to(tl.int32), axis=0) > 0
+    any_mismatch = tl.sum(mismatched.to(tl.int32), axis=0) > 0
+    missing = rank_mask & (~arrived)
+    kind = tl.where(any_poisoned, FAULT_PEER_FAILED,
+                    tl.where(timed_out, FAULT_TIMEOUT, tl.where(any_mismatch, FAULT_MISMATCH, 0)))
+    selected = tl.where(any_poisoned, poisoned, tl.where(timed_out, missing, mismatched))
+    if kind != 0:
+        low, high = _rank_halves(selected & rank_mask, ranks)
+        missing_low, missing_high = _rank_halves(missing & (~poisoned), ranks)
+        is_mismatch = kind == FAULT_MISMATCH
+        _record_fault(fault_record_ptr, host_record_ptr, phase, kind, low, high, tl.where(is_mismatch, fields, 0),
+                      tl.where(is_mismatch, first_rank, -1), tl.where(is_mismatch, first_field, -1),
+                      tl.where(is_mismatch, own_value, 0), tl.where(is_mismatch, peer_value, 0), value, timeout_ms,
+                      missing_low, missing_high, HAS_HOST_RECORD)
+        _poison_peers(flags_ptr, stride_rank, ep_rank, active_low, active_high, EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE)
 
 
-@triton.jit(do_not_specialize=["ep_rank", "stride_flags_rank", "host_status_ptr", "timeout_ns", "active_low",
+@triton.jit
+def _compare_signatures(own_row_ptr, own_signature_ptr, ranks, compared, SIGNATURE_WORDS: tl.constexpr):
+    """Peers' signatures (`[EP_PAD, SIGNATURE_WORDS]` rows at own_row_ptr) against this rank's.
+    Returns (mismatched ranks, bit mask of differing words over all of them, the lowest
+    mismatched rank, its lowest differing word, this rank's and that rank's value of that word)."""
+    words = tl.arange(0, SIGNATURE_WORDS)
+    mine = tl.load(own_signature_ptr + words)
+    rows = tl.load(own_row_ptr + ranks[:, None] * SIGNATURE_WORDS + words[None, :], mask=compared[:, None],
+                   other=0, volatile=True)
+    differs = (rows != mine[None, :]) & compared[:, None]
+    mismatched = tl.max(differs.to(tl.int32), axis=1) > 0
+    field_hits = tl.max(differs.to(tl.int32), axis=0)
+    fields = tl.sum(field_hits << words, axis=0)
+    first_rank = tl.min(tl.where(mismatched, ranks, 1 << 30), axis=0)
+    in_first = differs & (ranks[:, None] == first_rank)
+    first_field = tl.min(tl.min(tl.where(in_first, words[None, :], 1 << 30), axis=1), axis=0)
+    own_value = tl.sum(tl.where(words == first_field, mine, 0), axis=0)
+    at_first = (ranks[:, None] == first_rank) & (words[None, :] == first_field)
+    peer_value = tl.sum(tl.sum(tl.where(at_first, rows, 0), axis=1), axis=0)
+    return mismatched, fields, first_rank, first_field, own_value, peer_value
+
+
+@triton.jit
+def _phase_barrier(flag_value_ptr, flags_ptr, signatures_ptr, own_signature_ptr, stride_rank, fault_record_ptr,
+                   host_record_ptr, timeout_ns, timeout_ms, active_low, active_high, ep_rank, PHASE: tl.constexpr,
+                   FLAG_ROW: tl.constexpr, EP_SIZE: tl.constexpr, EP_PAD: tl.constexpr,
+                   FLAG_ARRAY_STRIDE: tl.constexpr, SIGNATURE_WORDS: tl.constexpr, WAIT: tl.constexpr,
+                   HAS_HOST_RECORD: tl.constexpr):
+    """One program: signal this phase (signature, then epoch) and, with WAIT, wait and judge.
+
+    flags_ptr: the flag block `[3, EP_SIZE]` of segment 0 (rows FLAG_ARRAY_STRIDE apart; segment t
+    at + t * stride_rank). signatures_ptr: this phase's `[EP_SIZE, SIGNATURE_WORDS]` signatures of
+    segment 0. own_signature_ptr: this rank's `[SIGNATURE_WORDS]` signature of the round.
+    """
+    if not _is_faulted(fault_record_ptr):
+        value = (tl.load(flag_value_ptr, volatile=True) + 1) & FLAG_EPOCH_MASK
+        tl.store(flag_value_ptr, value)
+        ranks = tl.arange(0, EP_PAD)
+        rank_mask = (ranks < EP_SIZE) & _rank_is_active(ranks, active_low, active_high)
+        words = tl.arange(0, SIGNATURE_WORDS)
+        mine = tl.load(own_signature_ptr + words)
+        slots = signatures_ptr + ranks.to(tl.int64)[:, None] * stride_rank + ep_rank * SIGNATURE_WORDS + words[None, :]
+        tl.store(slots, tl.broadcast_to(mine[None, :], [EP_PAD, SIGNATURE_WORDS]), mask=rank_mask[:, None])
+        # Every thread's signature stores must be issued before the release below publishes them.
+        tl.debug_barrier()
+        phase_flags = flags_ptr + FLAG_ROW * FLAG_ARRAY_STRIDE
+        tl.atomic_xchg(phase_flags + ranks.to(tl.int64) * stride_rank + ep_rank, tl.zeros([EP_PAD], dtype=tl.int32) + value,
+                       mask=rank_mask, sem="release", scope="sys")
+        if WAIT:
+            own_flags = phase_flags + ep_rank.to(tl.int64) * stride_rank
+            arrived, poisoned, timed_out = _await_flags(own_flags, value, ranks, rank_mask, timeout_ns)
+            own_rows = signatures_ptr + ep_rank.to(tl.int64) * stride_rank
+            mismatched, fields, first_rank, first_field, own_value, peer_value = _compare_signatures(
+                own_rows, own_signature_ptr, ranks, rank_mask & arrived, SIGNATURE_WORDS)
+            _judge_wait(arrived, poisoned, timed_out, mismatched, fields, first_rank, first_field, own_value,
+                        peer_value, ranks, rank_mask, value, PHASE, flags_ptr, stride_rank, fault_record_ptr,
+                        host_record_ptr, timeout_ms, active_low, active_high, ep_rank, EP_SIZE, EP_PAD,
+                        FLAG_ARRAY_STRIDE, HAS_HOST_RECORD)
+    else:
+        _mirror_fault(fault_record_ptr, host_record_ptr, HAS_HOST_RECORD)
+
+
+@triton.jit
+def _await_previous_gathers(gather_count_ptr, flags_ptr, stride_rank, fault_record_ptr, host_record_ptr, timeout_ns,
+                            timeout_ms, active_low, active_high, ep_rank, EP_SIZE: tl.constexpr, EP_PAD: tl.constexpr,
+                            FLAG_ARRAY_STRIDE: tl.constexpr, HAS_HOST_RECORD: tl.constexpr):
+    """Before this rank's dispatch writes: wait until every active peer has finished gathering the
+    previous round (its gather flag here equals this rank's gather count), so no row of this round
+    can land on a combine plane a peer is still reading, whatever the two rounds' geometry."""
+    if not _is_faulted(fault_record_ptr):
+        ranks = tl.arange(0, EP_PAD)
+        rank_mask = (ranks < EP_SIZE) & _rank_is_active(ranks, active_low, active_high)
+        count = tl.load(gather_count_ptr, volatile=True)
+        own_flags = flags_ptr + FLAG_ROW_GATHER * FLAG_ARRAY_STRIDE + ep_rank.to(tl.int64) * stride_rank
+        arrived, poisoned, timed_out = _await_flags(own_flags, count, ranks, rank_mask, timeout_ns)
+        _judge_wait(arrived, poisoned, timed_out, ranks < 0, 0, 0, 0, 0, 0, ranks, rank_mask, count, PHASE_ORDERING,
+                    flags_ptr, stride_rank, fault_record_ptr, host_record_ptr, timeout_ms, active_low, active_high,
+                    ep_rank, EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE, HAS_HOST_RECORD)
+
+
+@triton.jit
+def _record_round_mismatch(dispatch_rows, dispatch_rt, num_tokens, runtime_max_tokens, flags_ptr, stride_rank,
+                           fault_record_ptr, host_record_ptr, active_low, active_high, ep_rank, EP_SIZE: tl.constexpr,
+                           EP_PAD: tl.constexpr, FLAG_ARRAY_STRIDE: tl.constexpr, HAS_HOST_RECORD: tl.constexpr):
+    """A combine that does not match this rank's own dispatch (token rows or rt) is a fault: it
+    would read top-k entries or plane rows the dispatch never wrote."""
+    rows_differ = dispatch_rows != num_tokens
+    field = tl.where(rows_differ, 0, 1)
+    own = tl.where(rows_differ, num_tokens, runtime_max_tokens)
+    recorded = tl.where(rows_differ, dispatch_rows, dispatch_rt)
+    low = tl.where(ep_rank < 32, 1 << (ep_rank & 31), 0)
+    high = tl.where(ep_rank >= 32, 1 << (ep_rank & 31), 0)
+    _record_fault(fault_record_ptr, host_record_ptr, PHASE_COMBINE, FAULT_ROUND_MISMATCH, low, high, 0, ep_rank, field,
+                  own, recorded, 0, 0, 0, 0, HAS_HOST_RECORD)
+    _poison_peers(flags_ptr, stride_rank, ep_rank, active_low, active_high, EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE)
+
+
+@triton.jit
+def _signal_gathered(gather_count_ptr, flags_ptr, stride_rank, fault_record_ptr, active_low, active_high, ep_rank,
+                     EP_SIZE: tl.constexpr, EP_PAD: tl.constexpr, FLAG_ARRAY_STRIDE: tl.constexpr):
+    """After this rank's gather (every program's loads done, ordered by the caller's election):
+    bump the gather count and store it into `flags[GATHER][me]` of every active segment."""
+    if not _is_faulted(fault_record_ptr):
+        count = (tl.load(gather_count_ptr, volatile=True) + 1) & FLAG_EPOCH_MASK
+        tl.store(gather_count_ptr, count)
+        ranks = tl.arange(0, EP_PAD)
+        rank_mask = (ranks < EP_SIZE) & _rank_is_active(ranks, active_low, active_high)
+        targets = flags_ptr + FLAG_ROW_GATHER * FLAG_ARRAY_STRIDE + ranks.to(tl.int64) * stride_rank + ep_rank
+        tl.atomic_xchg(targets, tl.zeros([EP_PAD], dtype=tl.int32) + count, mask=rank_mask, sem="release", scope="sys")
+
+
+@triton.jit(do_not_specialize=["ep_rank", "stride_rank", "host_record_ptr", "timeout_ns", "timeout_ms", "active_low",
                                "active_high"])
 def _barrier_kernel(
-    flag_value_ptr,  # [1] u32 (as int32), own segment
-    flags_ptr,  # [EP_SIZE] int32: this phase's flags in segment 0; segment t at + t * stride_flags_rank
-    stride_flags_rank,  # int32 elements between two segments
-    timeout_status_ptr,  # [4] int32, own segment
-    host_status_ptr,  # int64 address of 4 host-mapped int32 words (0 without one)
+    flag_value_ptr,  # [1] int32, own segment: this rank's epoch counter
+    flags_ptr,  # [3, EP_SIZE] int32 flag block of segment 0; segment t at + t * stride_rank
+    signatures_ptr,  # [EP_SIZE, SIGNATURE_WORDS] int32: this phase's signatures of segment 0
+    own_signature_ptr,  # [SIGNATURE_WORDS] int32: this rank's signature of the round
+    stride_rank,  # int32 elements between two segments
+    fault_record_ptr,  # [FAULT_RECORD_WORDS] int32, own segment
+    host_record_ptr,  # int64 address of the host-mapped copy of the record (0 without one)
     timeout_ns,
+    timeout_ms,
     active_low,  # active-rank mask, bits 0..31 (int32)
     active_high,  # bits 32..63
     ep_rank,
-    PHASE: tl.constexpr,  # code recorded on timeout (a2a.layout.TimeoutPhase)
+    PHASE: tl.constexpr,  # a2a.runtime.protocol.Phase of this barrier
+    FLAG_ROW: tl.constexpr,  # its flag array (protocol.FlagArray)
     EP_SIZE: tl.constexpr,
     EP_PAD: tl.constexpr,
+    FLAG_ARRAY_STRIDE: tl.constexpr,  # int32 elements between two flag arrays of a segment
+    SIGNATURE_WORDS: tl.constexpr,
     WAIT: tl.constexpr,
-    HAS_HOST_STATUS: tl.constexpr,
+    HAS_HOST_RECORD: tl.constexpr,
 ):
     """One program: everything this rank's stream did before is visible to every peer, then (WAIT)
-    every peer's signal for the same phase has arrived."""
-    _signal_and_wait(flag_value_ptr, flags_ptr, stride_flags_rank, timeout_status_ptr, host_status_ptr, timeout_ns,
-                     active_low, active_high, ep_rank, PHASE, EP_SIZE, EP_PAD, WAIT, HAS_HOST_STATUS)
+    every peer's signal for the same phase has arrived and its signature matches (or a fault is
+    recorded)."""
+    _phase_barrier(flag_value_ptr, flags_ptr, signatures_ptr, own_signature_ptr, stride_rank, fault_record_ptr,
+                   host_record_ptr, timeout_ns, timeout_ms, active_low, active_high, ep_rank, PHASE, FLAG_ROW, EP_SIZE,
+                   EP_PAD, FLAG_ARRAY_STRIDE, SIGNATURE_WORDS, WAIT, HAS_HOST_RECORD)

@@ -1,31 +1,8 @@
-"""Process-level machinery: rank streams and their flag signalling, driver calls, simulated worlds,
-and the one-process-per-rank world (bootstrap, fd exchange, symmetric memory).
+"""Process-level machinery: rank streams and their waits, the signalling protocol's vocabulary,
+driver calls, simulated worlds, and the one-process-per-rank world (bootstrap, fd exchange,
+symmetric memory).
 
-Knows nothing of tensor math and never imports `a2a.kernels`.
+Knows nothing of tensor math and never imports `a2a.kernels`. Import the modules themselves
+(`a2a.runtime.process_world`, ...): this package imports nothing eagerly, so any module of a2a can
+import `a2a.runtime.protocol` without pulling in the rest.
 """
-
-from a2a.runtime.bootstrap import (
-    Bootstrap,
-    MpiBootstrap,
-    SingleProcessBootstrap,
-    TorchDistributedBootstrap,
-    bootstrap_from,
-)
-from a2a.runtime.process_world import ProcessWorld
-from a2a.runtime.simulated import SimulatedWorld
-from a2a.runtime.streams import FLAG_CLEAR, FLAG_SET, FlagWait, SignalStream, current_stream
-
-__all__ = [
-    "FLAG_CLEAR",
-    "FLAG_SET",
-    "Bootstrap",
-    "FlagWait",
-    "MpiBootstrap",
-    "ProcessWorld",
-    "SignalStream",
-    "SimulatedWorld",
-    "SingleProcessBootstrap",
-    "TorchDistributedBootstrap",
-    "bootstrap_from",
-    "current_stream",
-]

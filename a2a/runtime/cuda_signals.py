@@ -1,86 +1,44 @@
-"""Rank streams on CUDA, and the STREAM_MEMOPS flag protocol (stream memory operations).
+"""Rank streams on CUDA: a torch stream whose phases signal and wait inside the kernels.
 
-By default (`SignalMode.KERNEL`) the barrier of a phase runs inside its last kernel and the stream
-only orders launches. With `A2A_SIGNALS=stream` the barrier is stream memory operations instead:
-`set_flags` is one `cuStreamBatchMemOp` of 32-bit writes with the default memory barrier (all
-earlier writes of the stream, kernels included, are visible system-wide before each flag).
-`wait_flags` is one batch of `WAIT_VALUE_32 EQ FLAG_SET`, then one batch of FLAG_CLEAR writes,
-stream-ordered after every wait. (On H100 / driver 580 the driver answers CUDA_ERROR_INVALID_VALUE
-to waits and writes mixed in one batch, and to batched writes flagged NO_MEMORY_BARRIER.) Both capture into CUDA graphs (the
-values are constants).
-
-The parameter arrays cost ~15 us each to build in Python, so they are built once per
-(kind, addresses) and reused.
+Nothing is enqueued besides the kernels: every phase's barrier runs in one program of the phase's
+kernels (a2a.kernels.signal), so a stream only orders launches. Captured CUDA graphs replay the
+protocol unchanged (its values come from device memory).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 
 from a2a.runtime.driver import check, driver
-from a2a import envs
-from a2a.runtime.streams import FLAG_CLEAR, FLAG_SET, FlagWait, SignalMode, SignalStream
-
-_params_cache: dict[tuple[str, tuple[int, ...]], list] = {}
+from a2a.runtime.streams import SignalMode, SignalStream
 
 
-def _write_op(address: int, value: int):
-    cu = driver()
-    op = cu.CUstreamBatchMemOpParams()
-    op.writeValue.operation = cu.CUstreamBatchMemOpType.CU_STREAM_MEM_OP_WRITE_VALUE_32
-    op.writeValue.address = cu.CUdeviceptr(address)
-    op.writeValue.value = value
-    op.writeValue.flags = cu.CUstreamWriteValue_flags.CU_STREAM_WRITE_VALUE_DEFAULT
-    return op
-
-
-def _wait_op(address: int, value: int):
-    cu = driver()
-    op = cu.CUstreamBatchMemOpParams()
-    op.waitValue.operation = cu.CUstreamBatchMemOpType.CU_STREAM_MEM_OP_WAIT_VALUE_32
-    op.waitValue.address = cu.CUdeviceptr(address)
-    op.waitValue.value = value
-    op.waitValue.flags = cu.CUstreamWaitValue_flags.CU_STREAM_WAIT_VALUE_EQ
-    return op
-
-
-def _params(kind: str, addresses: tuple[int, ...]) -> list:
-    key = (kind, addresses)
-    params = _params_cache.get(key)
-    if params is None:
-        if kind == "set":
-            params = [_write_op(a, FLAG_SET) for a in addresses]
-        elif kind == "wait":
-            params = [_wait_op(a, FLAG_SET) for a in addresses]
-        else:
-            params = [_write_op(a, FLAG_CLEAR) for a in addresses]
-        _params_cache[key] = params
-    return params
-
-
-def new_cuda_stream(device: torch.device) -> torch.cuda.ExternalStream:
-    """A new non-blocking driver stream on `device`, owned by the process (never destroyed: rank
-    streams live as long as their world, and a world usually as long as the process)."""
+def new_cuda_stream(device: torch.device, priority: int = 0) -> torch.cuda.ExternalStream:
+    """A new non-blocking driver stream on `device` with `priority` (lower is more urgent; clamped
+    to the device's range), owned by the process (never destroyed: rank streams live as long as
+    their world, and a world usually as long as the process)."""
     cu = driver()
     with torch.cuda.device(device):
         torch.cuda.current_stream(device)  # make sure the primary context is current
-        handle = check("cuStreamCreate", cu.cuStreamCreate(cu.CUstream_flags.CU_STREAM_NON_BLOCKING.value))
+        least, greatest = check("cuCtxGetStreamPriorityRange", cu.cuCtxGetStreamPriorityRange())
+        priority = max(greatest, min(least, priority))
+        flags = cu.CUstream_flags.CU_STREAM_NON_BLOCKING.value
+        handle = check("cuStreamCreateWithPriority", cu.cuStreamCreateWithPriority(flags, priority))
     return torch.cuda.ExternalStream(int(handle), device=device)
 
 
 class CudaSignalStream(SignalStream):
     """A rank stream backed by a torch CUDA stream."""
 
+    signal_mode = SignalMode.KERNEL
     _wrapped: dict[int, CudaSignalStream] = {}
 
     def __init__(self, stream: torch.cuda.Stream):
-        self.signal_mode = SignalMode.STREAM_MEMOPS if envs.signal_mode() == "stream" else SignalMode.KERNEL
         self.stream = stream
         self.device = stream.device
-        self._handle = driver().CUstream(stream.cuda_stream)
 
     @classmethod
     def wrap(cls, stream: torch.cuda.Stream) -> CudaSignalStream:
@@ -92,17 +50,6 @@ class CudaSignalStream(SignalStream):
     def submit(self, work) -> None:
         with torch.cuda.stream(self.stream):
             work()
-
-    def set_flags(self, addresses: Sequence[int]) -> None:
-        self._batch(_params("set", tuple(addresses)))
-
-    def wait_flags(self, addresses: Sequence[int], wait: FlagWait) -> None:
-        addresses = tuple(addresses)
-        self._batch(_params("wait", addresses))
-        self._batch(_params("clear", addresses))
-
-    def _batch(self, params: list) -> None:
-        check("cuStreamBatchMemOp", driver().cuStreamBatchMemOp(self._handle, len(params), params, 0))
 
     def synchronize(self) -> None:
         self.stream.synchronize()

@@ -1,39 +1,136 @@
 """The flag protocol on the host: the CPU path of every rank stream (`SignalMode.HOST_WAIT`).
 
-`HostSignalStream` runs submitted work in order on the calling thread. The (interpreted) kernels
-signal: they store the rank's new flag value into its word of every peer's flag array. The stream
-waits: `wait_for_value` holds later work until every own flag equals the own flag value. Flags are
-u32 words read through their addresses (a CPU workspace, possibly shared between processes; x86
-stores of aligned words are atomic and not reordered with earlier stores, so data written before a
-flag is visible to whoever sees the flag).
+`HostSignalStream` runs submitted work in order. The (interpreted) kernels signal: they store the
+rank's signature and epoch into its words of every peer's arrays. The stream waits (`wait`): it
+holds later work until the awaited flags hold the expected epoch, then judges the wait exactly as
+the kernels do on CUDA (a2a.runtime.protocol): a poisoned peer, a timeout or a peer whose round
+signature differs is recorded in the rank's fault record, and the rank poisons its flags in every
+peer. A rank that has recorded a fault passes every later wait at once; its kernels then make no
+remote store. Words are read and written through their addresses (a CPU workspace, possibly
+shared between processes; x86 stores of aligned words are atomic and not reordered with earlier
+stores, so data written before a flag is visible to whoever sees the flag).
 
 Two ways to wait:
-- blocking (no scheduler): poll until the flags are set or `A2A_SIGNAL_TIMEOUT_S` passes, then
-  raise `A2ATimeoutError` naming the missing ranks. Used when each rank is its own process.
+- blocking (no scheduler): poll until done or `A2A_SIGNAL_TIMEOUT_S` passes; a fault raises at
+  once. Used when each rank is its own process (and by `SimulatedWorld.run_ranks` threads).
 - cooperative (a `CooperativeScheduler` shared by the streams of a one-process simulated world):
-  a wait that cannot complete parks the stream; every submission lets every parked stream try
-  again, so N ranks driven from one thread progress like N CUDA streams would. `drain()` raises
-  `A2ATimeoutError` when work is left that nothing can unblock (a rank that never signals), after
-  recording it for every stuck rank and dropping their queued work.
+  a wait that cannot complete parks the stream; submissions let parked streams try again, so N
+  ranks driven from one thread progress like N CUDA streams would. A fault found there is recorded
+  and raised by the rank's next call, as on CUDA. `drain()` records a timeout for every rank left
+  waiting when nothing queued can signal any more, lets the rounds finish (poisoned) and raises.
+  With a seed the scheduler is adversarial: it runs ranks in a random order and leaves work queued
+  at random, so one rank's next round can run before a peer finishes its last gather.
 """
 
 from __future__ import annotations
 
 import ctypes
+import random
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from a2a import envs
-from a2a.errors import A2ATimeoutError
+from a2a.errors import A2AFaultError, A2ATimeoutError, fault_error
+from a2a.runtime.protocol import FAULT_RECORD_WORDS, FLAG_POISON, FaultKind, FaultRecord, mask_halves
 from a2a.runtime.streams import FlagWait, SignalMode, SignalStream
 
 
-def _word(address: int) -> ctypes.c_uint32:
-    return ctypes.c_uint32.from_address(address)
+def _word(address: int) -> ctypes.c_int32:
+    return ctypes.c_int32.from_address(address)
+
+
+def _words(address: int, count: int) -> list[int]:
+    return list((ctypes.c_int32 * count).from_address(address))
+
+
+def read_fault_record(address: int) -> list[int]:
+    return _words(address, FAULT_RECORD_WORDS)
+
+
+def record_fault(wait: FlagWait, kind: FaultKind, ranks: list[int], *, fields: int = 0, first_rank: int = -1,
+                 first_field: int = -1, own_value: int = 0, peer_value: int = 0, timeout_ms: int = 0,
+                 missing: list[int] = ()) -> None:  # fmt: skip
+    """Record a fault as the kernels do (phase word last) and poison this rank's flags in every peer."""
+    record = (ctypes.c_int32 * FAULT_RECORD_WORDS).from_address(wait.record_address)
+    low, high = mask_halves(sum(1 << r for r in ranks))
+    missing_low, missing_high = mask_halves(sum(1 << r for r in missing))
+    values = {FaultRecord.MISSING_LOW: missing_low, FaultRecord.MISSING_HIGH: missing_high,
+              FaultRecord.KIND: int(kind), FaultRecord.RANKS_LOW: low, FaultRecord.RANKS_HIGH: high,
+              FaultRecord.FIELDS: mask_halves(fields)[0], FaultRecord.FIRST_RANK: first_rank,
+              FaultRecord.FIRST_FIELD: first_field, FaultRecord.OWN_VALUE: own_value,
+              FaultRecord.PEER_VALUE: peer_value, FaultRecord.AWAITED: _word(wait.value_address).value,
+              FaultRecord.TIMEOUT_MS: timeout_ms}  # fmt: skip
+    for index, value in values.items():
+        record[index] = value
+    record[FaultRecord.PHASE] = int(wait.phase)
+    for address in wait.poison_addresses:
+        _word(address).value = FLAG_POISON
+
+
+class _PendingWait:
+    """A `FlagWait` in a stream's queue."""
+
+    def __init__(self, wait: FlagWait):
+        self.wait = wait
+
+    def faulted(self) -> bool:
+        return _word(self.wait.record_address).value != 0
+
+    def _flags(self) -> list[int]:
+        return [_word(address).value for address in self.wait.flag_addresses]
+
+    def missing(self) -> list[int]:
+        value = _word(self.wait.value_address).value
+        return [peer for peer, flag in zip(self.wait.peer_ranks, self._flags()) if flag != value and flag >= 0]
+
+    def ready(self) -> bool:
+        if self.faulted():
+            return True
+        value = _word(self.wait.value_address).value
+        flags = self._flags()
+        return all(flag == value for flag in flags) or any(flag < 0 for flag in flags)
+
+    def judge(self, timed_out: bool = False, waited_ms: int = 0) -> bool:
+        """Record what went wrong, if anything (see FlagWait); True if this wait recorded a fault.
+        `waited_ms`: the bound a timed-out wait waited for (0: it never waited, e.g. a deadlock)."""
+        if self.faulted():
+            return False  # recorded earlier: this rank already stopped
+        wait = self.wait
+        poisoned = [peer for peer, flag in zip(wait.peer_ranks, self._flags()) if flag < 0]
+        if poisoned:
+            record_fault(wait, FaultKind.PEER_FAILED, poisoned, missing=self.missing())
+            return True
+        if timed_out:
+            record_fault(wait, FaultKind.TIMEOUT, self.missing(), timeout_ms=waited_ms)
+            return True
+        if wait.signature_addresses:
+            words = wait.signature_words
+            own = _words(wait.own_signature_address, words)
+            mismatched, fields = [], 0
+            first = None
+            for peer, address in zip(wait.peer_ranks, wait.signature_addresses):
+                theirs = _words(address, words)
+                differing = [w for w in range(words) if theirs[w] != own[w]]
+                if differing:
+                    mismatched.append(peer)
+                    fields |= sum(1 << w for w in differing)
+                    if first is None:
+                        first = (peer, differing[0], own[differing[0]], theirs[differing[0]])
+            if first is not None:
+                record_fault(wait, FaultKind.MISMATCH, mismatched, fields=fields, first_rank=first[0],
+                             first_field=first[1], own_value=first[2], peer_value=first[3])  # fmt: skip
+                return True
+        return False
+
+    def error(self, detail: str = "") -> A2AFaultError:
+        error = fault_error(read_fault_record(self.wait.record_address), self.wait.waiting_rank)
+        if detail and isinstance(error, A2ATimeoutError):
+            error = A2ATimeoutError(error.what, error.waiting_rank, error.missing_ranks, error.timeout_s, detail)
+        return error  # type: ignore[return-value]  # judge() recorded one
 
 
 @dataclass
@@ -41,62 +138,66 @@ class _Work:
     run: Callable[[], None]
 
 
-@dataclass
-class _WaitFlags:
-    addresses: tuple[int, ...]
-    value_address: int
-    wait: FlagWait
-
-    def missing(self) -> list[int]:
-        value = _word(self.value_address).value
-        return [peer for peer, address in zip(self.wait.peer_ranks, self.addresses) if _word(address).value != value]
-
-    def timed_out(self, timeout_s: float | None) -> A2ATimeoutError:
-        """Record the timeout where the wait says (see FlagWait) and return the error to raise."""
-        missing = self.missing()
-        if self.wait.record_address:
-            mask = sum(1 << peer for peer in missing)
-            record = (ctypes.c_uint32 * 4).from_address(self.wait.record_address)
-            record[1], record[2], record[3] = mask & 0xFFFFFFFF, mask >> 32, _word(self.value_address).value
-            record[0] = self.wait.phase_code
-        return A2ATimeoutError(self.wait.what, self.wait.waiting_rank, missing, timeout_s)
-
-
-_Op = _Work | _WaitFlags
+_Op = _Work | _PendingWait
 
 
 class CooperativeScheduler:
-    """Lets the host streams of one simulated world take turns until none can progress."""
+    """Lets the host streams of one simulated world take turns until none can progress.
 
-    def __init__(self) -> None:
+    `seed`: None runs every runnable op as soon as it can (streams in rank order); a seed makes the
+    order adversarial (random rank order, and work left queued at random until a later submission
+    or `drain`), as differently delayed or prioritised GPU streams would interleave.
+    """
+
+    def __init__(self, seed: int | None = None) -> None:
         self.streams: list[HostSignalStream] = []
         self._running = False
+        self._random = random.Random(seed) if seed is not None else None
 
-    def progress(self) -> None:
+    def progress(self, draining: bool = False) -> None:
         if self._running:  # a work item that submits more work: the outer loop picks it up
             return
         self._running = True
         try:
-            advanced = True
-            while advanced:
-                advanced = False
-                for stream in self.streams:
-                    advanced |= stream._run_ready()
+            if self._random is None:
+                advanced = True
+                while advanced:
+                    advanced = False
+                    for stream in self.streams:
+                        advanced |= stream._run_ready()
+            else:
+                self._progress_adversarially(draining)
         finally:
             self._running = False
 
+    def _progress_adversarially(self, draining: bool) -> None:
+        """Run a random number of ops, one at a time from a random runnable stream, while a random
+        subset of the streams is held back (as a delayed or low-priority GPU stream would be);
+        `drain` runs everything."""
+        budget = None if draining else self._random.randrange(0, 4 * len(self.streams) + 1)
+        held = set() if draining else {s for s in self.streams if self._random.random() < 0.4}
+        while budget is None or budget > 0:
+            runnable = [stream for stream in self.streams if stream not in held and stream._head_ready()]
+            if not runnable:
+                return
+            self._random.choice(runnable)._run_one()
+            if budget is not None:
+                budget -= 1
+
     def drain(self) -> None:
-        """Run everything that can run; if waits are left that nothing can satisfy, record the timeout
-        for every stuck rank, drop their queued work (the round is lost; this releases the streams so
-        the world can be torn down) and raise for the first."""
-        self.progress()
-        errors = []
-        for stream in self.streams:
-            if stream._pending:
+        """Run everything that can run. Waits left that nothing queued can satisfy are recorded as
+        timeouts (their ranks then poison their flags, so every rank's queued work finishes); the
+        first such error is raised."""
+        errors: list[A2AFaultError] = []
+        while True:
+            self.progress(draining=True)
+            stuck = [stream for stream in self.streams if stream._pending]
+            if not stuck:
+                break
+            for stream in stuck:
                 head = stream._pending[0]
-                assert isinstance(head, _WaitFlags)
-                errors.append(head.timed_out(None))
-                stream._pending.clear()
+                if isinstance(head, _PendingWait) and head.judge(timed_out=True):
+                    errors.append(head.error(" (deadlock: nothing queued in this simulated world could still signal)"))
         if errors:
             raise errors[0]
 
@@ -116,10 +217,10 @@ class HostSignalStream(SignalStream):
     def submit(self, work: Callable[[], None]) -> None:
         self._enqueue(_Work(work))
 
-    def wait_for_value(self, addresses: Sequence[int], value_address: int, wait: FlagWait) -> None:
-        if len(addresses) != len(wait.peer_ranks):
-            raise ValueError("wait_for_value needs one peer rank per address")
-        self._enqueue(_WaitFlags(tuple(addresses), value_address, wait))
+    def wait(self, flag_wait: FlagWait) -> None:
+        if len(flag_wait.flag_addresses) != len(flag_wait.peer_ranks):
+            raise ValueError("a FlagWait needs one peer rank per flag address")
+        self._enqueue(_PendingWait(flag_wait))
 
     def synchronize(self) -> None:
         if self._scheduler is not None:
@@ -132,34 +233,40 @@ class HostSignalStream(SignalStream):
         self._pending.append(op)
         self._scheduler.progress()
 
+    def _head_ready(self) -> bool:
+        if not self._pending:
+            return False
+        head = self._pending[0]
+        return not isinstance(head, _PendingWait) or head.ready()
+
+    def _run_one(self) -> None:
+        op = self._pending.popleft()
+        if isinstance(op, _PendingWait):
+            op.judge()  # recorded faults are raised by the rank's next call, as on CUDA
+        else:
+            op.run()
+
     def _run_ready(self) -> bool:
         """Run queued ops until the head is an unsatisfied wait; True if anything ran."""
         advanced = False
-        while self._pending:
-            op = self._pending[0]
-            if isinstance(op, _WaitFlags) and op.missing():
-                break
-            self._pending.popleft()
-            _execute(op)
+        while self._head_ready():
+            self._run_one()
             advanced = True
         return advanced
 
     @staticmethod
     def _run_blocking(op: _Op) -> None:
-        if isinstance(op, _WaitFlags):
-            timeout_s = envs.signal_timeout_s()
-            poll_s = envs.host_poll_s()
-            deadline = time.monotonic() + timeout_s
-            while op.missing():
-                if time.monotonic() > deadline:
-                    raise op.timed_out(timeout_s)
-                time.sleep(poll_s)
-        _execute(op)
-
-
-def _execute(op: _Op) -> None:
-    if isinstance(op, _Work):
-        op.run()
+        if isinstance(op, _Work):
+            op.run()
+            return
+        poll_s = envs.host_poll_s()
+        deadline = time.monotonic() + op.wait.timeout_ms / 1e3
+        while not op.ready():
+            if time.monotonic() > deadline:
+                break
+            time.sleep(poll_s)
+        if op.judge(timed_out=not op.ready(), waited_ms=op.wait.timeout_ms):
+            raise op.error()
 
 
 _default: HostSignalStream | None = None

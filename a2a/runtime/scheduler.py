@@ -1,84 +1,61 @@
-"""The order of a round's launches and barriers on each rank's stream.
+"""The order of a round's launches and waits on each rank's stream.
 
-Two ranks, time flowing down (default `SignalMode.KERNEL`; `v` is the rank's flag value, bumped by
-the signalling program, equal on every rank because all ranks run the same phases):
+Two ranks, time flowing down (on CUDA every wait runs inside the kernel named with it; on the CPU
+the host waits at the same points). `v` is the rank's epoch (equal on every rank: all run the same
+phases), `g` its gather count:
 
-    rank 0 stream                              rank 1 stream
-    route (prepare: slots, counters;           route
-      recv_counters[0] -> rank 1's segment)
-    dispatch copy: rows -> rank 1's planes     dispatch copy
-      last program: v += 1, release,             last program: v += 1, release,
-      dispatch_flags[0] := v @ 0, @ 1  ----->    dispatch_flags[1] := v @ 0, @ 1
-      spin until own dispatch_flags == v  <---   spin until own dispatch_flags == v
-    sanitize (reads recv_counters)             sanitize
+    rank 0 stream                                   rank 1 stream
+    route: slots, counters; last program waits      route
+      until own gather_flags == g (every peer
+      finished gathering the previous round),
+      then recv_counters[0] -> rank 1's segment
+    dispatch copy: rows -> rank 1's planes          dispatch copy
+      last program: v += 1, signature, release,       last program: v += 1, ...
+      dispatch_flags[0] := v @ 0, @ 1  ---------->    dispatch_flags[1] := v @ 0, @ 1
+      spin until own dispatch_flags == v  <-------    spin; compare signatures
+      compare the peers' signatures with its own
+    sanitize (reads recv_counters)                  sanitize
     ... caller's MoE on the receive planes, writing the combine plane ...
-    stage combine plane (optional)             stage
-    combine barrier (one program):             combine barrier
-      v += 1, combine_flags[0] := v @ 0, @ 1 ->  combine_flags[1] := v @ 0, @ 1
-      spin until own combine_flags == v   <---   spin
-    combine gather-reduce (peers' planes)      combine gather-reduce
+    stage combine plane (optional)                  stage
+    combine barrier (one program): v += 1,          combine barrier
+      signature, combine_flags[0] := v @ 0, @ 1 ->
+      spin until own combine_flags == v; compare <-
+    gather-reduce (peers' planes); last program:    gather-reduce
+      g += 1, gather_flags[0] := g @ 0, @ 1 ---->
 
 Why each wait is enough:
 - dispatch wait: a peer stores my flag only after all its copy programs (and its routing, which
   wrote my recv_counters) finished; the store is a system-scope release.
-- combine wait: a peer's combine plane is complete before it signals; the peer cannot overwrite it
-  (next round's MoE) before its next dispatch wait, which needs my next dispatch signal, which my
+- combine wait: a peer's combine plane is complete before it signals; the peer rewrites it (next
+  round's MoE) only after its next dispatch wait, which needs my next dispatch signal, which my
   stream issues only after my gather.
+- gather wait (start of dispatch): where a round's receive planes lie depends on its rt and
+  payloads, so this round's rows may land where the previous round's combine plane was. A peer may
+  still be gathering from it (my combine signal only said my plane was ready), so my copy writes
+  only once every peer has finished that gather.
 - a peer's next dispatch writes my receive planes only after its combine wait, which needs my
   combine signal, issued after my sanitize / MoE reads of those planes.
 - flags are never reset: a flag equals v only once this round's signal arrived, and a peer
-  cannot store the next value (v + 2) into it before this rank signalled v + 1.
-
-`SignalMode.HOST_WAIT` (CPU): the same kernels signal, the host stream does the waits.
-`SignalMode.STREAM_MEMOPS`: no signal in the kernels; stream memory operations set the flags to 1,
-wait for 1 and reset them to 0 (a peer sets the word again only one phase later, behind a wait
-for a signal this rank sends after the reset).
+  cannot store the next value into it before this rank signalled.
+- faults: a wait that sees a poisoned peer, times out or sees a different signature records a
+  fault; from then on the rank makes no remote store and its flags read FLAG_POISON in every
+  peer, so the fault spreads to every rank that waits on it (a2a.runtime.protocol).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
-from a2a.runtime.streams import FlagWait, SignalMode, SignalStream
+from a2a.runtime.streams import FlagWait, SignalStream
 
 Launch = Callable[[], None]
 
 
-@dataclass(frozen=True)
-class PhaseSignals:
-    """The flag words of one phase as seen from one rank (raw addresses)."""
-
-    what: str  # "dispatch" or "combine": named in timeout errors
-    ep_rank: int
-    peer_ranks: tuple[int, ...]  # the active ranks (this one included)
-    signal_addresses: tuple[int, ...]  # flags[ep_rank] in the segment of every active rank
-    wait_addresses: tuple[int, ...]  # own flags[s] for every active rank s
-    flag_value_address: int  # own u32 flag value (KERNEL / HOST_WAIT modes)
-    phase_code: int  # recorded on a timeout
-    timeout_record_address: int  # own timeout record (see FlagWait)
-
-    @property
-    def flag_wait(self) -> FlagWait:
-        return FlagWait(self.what, self.ep_rank, self.peer_ranks, self.phase_code, self.timeout_record_address)
-
-
-def schedule_phase(
-    stream: SignalStream, launches: Sequence[Launch], signals: PhaseSignals, after_wait: Sequence[Launch] = ()
-) -> None:
-    """`launches` (in KERNEL / HOST_WAIT mode the last one signals, in KERNEL mode it also waits),
-    the barrier's stream part for the stream's mode, then `after_wait`."""
-    for launch in launches:
-        stream.submit(launch)
-    if stream.signal_mode is SignalMode.HOST_WAIT:
-        stream.wait_for_value(signals.wait_addresses, signals.flag_value_address, signals.flag_wait)
-    elif stream.signal_mode is SignalMode.STREAM_MEMOPS:
-        stream.set_flags(signals.signal_addresses)
-        stream.wait_flags(signals.wait_addresses, signals.flag_wait)
-    for launch in after_wait:
-        stream.submit(launch)
-
-
-def schedule_local(stream: SignalStream, launch: Launch) -> None:
-    """A launch that only reads and writes this rank's own segment (sanitize)."""
-    stream.submit(launch)
+def run_steps(stream: SignalStream, steps: Sequence[Launch | FlagWait]) -> None:
+    """Submit a phase's steps in order: launches as work, `FlagWait`s as host waits (HOST_WAIT mode).
+    On CUDA (KERNEL mode) the kernels wait themselves: callers launch directly instead."""
+    for step in steps:
+        if isinstance(step, FlagWait):
+            stream.wait(step)
+        else:
+            stream.submit(step)

@@ -1,13 +1,27 @@
 """A simulated world: N ranks in ONE process, sharing one workspace tensor, one stream per rank.
 
 On CUDA each rank gets its own driver stream, so N ranks run concurrently on one GPU as N processes
-would; a phase's wait is one spinning program per rank (or a stream wait with `A2A_SIGNALS=stream`),
-so the data kernels never wait and any number of ranks up to the hardware queues fits. On the CPU each rank gets a cooperative host stream:
-kernels run under the Triton interpreter and a rank whose wait cannot complete yet is parked until
-a peer's signal arrives.
+would; a phase's wait is one spinning program per rank, so the data kernels never wait and any
+number of ranks up to the hardware queues fits. On the CPU each rank gets a cooperative host
+stream: kernels run under the Triton interpreter and a rank whose wait cannot complete yet is
+parked until a peer's signal arrives.
+
+Two ways to drive it:
+- phase by phase from one thread (every rank's dispatch, then every rank's work on its stream,
+  then every rank's combine), as the tests and benchmarks do;
+- `run_ranks(fn)`: `fn(rank)` is one rank's whole program, written as a one-process-per-rank
+  engine writes it (results read right after each call). On CUDA the ranks' calls are enqueued
+  one rank after the other; on the CPU each rank runs in its own thread with blocking waits.
+
+A world of one rank uses the caller's current stream (as FlashInfer's single-GPU path does):
+results are ordered before whatever the caller enqueues next.
 """
 
 from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -19,21 +33,31 @@ MAX_SIMULATED_CUDA_RANKS = 31
 
 
 class SimulatedWorld:
-    """`ep_size` ranks in this process on `device` ("cuda", "cuda:N" or "cpu")."""
+    """`ep_size` ranks in this process on `device` ("cuda", "cuda:N" or "cpu").
 
-    def __init__(self, ep_size: int, device: str | torch.device = "cuda"):
-        if ep_size < 1:
-            raise ValueError(f"ep_size must be >= 1, got {ep_size}")
+    Test knobs for adversarial schedules: `stream_priorities` (CUDA: one driver stream priority per
+    rank, lower is more urgent) and `schedule_seed` (CPU: the cooperative scheduler runs ranks in a
+    seeded random order and leaves work queued at random, so a rank's next round can run before a
+    peer finished its last one).
+    """
+
+    def __init__(self, ep_size: int, device: str | torch.device = "cuda", *,
+                 stream_priorities: Sequence[int] | None = None, schedule_seed: int | None = None):  # fmt: skip
+        if isinstance(ep_size, bool) or not isinstance(ep_size, int) or ep_size < 1:
+            raise ValueError(f"ep_size must be an int >= 1, got {ep_size!r}")
         self.ep_size = ep_size
         self.device = torch.device(device)
         self._workspaces: dict[tuple, torch.Tensor] = {}
-        self._streams: list[SignalStream]
+        self._streams: list[SignalStream] = []
+        self._thread_streams: list[SignalStream] | None = None
+        if stream_priorities is not None and len(stream_priorities) != ep_size:
+            raise ValueError(f"stream_priorities needs one priority per rank ({ep_size}), got {len(stream_priorities)}")
         if self.device.type == "cuda":
             if ep_size > MAX_SIMULATED_CUDA_RANKS:
                 raise ValueError(
                     f"a simulated world on one GPU holds at most {MAX_SIMULATED_CUDA_RANKS} ranks, got {ep_size}: "
                     f"CUDA has {MAX_SIMULATED_CUDA_RANKS + 1} hardware queues per device, and two ranks sharing one "
-                    "deadlock (a parked wait holds back the peer's signal queued behind it). Use one process "
+                    "deadlock (a spinning wait holds back the peer's signal queued behind it). Use one process "
                     "per rank, or the CPU simulation, for more."
                 )
             envs.prepare_cuda_for_simulation(ep_size)
@@ -41,24 +65,35 @@ class SimulatedWorld:
 
             if self.device.index is None:
                 self.device = torch.device("cuda", torch.cuda.current_device())
-            # Fresh driver streams: torch.cuda.Stream() recycles a pool of 32, which would put two
-            # ranks on one stream.
-            self._streams = [CudaSignalStream(new_cuda_stream(self.device)) for _ in range(ep_size)]
+            if ep_size > 1:
+                # Fresh driver streams: torch.cuda.Stream() recycles a pool of 32, which would put two
+                # ranks on one stream.
+                priorities = stream_priorities or [0] * ep_size
+                self._streams = [CudaSignalStream(new_cuda_stream(self.device, p)) for p in priorities]
         elif self.device.type == "cpu":
             from a2a.runtime.host_signals import CooperativeScheduler, HostSignalStream
 
-            scheduler = CooperativeScheduler()
+            scheduler = CooperativeScheduler(schedule_seed)
             self._streams = [HostSignalStream(scheduler) for _ in range(ep_size)]
         else:
             raise ValueError(f"device must be cuda or cpu, got {self.device}")
 
-    # Each rank has its own stream: ops switch to it, ordered after the caller's work (see MoeAlltoAll).
-    switches_streams = True
+    @property
+    def switches_streams(self) -> bool:
+        """Whether ops of a rank switch to its own stream, ordered after the caller's work (see
+        MoeAlltoAll); a one-rank world on CUDA runs on the caller's current stream instead."""
+        return bool(self._streams)
 
     def stream(self, rank: int) -> SignalStream:
         """Rank `rank`'s stream; activate it (`with world.stream(r).activate():`) to run ops as that rank."""
         if not 0 <= rank < self.ep_size:
             raise ValueError(f"rank must be in [0, {self.ep_size}), got {rank}")
+        if not self._streams:
+            from a2a.runtime.cuda_signals import CudaSignalStream
+
+            return CudaSignalStream.wrap(torch.cuda.current_stream(self.device))
+        if self._thread_streams is not None:  # inside run_ranks on the CPU: the ranks' blocking streams
+            return self._thread_streams[rank]
         return self._streams[rank]
 
     def workspace(self, key: tuple, size_per_rank: int) -> torch.Tensor:
@@ -79,9 +114,8 @@ class SimulatedWorld:
 
     def wait_for_caller(self, rank: int) -> None:
         """Order rank `rank`'s stream after the caller's current work (CUDA: an event, CPU: nothing)."""
-        stream = self._streams[rank]
-        if self.device.type == "cuda":
-            stream.stream.wait_stream(torch.cuda.current_stream(self.device))  # type: ignore[attr-defined]
+        if self.device.type == "cuda" and self._streams:
+            self._streams[rank].stream.wait_stream(torch.cuda.current_stream(self.device))  # type: ignore[attr-defined]
 
     def join_into_caller(self) -> None:
         """Order the caller's current stream after everything the ranks submitted so far (CUDA: event
@@ -95,5 +129,60 @@ class SimulatedWorld:
 
     def synchronize(self) -> None:
         """Block until every rank's stream has run everything submitted (raises on a deadlock)."""
+        if not self._streams:
+            torch.cuda.current_stream(self.device).synchronize()
         for stream in self._streams:
             stream.synchronize()
+
+    def run_ranks(self, fn: Callable[[int], Any]) -> list[Any]:
+        """`[fn(rank) for rank in range(ep_size)]`, each call running as that rank, written as one
+        rank's program: a2a calls and torch ops inside `fn` see their inputs ready (the receive views
+        after dispatch, for instance), as in a process of its own.
+
+        CUDA: the calls run one after another, each with the rank's stream current (ordered after
+        the caller's work; the ranks' work overlaps on the GPU); `fn` must not wait on the host for
+        its own rank's results (e.g. `.item()`), since peers enqueue theirs after it returns.
+        CPU: one thread per rank, each with its own blocking stream, kernels interpreted one at a
+        time. The first exception of any rank is raised once every rank has finished (a rank whose
+        peer failed raises its own timeout or peer-failed error).
+        """
+        if self.device.type == "cuda":
+            results = []
+            for rank in range(self.ep_size):
+                self.wait_for_caller(rank)
+                with self.stream(rank).activate():
+                    results.append(fn(rank))
+            self.join_into_caller()
+            return results
+        return self._run_rank_threads(fn)
+
+    def _run_rank_threads(self, fn: Callable[[int], Any]) -> list[Any]:
+        from a2a.runtime.host_signals import HostSignalStream
+
+        if self._thread_streams is not None:
+            raise RuntimeError("run_ranks is already running on this world")
+        self.synchronize()  # nothing of the phase-by-phase streams may still be queued
+        results: list[Any] = [None] * self.ep_size
+        errors: list[tuple[int, BaseException]] = []
+
+        def run(rank: int) -> None:
+            try:
+                with self.stream(rank).activate():
+                    results[rank] = fn(rank)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller below
+                errors.append((rank, exc))
+
+        # Blocking waits: each thread is its rank, so a wait simply holds that thread.
+        self._thread_streams = [HostSignalStream() for _ in range(self.ep_size)]
+        try:
+            threads = [threading.Thread(target=run, args=(rank,), name=f"a2a-rank-{rank}")
+                       for rank in range(self.ep_size)]  # fmt: skip
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        finally:
+            self._thread_streams = None
+        if errors:
+            raise min(errors, key=lambda e: e[0])[1]
+        return results

@@ -1,21 +1,13 @@
-"""Rank streams: ordered work plus cross-rank flags, and the "current stream" an op runs on.
+"""Rank streams: ordered work plus cross-rank waits, and the "current stream" an op runs on.
 
-A `SignalStream` is one rank's ordered queue of work items (kernel launches). A phase ends with a
-cross-rank barrier over one flag array (`u32 [ep_size]` in every segment); where the barrier's
-signal and wait run is the stream's `signal_mode`:
+A `SignalStream` is one rank's ordered queue of work items (kernel launches). Where a phase's
+cross-rank wait runs is the stream's `signal_mode`:
 
-- `SignalMode.KERNEL` (CUDA, default): the phase's last kernel signals and waits in one program
-  (a2a.kernels.signal): flags carry epoch values from a device counter, never reset, bounded by a
-  timeout. Nothing to do on the stream.
-- `SignalMode.HOST_WAIT` (CPU): the kernels signal the same epochs; the host waits until every
-  own flag equals the own flag value (`wait_for_value`), with a timeout.
-- `SignalMode.STREAM_MEMOPS` (CUDA, `A2A_SIGNALS=stream`): stream memory operations instead:
-  `set_flags` stores FLAG_SET once all earlier work is visible, `wait_flags` holds the stream until
-  every own flag is FLAG_SET, then resets them to FLAG_CLEAR (constant values, so graphs replay;
-  no timeout). A peer sets the same word again only in a later phase that itself waits for a
-  signal this rank sends after the reset (stream order); see a2a.runtime.scheduler.
-
-Every rank of a world must use the same mode (the flag words mean different things).
+- `SignalMode.KERNEL` (CUDA): inside the phase's kernels (one program signals, waits, compares
+  signatures and records faults; a2a.kernels.signal). Nothing to do on the stream.
+- `SignalMode.HOST_WAIT` (CPU): the interpreted kernels signal the same way; the host waits
+  (`wait`): it holds later work until every awaited flag holds the expected epoch, then judges the
+  wait as the kernel would (poisoned peer, timeout, signature mismatch; a2a.runtime.host_signals).
 
 Implementations: `CudaSignalStream` (a torch CUDA stream) and `HostSignalStream` (the CPU path).
 """
@@ -25,39 +17,48 @@ from __future__ import annotations
 import enum
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
-FLAG_SET = 1
-FLAG_CLEAR = 0
+from a2a.runtime.protocol import Phase
 
 
 class SignalMode(enum.Enum):
-    """Where a phase's cross-rank barrier runs (see the module docstring)."""
+    """Where a phase's cross-rank wait runs (see the module docstring)."""
 
     KERNEL = "kernel"
     HOST_WAIT = "host"
-    STREAM_MEMOPS = "stream"
 
 
 @dataclass(frozen=True)
 class FlagWait:
-    """What a wait is for, so a timeout can name the ranks whose signal is missing, and where a host
-    wait records a timeout (the layout of a2a.layout.RoundState.TIMEOUT_STATUS: phase code, missing
-    ranks 0..31, missing ranks 32..63, awaited value) so later calls of the rank can raise too."""
+    """One wait of one rank, as raw addresses into its (host) workspace (see a2a.runtime.protocol).
 
-    what: str  # e.g. "dispatch" or "combine"
+    Done when every `flag_addresses[i]` (own flags[s] of `peer_ranks[i]`) equals the int32 at
+    `value_address`, when one of them is FLAG_POISON, or when the rank has already recorded a fault.
+    Judged then: a poisoned peer, a timeout or (with `signature_addresses`) a peer whose signature
+    row differs from `own_signature_address`'s row is recorded at `record_address`, and FLAG_POISON
+    is stored at every `poison_addresses` entry (this rank's word in every peer's flag arrays).
+    """
+
+    phase: Phase
     waiting_rank: int
-    peer_ranks: tuple[int, ...]  # peer_ranks[i] is expected to set addresses[i]
-    phase_code: int = 0
-    record_address: int = 0  # 0: nowhere
+    peer_ranks: tuple[int, ...]
+    flag_addresses: tuple[int, ...]
+    value_address: int
+    record_address: int
+    poison_addresses: tuple[int, ...]
+    signature_addresses: tuple[int, ...] = ()  # own signatures[phase][s] row of each peer, or none
+    own_signature_address: int = 0
+    signature_words: int = 0
+    timeout_ms: int = 0  # a blocking host wait's bound (A2A_SIGNAL_TIMEOUT_S when the plan was built)
 
 
 class SignalStream(ABC):
-    """One rank's ordered stream of work and flag operations."""
+    """One rank's ordered stream of work and waits."""
 
     device: torch.device
     signal_mode: SignalMode
@@ -66,17 +67,9 @@ class SignalStream(ABC):
     def submit(self, work: Callable[[], None]) -> None:
         """Run `work` (which launches kernels) in stream order."""
 
-    def wait_for_value(self, addresses: Sequence[int], value_address: int, wait: FlagWait) -> None:
-        """HOST_WAIT mode: hold later work until every u32 at `addresses` equals the one at `value_address`."""
-        raise NotImplementedError(f"{type(self).__name__} signals in {self.signal_mode.value} mode")
-
-    def set_flags(self, addresses: Sequence[int]) -> None:
-        """STREAM_MEMOPS mode: store FLAG_SET at every address once all earlier work is visible."""
-        raise NotImplementedError(f"{type(self).__name__} signals in {self.signal_mode.value} mode")
-
-    def wait_flags(self, addresses: Sequence[int], wait: FlagWait) -> None:
-        """STREAM_MEMOPS mode: hold later work until every address holds FLAG_SET, then clear them."""
-        raise NotImplementedError(f"{type(self).__name__} signals in {self.signal_mode.value} mode")
+    def wait(self, flag_wait: FlagWait) -> None:
+        """HOST_WAIT mode: hold later work until `flag_wait` is done, and judge it."""
+        raise NotImplementedError(f"{type(self).__name__} waits inside kernels ({self.signal_mode.value} mode)")
 
     @abstractmethod
     def synchronize(self) -> None:
@@ -99,14 +92,6 @@ def _active() -> list[SignalStream]:
     if not hasattr(_local, "stack"):
         _local.stack = []
     return _local.stack
-
-
-def current_stream_for_launch(mode: SignalMode, device: torch.device | None = None) -> SignalStream | None:
-    """None when a phase in `mode` needs nothing from the stream object (KERNEL mode: launches go to
-    torch's current CUDA stream, which an activated rank stream also is), else `current_stream`."""
-    if mode is SignalMode.KERNEL:
-        return None
-    return current_stream(device if device is not None else torch.device("cpu" if mode is SignalMode.HOST_WAIT else "cuda"))
 
 
 def current_stream(device: torch.device) -> SignalStream:
