@@ -35,7 +35,8 @@ def _code(dtype: torch.dtype) -> int:
 
 
 def _word(value: int) -> int:
-    """A signature word: the low 31 bits (every field but the split offset fits)."""
+    """A signature word of a non-negative field: its low 31 bits (every such field fits; the
+    combine offset is split in two words; the rank-mask halves are stored as they are)."""
     return value & 0x7FFFFFFF
 
 
@@ -44,24 +45,36 @@ def dispatch_signature(runtime_max_tokens: int, max_num_tokens: int, top_k: int,
     """The words of protocol.DISPATCH_SIGNATURE_FIELDS for this rank's round."""
     row_bytes = [p.shape[1] * p.element_size() for p in payloads] + [0] * (MAX_SIGNATURE_PAYLOADS - len(payloads))
     dtypes = [_code(p.dtype) for p in payloads] + [0] * (MAX_SIGNATURE_PAYLOADS - len(payloads))
-    words = [runtime_max_tokens, max_num_tokens, top_k, num_experts, len(payloads), *mask_halves(active_rank_mask),
-             *row_bytes, *dtypes]  # fmt: skip
+    words = [_word(w) for w in (runtime_max_tokens, max_num_tokens, top_k, num_experts, len(payloads))]
+    words += [*mask_halves(active_rank_mask), *(_word(w) for w in row_bytes + dtypes)]
     assert len(words) == len(DISPATCH_SIGNATURE_FIELDS)
-    return [_word(w) for w in words]
+    return words
 
 
 def combine_signature(runtime_max_tokens: int, max_num_tokens: int, top_k: int, payload: torch.Tensor,
                       combine_offset: int, has_scales: bool, active_rank_mask: int) -> list[int]:  # fmt: skip
     """The words of protocol.COMBINE_SIGNATURE_FIELDS for this rank's round."""
-    words = [runtime_max_tokens, max_num_tokens, top_k, payload.shape[2] * payload.element_size(), _code(payload.dtype),
-             combine_offset & 0x7FFFFFFF, combine_offset >> 31, int(has_scales), *mask_halves(active_rank_mask)]  # fmt: skip
+    words = [_word(w) for w in (runtime_max_tokens, max_num_tokens, top_k, payload.shape[2] * payload.element_size(),
+                                _code(payload.dtype), combine_offset, combine_offset >> 31, int(has_scales))]  # fmt: skip
+    words += mask_halves(active_rank_mask)
     assert len(words) == len(COMBINE_SIGNATURE_FIELDS)
-    return [_word(w) for w in words]
+    return words
+
+
+# Signature tensors are never freed: a CUDA graph captured with one keeps its address for as long
+# as it is replayed, longer than the plan that made it may live. A few hundred bytes per distinct
+# round geometry (rt included).
+_signatures: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
 
 
 def signature_tensor(words: Sequence[int], device: torch.device) -> torch.Tensor:
-    padded = list(words) + [0] * (SIGNATURE_WORDS - len(words))
-    return torch.tensor(padded, dtype=torch.int32, device=device)
+    """The int32 `[SIGNATURE_WORDS]` device tensor of `words` (zero-padded), one per distinct value."""
+    padded = tuple(words) + (0,) * (SIGNATURE_WORDS - len(words))
+    key = (str(device), padded)
+    tensor = _signatures.get(key)
+    if tensor is None:
+        tensor = _signatures[key] = torch.tensor(padded, dtype=torch.int32, device=device)
+    return tensor
 
 
 def protocol_constexprs(rank_workspace: RankWorkspace, wait_in_kernel: bool) -> dict[str, Any]:

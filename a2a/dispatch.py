@@ -65,7 +65,8 @@ def moe_a2a_dispatch(
     plan, num_tokens = dispatch_plan(rank_workspace, token_selected_experts, input_payloads, token_count,
                                      runtime_max_tokens_per_rank, ep_size, top_k, num_experts, active_rank_mask)  # fmt: skip
     plan.launch(token_selected_experts, input_payloads, token_count, num_tokens)
-    rank_workspace.begin_round("moe_a2a_dispatch", 0, num_tokens, runtime_max_tokens_per_rank, plan.combine_offset)
+    rank_workspace.begin_round("moe_a2a_dispatch", 0, num_tokens, runtime_max_tokens_per_rank, plan.combine_offset,
+                               plan.active_rank_mask)  # fmt: skip
     return plan.recv, plan.combine_offset
 
 
@@ -82,6 +83,7 @@ def dispatch_plan(rank_workspace: RankWorkspace, token_selected_experts, input_p
                                    runtime_max_tokens_per_rank, ep_size, top_k, num_experts, active_rank_mask)  # fmt: skip
         rank_workspace.remember_plan(key, plan)
         num_tokens = token_selected_experts.shape[0]
+    rank_workspace.check_returning_ranks(plan.active_rank_mask)
     return plan, num_tokens
 
 
@@ -150,6 +152,7 @@ class _DispatchPlan:
                  active_rank_mask: int):  # fmt: skip
         self.device = rank_workspace.workspace.device
         self.wait_in_kernel = self.device.type == "cuda"  # the CPU path waits on the host
+        self.active_rank_mask = active_rank_mask
         layout = rank_workspace.layout
         rt = round_layout.runtime_max_tokens
         self.signature = signature_tensor(
@@ -225,7 +228,8 @@ def _route_launch(rank_workspace: RankWorkspace, experts: torch.Tensor, count: t
         (experts, targets, local_slots, rank_workspace.block_counts, rank_workspace.block_invalid,
          rank_workspace.round_word(RoundState.ROUTE_ELECTION), rank_workspace.round_word(RoundState.INVALID_COUNT),
          rank_workspace.send_counters, rank_workspace.recv_counters_every_rank, rank_workspace.stride_rank,
-         rank_workspace.round_word(RoundState.GATHER_COUNT), rank_workspace.flag_block_every_rank,
+         rank_workspace.round_word(RoundState.GATHER_COUNT), rank_workspace.round_words(RoundState.GATHERED_MASK, 2),
+         rank_workspace.flag_block_every_rank,
          rank_workspace.fault_record, rank_workspace.host_record_address, timeout_ns, timeout_ms,
          count, num_tokens, num_blocks, num_experts, partition.base, partition.remainder, *mask_halves(active_rank_mask),
          rank_workspace.ep_rank),

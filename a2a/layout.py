@@ -70,10 +70,11 @@ class RoundState:
     DISPATCH_ROWS = 6  # token rows of this rank's last dispatch (its combine must have as many)
     DISPATCH_RT = 7  # runtime_max_tokens_per_rank of this rank's last dispatch (its combine's too)
     FAULT_RECORD = 8  # FAULT_RECORD_WORDS words: the first fault this rank recorded (a2a.runtime.protocol)
+    GATHERED_MASK = 24  # 2 words: the active-rank mask of this rank's last gather (bits 0..31, 32..63)
 
 
 ROUND_STATE_LEN = 32
-assert RoundState.FAULT_RECORD + FAULT_RECORD_WORDS <= ROUND_STATE_LEN
+assert RoundState.FAULT_RECORD + FAULT_RECORD_WORDS <= RoundState.GATHERED_MASK <= ROUND_STATE_LEN - 2
 
 
 def align_up(value: int, alignment: int) -> int:

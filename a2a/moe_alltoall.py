@@ -185,7 +185,7 @@ class MoeAlltoAll:
             if sanitize is not None:
                 sanitize()
         rank_workspace.begin_round(self._owner_name, id(self), num_tokens, runtime_max_tokens_per_rank,
-                                   plan.combine_offset)  # fmt: skip
+                                   plan.combine_offset, plan.active_rank_mask)  # fmt: skip
         self._state = _RoundState("dispatched", num_tokens, runtime_max_tokens_per_rank, plan.combine_offset)
         return plan.recv
 
@@ -198,6 +198,14 @@ class MoeAlltoAll:
         if self._state.phase != "dispatched":
             raise PhaseError(f"{what} called in phase {self._state.phase!r}: it needs a successful dispatch first")
         self._rank_workspace.live_round_for(f"MoeAlltoAll.{what}", id(self))
+        missing = getattr(self.world, "peers_not_arrived", lambda rank: [])(self.ep_rank)
+        if missing:
+            raise PhaseError(
+                f"{what} on rank {self.ep_rank}: its dispatch has not completed, rank(s) {missing} have not dispatched "
+                "yet, so its receive views hold no rows yet. Driving a simulated world on the CPU from one thread, "
+                "call every rank's dispatch before any rank uses its views, or run each rank's program with "
+                "SimulatedWorld.run_ranks"
+            )
         if runtime_max_tokens_per_rank != self._state.runtime_max_tokens:
             raise ValueError(
                 f"runtime_max_tokens_per_rank ({runtime_max_tokens_per_rank}) must equal the dispatch's "

@@ -43,6 +43,7 @@ class RankState:
     host_record: object | None  # HostMappedWords on CUDA (the kernels write it), None on the CPU
     live: LiveRound | None = None
     rounds_seen: int = 0  # dispatches the host saw on this memory (0: a copy it knows nothing of)
+    sat_out: int = 0  # ranks left out of an earlier round on this memory (bit r: rank r)
 
 
 # storage -> {(byte offset of the rank's segment in it, segment stride, size): RankState}. Storage
@@ -72,6 +73,7 @@ def reset_rank_state(workspace: torch.Tensor, ep_rank: int) -> None:
     state = _rank_state_for(workspace, ep_rank)
     state.live = None
     state.rounds_seen = 0
+    state.sat_out = 0
     if state.host_record is not None:
         ctypes.memset(ctypes.addressof(state.host_record.words), 0, 4 * FAULT_RECORD_WORDS)
 
@@ -141,7 +143,11 @@ class RankWorkspace:
 
     def round_word(self, index: int) -> torch.Tensor:
         """Word `index` (a RoundState index) of the own round state as a `[1]` int32 view."""
-        return self.round_state[index : index + 1]
+        return self.round_words(index, 1)
+
+    def round_words(self, index: int, count: int) -> torch.Tensor:
+        """Words `index .. index + count` of the own round state as an int32 view."""
+        return self.round_state[index : index + count]
 
     @cached_property
     def fault_record(self) -> torch.Tensor:
@@ -178,11 +184,16 @@ class RankWorkspace:
         layout = self.layout
         row = FlagArray.GATHER if phase is Phase.ORDERING else FlagArray(_signature_row(phase))
         flags_offset = layout.dispatch_flags_offset + 4 * layout.flag_array_stride * row
-        peers = tuple(r for r in range(self.ep_size) if active_rank_mask >> r & 1)
+        active = tuple(r for r in range(self.ep_size) if active_rank_mask >> r & 1)
+        # The ordering wait is for the ranks of the previous round (their mask is read when it runs).
+        peers = tuple(range(self.ep_size)) if phase is Phase.ORDERING else active
         value_index = RoundState.GATHER_COUNT if phase is Phase.ORDERING else RoundState.FLAG_VALUE
         state = layout.round_state_offset
-        poison = tuple(self.address(t, layout.dispatch_flags_offset + 4 * (layout.flag_array_stride * a + self.ep_rank))
-                       for t in peers if t != self.ep_rank for a in FlagArray)  # fmt: skip
+        def own_word(rank: int, array: FlagArray) -> int:
+            return self.address(rank, layout.dispatch_flags_offset + 4 * (layout.flag_array_stride * array + self.ep_rank))
+
+        others = [t for t in active if t != self.ep_rank]
+        poison = tuple(own_word(t, array) for t in others for array in FlagArray)
         signatures: tuple[int, ...] = ()
         own_signature = 0
         if phase is not Phase.ORDERING:
@@ -194,6 +205,8 @@ class RankWorkspace:
             flag_addresses=tuple(self.own_address(flags_offset + 4 * s) for s in peers),
             value_address=self.own_address(state + 4 * value_index),
             record_address=self.own_address(state + 4 * RoundState.FAULT_RECORD), poison_addresses=poison,
+            signal_addresses=tuple(own_word(t, row) for t in others),
+            peer_mask_address=self.own_address(state + 4 * RoundState.GATHERED_MASK) if phase is Phase.ORDERING else 0,
             signature_addresses=signatures, own_signature_address=own_signature, signature_words=SIGNATURE_WORDS,
             timeout_ms=timeout_ms,
         )  # fmt: skip
@@ -217,11 +230,25 @@ class RankWorkspace:
         if error is not None:
             raise error
 
+    def check_returning_ranks(self, active_rank_mask: int) -> None:
+        """A rank that sat out a round on this workspace cannot take part again: its epoch and
+        gather counters are behind its peers' (every wait would time out), and it may still be
+        reading when they write. Recreate the workspace on every rank to bring it back."""
+        returning = active_rank_mask & self.state.sat_out
+        if returning:
+            ranks = [r for r in range(self.ep_size) if returning >> r & 1]
+            raise ValueError(
+                f"active_rank_mask brings back rank(s) {ranks}, which sat out an earlier round on this workspace: "
+                "their signal counters are out of step with this rank's. A rank left out stays out for the "
+                "workspace's life; build a new world / workspace on every rank to take it back"
+            )
+
     # The round this rank has dispatched and not yet combined (one per workspace and rank).
-    def begin_round(self, owner: str, owner_id: int, num_tokens: int, runtime_max_tokens: int,
-                    combine_offset: int) -> None:  # fmt: skip
+    def begin_round(self, owner: str, owner_id: int, num_tokens: int, runtime_max_tokens: int, combine_offset: int,
+                    active_rank_mask: int) -> None:  # fmt: skip
         self.state.live = LiveRound(owner, owner_id, num_tokens, runtime_max_tokens, combine_offset)
         self.state.rounds_seen += 1
+        self.state.sat_out |= ((1 << self.ep_size) - 1) & ~active_rank_mask
 
     def check_no_live_round(self, what: str, owner_id: int) -> None:
         live = self.state.live

@@ -134,16 +134,24 @@ class RoundRecord:
 
     inputs: RoundInputs
     layer: LayerSpec
-    snapshots: list[list[torch.Tensor]]  # per rank, per payload: the receive view as the experts saw it
-    outputs: list[torch.Tensor]  # per rank [n + 2, H]: guard row, output rows, guard row
+    snapshots: list[list[torch.Tensor] | None]  # per rank, per payload: the receive view as the experts saw it
+    outputs: list[torch.Tensor | None]  # per rank [n + 2, H]: guard row, output rows, guard row (None: it raised)
 
 
 class Traffic:
     """Runs a TrafficCase on `device`; `run()` issues everything, `check()` compares it all."""
 
-    def __init__(self, case: TrafficCase, device: str):
+    def __init__(self, case: TrafficCase, device: str, after: Traffic | None = None):
+        """`after`: continue on that run's world and instances (same ranks, experts, capacity and
+        layers), whose rounds must have been checked."""
         self.case = case
         self.schedule = random.Random(case.schedule_seed)
+        self.records: list[RoundRecord] = []
+        self.stopped: set[int] = set()  # ranks that stopped issuing calls (a rank that raised mid-run)
+        self.raised: list[tuple[int, int, BaseException]] = []  # (round, rank, error) of every refused call
+        if after is not None:
+            self.world, self.layers = after.world, after.layers
+            return
         if device == "cpu":
             self.world = a2a.SimulatedWorld(case.ep_size, "cpu", schedule_seed=case.schedule_seed)
         else:
@@ -155,7 +163,6 @@ class Traffic:
                              workspace_size_per_rank=size, world=self.world) for r in range(case.ep_size)]
             for _ in case.layers
         ]  # fmt: skip
-        self.records: list[RoundRecord] = []
 
     @property
     def device(self) -> torch.device:
@@ -177,12 +184,27 @@ class Traffic:
             with self.world.stream(rank).activate():
                 torch.cuda._sleep(cycles)
 
-    def run(self) -> None:
+    def run(self, crash: tuple[int, int] | None = None) -> None:
+        """Issue every round; with `crash=(round, rank)` that rank's dispatch of that round is a
+        call that raises (a bad argument), after which the rank issues nothing more, as a crashed
+        engine rank would. Calls the other ranks get refused (their fault surfacing) are recorded."""
         case = self.case
         generator = torch.Generator().manual_seed(case.seed)
         for counts, rt in case.steps:
             for layer, moes in zip(case.layers, self.layers):
-                self.records.append(self.run_round(layer, moes, draw_inputs(case, layer, counts, rt, generator)))
+                inputs = draw_inputs(case, layer, counts, rt, generator)
+                self.records.append(self.run_round(layer, moes, inputs, crash))
+
+    def call(self, rank: int, fn):
+        """`fn()` for a rank still running; a refused call (the rank's fault surfacing, or a phase
+        error when a peer never dispatched) is recorded and gives None."""
+        if rank in self.stopped:
+            return None
+        try:
+            return fn()
+        except (a2a.A2AFaultError, a2a.PhaseError) as error:
+            self.raised.append((len(self.records), rank, error))
+            return None
 
     def rank_order(self) -> list[int]:
         """The order in which this phase's calls are issued: random, so any rank can run ahead."""
@@ -190,21 +212,37 @@ class Traffic:
         self.schedule.shuffle(order)
         return order
 
-    def run_round(self, layer: LayerSpec, moes: list[a2a.MoeAlltoAll], inputs: RoundInputs) -> RoundRecord:
+    def run_round(self, layer: LayerSpec, moes: list[a2a.MoeAlltoAll], inputs: RoundInputs,
+                  crash: tuple[int, int] | None = None) -> RoundRecord:  # fmt: skip
         device, ep_size, rt = self.device, self.case.ep_size, inputs.runtime_max_tokens
         recv: list = [None] * ep_size
         for rank in self.rank_order():
             self.maybe_delay(rank)
-            recv[rank] = moes[rank].dispatch(inputs.experts[rank].to(device), [p.to(device) for p in inputs.payloads[rank]],
-                                             rt, invalid_token_expert_id=INVALID_ID, expert_id_payload_index=1)  # fmt: skip
+            bad = crash == (len(self.records), rank)
+            if bad and rank not in self.stopped:
+                self.stopped.add(rank)
+                try:  # rt above max_num_tokens: refused before anything runs; this rank then stops
+                    moes[rank].dispatch(inputs.experts[rank].to(device), [p.to(device) for p in inputs.payloads[rank]],
+                                        self.case.max_num_tokens + 1)  # fmt: skip
+                except ValueError:
+                    continue
+                raise AssertionError("a dispatch with rt > max_num_tokens was accepted")
+            recv[rank] = self.call(rank, lambda rank=rank: moes[rank].dispatch(
+                inputs.experts[rank].to(device), [p.to(device) for p in inputs.payloads[rank]], rt,
+                invalid_token_expert_id=INVALID_ID, expert_id_payload_index=1))  # fmt: skip
         snapshots: list = [None] * ep_size
         planes: list = [None] * ep_size
         for rank in self.rank_order():
             moe = moes[rank]
             views = recv[rank]
+            if views is None:
+                continue
             copies = [torch.empty_like(view) for view in views]
             if layer.in_workspace:
-                plane = moe.get_combine_payload_tensor_in_workspace(rt, layer.combine_hidden, layer.combine_dtype)
+                plane = self.call(rank, lambda moe=moe: moe.get_combine_payload_tensor_in_workspace(
+                    rt, layer.combine_hidden, layer.combine_dtype))  # fmt: skip
+                if plane is None:
+                    continue
             else:
                 plane = torch.empty(ep_size, rt, layer.combine_hidden, dtype=layer.combine_dtype, device=device)
 
@@ -219,18 +257,45 @@ class Traffic:
             planes[rank] = plane
         outputs: list = [None] * ep_size
         for rank in self.rank_order():
+            if planes[rank] is None:
+                continue
             n = inputs.experts[rank].shape[0]
             guarded = torch.full((n + 2, layer.combine_hidden * layer.combine_dtype.itemsize), GUARD_BYTE,
                                  dtype=torch.uint8, device=device).view(layer.combine_dtype)  # fmt: skip
             self.maybe_delay(rank)
-            moes[rank].combine(planes[rank], rt, payload_in_workspace=layer.in_workspace, output=guarded[1 : n + 1])
-            outputs[rank] = guarded
+            done = self.call(rank, lambda rank=rank, guarded=guarded, n=n: moes[rank].combine(
+                planes[rank], rt, payload_in_workspace=layer.in_workspace, output=guarded[1 : n + 1]))  # fmt: skip
+            outputs[rank] = guarded if done is not None else None
         return RoundRecord(inputs, layer, snapshots, outputs)
 
-    def check(self) -> None:
+    def check_after_crash(self, crash_round: int) -> None:
+        """Rounds before the crash are exact; from the crash round on, every surviving rank's call
+        raised or its output is NaN (never plausible rows), and every surviving rank raises."""
+        try:
+            self.world.synchronize()
+        except a2a.A2AFaultError:  # the CPU scheduler reports the deadlock the crashed rank left
+            pass
+        self.check(rounds=range(crash_round))
+        for index in range(crash_round, len(self.records)):
+            for rank, guarded in enumerate(self.records[index].outputs):
+                if guarded is not None and rank not in self.stopped:
+                    n = guarded.shape[0] - 2
+                    assert torch.isnan(guarded[1 : n + 1].float().cpu()).all(), \
+                        f"round {index}: rank {rank} returned rows after the crash"
+        for rank, moes in enumerate(zip(*self.layers)):
+            if rank not in self.stopped:
+                try:
+                    moes[0].synchronize()
+                except a2a.A2AFaultError:
+                    continue
+                raise AssertionError(f"rank {rank} never raised after its peer crashed")
+
+    def check(self, rounds=None) -> None:
         self.world.synchronize()
         case = self.case
         for index, record in enumerate(self.records):
+            if rounds is not None and index not in rounds:
+                continue
             where = f"round {index} (step {index // len(case.layers)}, layer {index % len(case.layers)})"
             inputs, layer = record.inputs, record.layer
             expected = reference.dispatch(inputs.experts, inputs.payloads, case.num_experts, inputs.runtime_max_tokens)
@@ -254,7 +319,138 @@ class Traffic:
                 assert (guards == GUARD_BYTE).all(), f"{where}: a guard row around rank {rank}'s output was written"
 
     def close(self) -> None:
-        self.world.synchronize()
-        for moes in self.layers:
-            for moe in moes:
-                moe._reset_workspace()
+        """Release the workspace (after a crash, once the recorded faults have been reported)."""
+        try:
+            self.world.synchronize()
+        except a2a.A2AFaultError:
+            if not self.stopped:
+                raise
+        self.layers[0][0]._reset_workspace()  # every layer and rank shares the one workspace
+
+
+class GraphTraffic:
+    """CUDA graphs of engine steps: per rank, one graph of a whole step (every layer: dispatch with
+    a device-side token count, the experts, combine), captured for two values of rt; replayed with
+    new inputs and counts, ranks started in a random order after random delays, the rt of each
+    replay drawn at random. Every replay is checked against the reference."""
+
+    def __init__(self, case: TrafficCase, rts: tuple[int, ...]):
+        self.case = case
+        self.rts = rts
+        self.traffic = Traffic(case, "cuda")  # world, instances, schedule
+        self.world, self.layers = self.traffic.world, self.traffic.layers
+        ep, dev = case.ep_size, self.traffic.device
+        self.buffers: dict = {}  # (rt, layer index, rank) -> dict of static tensors
+        for rt in rts:
+            for index, layer in enumerate(case.layers):
+                for rank in range(ep):
+                    specs = layer.payload_specs(case.top_k)
+                    self.buffers[(rt, index, rank)] = dict(
+                        experts=torch.zeros(rt, case.top_k, dtype=torch.int32, device=dev),
+                        payloads=[torch.zeros(rt, width * dtype.itemsize, dtype=torch.uint8, device=dev).view(dtype)
+                                  for dtype, width in specs],
+                        count=torch.zeros(1, dtype=torch.int32, device=dev),
+                        output=torch.full((rt, layer.combine_hidden), float("nan"), dtype=layer.combine_dtype,
+                                          device=dev),
+                    )  # fmt: skip
+        self.graphs = {}
+        for rt in rts:  # warm up eagerly (plans, kernels), then capture each rank's step
+            self.step_all_ranks(rt)
+            self.world.synchronize()
+            for rank in range(ep):
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, stream=self.world.stream(rank).stream):
+                    self.step(rt, rank, capture=True)
+                self.graphs[(rt, rank)] = graph
+        torch.cuda.synchronize()
+
+    def step(self, rt: int, rank: int, capture: bool = False) -> None:
+        """Rank `rank`'s step, layer after layer (each layer a whole round of that rank)."""
+        for index, (layer, moes) in enumerate(zip(self.case.layers, self.layers)):
+            self.rank_round(rt, index, layer, moes[rank], capture)
+
+    def rank_round(self, rt: int, index: int, layer: LayerSpec, moe: a2a.MoeAlltoAll, capture: bool) -> None:
+        buffers = self.buffers[(rt, index, moe.ep_rank)]
+        recv = moe.dispatch(buffers["experts"], buffers["payloads"], rt, invalid_token_expert_id=INVALID_ID,
+                            expert_id_payload_index=1, token_count=buffers["count"])  # fmt: skip
+        with self.world.stream(moe.ep_rank).activate():
+            if "snapshots" not in buffers:
+                buffers["snapshots"] = [torch.empty_like(view) for view in recv]
+            for view, copy in zip(recv, buffers["snapshots"]):
+                copy.copy_(view)
+            if layer.in_workspace:
+                plane = moe.get_combine_payload_tensor_in_workspace(rt, layer.combine_hidden, layer.combine_dtype)
+            else:
+                if "plane" not in buffers:
+                    buffers["plane"] = torch.empty(self.case.ep_size, rt, layer.combine_hidden,
+                                                   dtype=layer.combine_dtype, device=self.traffic.device)  # fmt: skip
+                plane = buffers["plane"]
+            plane.copy_(expert_function(recv[0], layer.combine_hidden, layer.combine_dtype))
+        moe.combine(plane, rt, payload_in_workspace=layer.in_workspace, output=buffers["output"])
+
+    def step_all_ranks(self, rt: int) -> None:
+        """An eager step, phase by phase over the ranks (warm-up before capture)."""
+        for index, (layer, moes) in enumerate(zip(self.case.layers, self.layers)):
+            for rank, moe in enumerate(moes):
+                self.rank_round(rt, index, layer, moe, capture=False)
+
+    def fill(self, rt: int, generator: torch.Generator) -> list[RoundInputs]:
+        """New inputs (and counts <= rt) in the static buffers of the `rt` graphs, per layer."""
+        rounds = []
+        for index, layer in enumerate(self.case.layers):
+            counts = tuple(int(torch.randint(0, rt + 1, (1,), generator=generator)) for _ in range(self.case.ep_size))
+            inputs = draw_inputs(self.case, layer, counts, rt, generator)
+            for rank in range(self.case.ep_size):
+                buffers, n = self.buffers[(rt, index, rank)], counts[rank]
+                padded = torch.randint(0, self.case.num_experts, (rt, self.case.top_k), dtype=torch.int32,
+                                       generator=generator)  # padding rows: ids that must not be sent
+                padded[:n] = inputs.experts[rank]
+                buffers["experts"].copy_(padded)
+                for p, payload in enumerate(inputs.payloads[rank]):
+                    full = buffers["payloads"][p]
+                    rows = padded if p == 1 else torch.zeros(rt, *payload.shape[1:], dtype=payload.dtype)
+                    if p != 1:
+                        rows[:n] = payload
+                    full.copy_(rows.to(full.device))
+                buffers["count"].fill_(n)
+                buffers["output"].fill_(float("nan"))
+            rounds.append(inputs)
+        return rounds
+
+    def replay(self, rt: int) -> None:
+        caller = torch.cuda.current_stream()
+        traffic = self.traffic
+        for rank in traffic.rank_order():
+            stream = self.world.stream(rank)
+            stream.stream.wait_stream(caller)
+            traffic.maybe_delay(rank)
+            with stream.activate():
+                self.graphs[(rt, rank)].replay()
+        self.world.join_into_caller()
+
+    def check(self, rt: int, rounds: list[RoundInputs], where: str) -> None:
+        torch.cuda.synchronize()
+        case = self.case
+        for index, (layer, inputs) in enumerate(zip(case.layers, rounds)):
+            expected = reference.dispatch(inputs.experts, inputs.payloads, case.num_experts, rt)
+            planes = []
+            for rank in range(case.ep_size):
+                buffers = self.buffers[(rt, index, rank)]
+                valid = expected.valid_rows(rank)
+                got, want = buffers["snapshots"], expected.recv_payloads[rank]
+                for p in (0, *range(2, len(want))):
+                    assert torch.equal(got[p].cpu()[valid].view(torch.uint8), want[p][valid].view(torch.uint8)), \
+                        f"{where}, layer {index}: payload {p} received by rank {rank}"
+                sanitized = reference.sanitize(want[1], expected.recv_counts[rank], INVALID_ID)
+                assert torch.equal(got[1].cpu(), sanitized), f"{where}, layer {index}: sanitized ids of rank {rank}"
+                planes.append(expert_function(want[0], layer.combine_hidden, layer.combine_dtype))
+            combined = reference.combine(planes, expected.routing, [e.shape[0] for e in inputs.experts])
+            for rank in range(case.ep_size):
+                out = self.buffers[(rt, index, rank)]["output"].cpu()
+                n = combined[rank].shape[0]
+                assert torch.equal(out[:n].view(torch.uint8), combined[rank].view(torch.uint8)), \
+                    f"{where}, layer {index}: combine output of rank {rank}"
+                assert not out[n:].any(), f"{where}, layer {index}: padding rows of rank {rank} are not zero"
+
+    def close(self) -> None:
+        self.traffic.close()

@@ -80,3 +80,60 @@ def test_active_rank_mask_is_checked(device):
         a2a.moe_a2a_dispatch(experts, [experts], moe.workspace, moe.metainfo, RT, 0, 2, TOP_K, EXPERTS,
                              active_rank_mask=[0, 1])  # fmt: skip
     moe._reset_workspace()
+
+
+def test_a_rank_left_out_cannot_come_back_on_the_same_workspace(device):
+    world = a2a.SimulatedWorld(EP, device)
+    ranks = [a2a.MoeAlltoAll(a2a.Mapping(EP, r), RT, TOP_K, EXPERTS, hidden_size=HIDDEN, world=world) for r in range(EP)]
+    _round(world, ranks, 0, {2})
+    counts, experts, hiddens, _ = _inputs(3, set())
+    for r in (0, 1, 3):
+        ranks[r].set_active_ranks(None)
+        with pytest.raises(ValueError, match=r"brings back rank\(s\) \[2\], which sat out an earlier round"):
+            ranks[r].dispatch(experts[r].to(world.device), [hiddens[r].to(world.device)], RT)
+    for moe in ranks:
+        moe._reset_workspace()
+
+
+@pytest.mark.parametrize("schedule", range(12))
+def test_a_rank_made_inactive_finishes_its_last_gather_before_peers_write(device, schedule):
+    """Rank 2 takes part in round 0 and is then left out; rounds 1 (ranks 0, 1) put their rows where
+    round 0's combine plane was (rt 2 -> 16). Rank 2's round-0 gather must still read round 0's
+    rows: the next dispatch waits for the ranks of the previous round, not of the next one.
+    Nothing is synchronised in between; rank 2 is slowed down (CPU: scheduler seed; CUDA: sleep)."""
+    ep, hidden, small, big = 3, 48, 2, 16
+    if device == "cpu":
+        world = a2a.SimulatedWorld(ep, device, schedule_seed=schedule)
+    else:
+        world = a2a.SimulatedWorld(ep, device)
+    ranks = [a2a.MoeAlltoAll(a2a.Mapping(ep, r), big, 2, 6, hidden_size=hidden, world=world) for r in range(ep)]
+    generator = torch.Generator().manual_seed(schedule)
+    experts = [torch.randint(0, 6, (small, 2), generator=generator, dtype=torch.int32) for _ in range(ep)]
+    hiddens = [torch.randn(small, hidden, generator=generator).to(torch.bfloat16) for _ in range(ep)]
+    planes_in = [torch.randn(ep, small, hidden, generator=generator).to(torch.bfloat16) for _ in range(ep)]
+    for r in range(ep):
+        ranks[r].dispatch(experts[r].to(world.device), [hiddens[r].to(world.device)], small)
+    outputs = []
+    for r in range(ep):
+        plane = ranks[r].get_combine_payload_tensor_in_workspace(small, hidden, torch.bfloat16)
+        stream = world.stream(r)
+        if device == "cpu":
+            stream.submit(lambda plane=plane, r=r: plane.copy_(planes_in[r]))
+        else:
+            with stream.activate():
+                if r == 2:
+                    torch.cuda._sleep(2_000_000)  # ~1 ms: rank 2's gather comes late
+                plane.copy_(planes_in[r].to(world.device))
+        outputs.append(ranks[r].combine(plane, small, payload_in_workspace=True))
+    big_experts = [torch.randint(0, 4, (big, 2), generator=generator, dtype=torch.int32) for _ in range(2)]
+    big_hiddens = [torch.randn(big, hidden, generator=generator).to(torch.bfloat16) for _ in range(2)]
+    for r in (0, 1):  # round 1 without rank 2 (experts 0..3 live on ranks 0 and 1)
+        ranks[r].set_active_ranks([0, 1])
+        ranks[r].dispatch(big_experts[r].to(world.device), [big_hiddens[r].to(world.device)], big)
+    world.synchronize()
+    expected = reference.dispatch(experts, [[h] for h in hiddens], 6, small)
+    want = reference.combine(planes_in, expected.routing, [small] * ep)
+    for r in range(ep):
+        assert torch.equal(as_bytes(outputs[r].cpu()), as_bytes(want[r])), f"round 0 output of rank {r}"
+    for moe in ranks:
+        moe._reset_workspace()

@@ -1,7 +1,6 @@
 """A whole simulated round captured once in a CUDA graph and replayed with new inputs.
 
-The flags carry epoch values from a device counter (set / wait-for-1 / reset constants with
-A2A_SIGNALS=stream), so replays need nothing from the host.
+The flags carry epoch values from device counters, so replays need nothing from the host.
 """
 
 from __future__ import annotations

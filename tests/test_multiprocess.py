@@ -8,14 +8,19 @@ One rank's failure fails the test at once (tests/process_launcher.py).
 from __future__ import annotations
 
 import os
+import re
+import secrets
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from a2a.runtime.fd_exchange import FdListener, agree_job_id, exchange_fds, send_fd
+from a2a.runtime.bootstrap import Bootstrap
+from a2a.runtime.fd_exchange import FdListener, agree_job_id, exchange_fds, send_fd, socket_name
 from tests.conftest import requires_interpreter_in_children
 from tests.process_launcher import RankFailure, run_mpi_round, run_ranks
 from tests.process_rounds import PLANS, moe_rounds_rank
@@ -94,7 +99,10 @@ def _workspace_cycles(rank: int, world_size: int, num_cycles: int) -> dict[str, 
         world.barrier()
         del workspace
     world.close()
-    leaked_maps = [line for line in Path("/proc/self/maps").read_text().splitlines() if "/a2a-" in line]
+    # a2a's own shared-memory files only (/dev/shm/a2a-<uid>-<hex>, unlinked, so "(deleted)"): a
+    # checkout or virtualenv whose path holds "/a2a-" maps files too.
+    own = re.compile(rf"/dev/shm/a2a-{os.getuid()}-[0-9a-f]+\b")
+    leaked_maps = [line for line in Path("/proc/self/maps").read_text().splitlines() if own.search(line)]
     return {
         "new_fds": len(_open_fds() - fds_before),
         "new_shm_files": len(_shm_files() - shm_before),
@@ -139,6 +147,156 @@ def test_fd_exchange_between_three_processes(tmp_path):
     assert results == [[f"rank {r} of 3" for r in range(3)]] * 3
 
 
+class _RecordingBootstrap(Bootstrap):
+    """Delegates to `inner` and records every collective called, in order."""
+
+    def __init__(self, inner: Bootstrap) -> None:
+        self.inner, self.rank, self.world_size = inner, inner.rank, inner.world_size
+        self.calls: list[str] = []
+
+    def allgather_bytes(self, data: bytes) -> list[bytes]:
+        self.calls.append("allgather_bytes")
+        return self.inner.allgather_bytes(data)
+
+    def barrier(self) -> None:
+        self.calls.append("barrier")
+        self.inner.barrier()
+
+
+class _Squatter:
+    """A local process (this one) holding `name` before the ranks bind it; counts what arrives."""
+
+    def __init__(self, name: bytes) -> None:
+        self.connections = 0
+        self.fds_received = 0
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.bind(name)
+        self._sock.listen(8)
+        self._sock.settimeout(0.1)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                self.connections += 1
+                conn.settimeout(5)
+                try:
+                    while True:
+                        message, fds, _, _ = socket.recv_fds(conn, 256, 4)
+                        for fd in fds:
+                            os.close(fd)
+                        self.fds_received += len(fds)
+                        if not message and not fds:
+                            break
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self._sock.close()
+
+
+def _exchange_with_a_fault(rank: int, world_size: int, job_id: str, timeout_s: float, misled_rank: int) -> dict:
+    """exchange_fds as SymmetricMemory runs it; `misled_rank` expects its own pid to listen for rank 1."""
+    from contextlib import ExitStack
+    from unittest import mock
+
+    from a2a.runtime import fd_exchange
+    from a2a.runtime.bootstrap import bootstrap_from
+    from a2a.runtime.symmetric_memory import run_on_every_rank
+
+    bootstrap = _RecordingBootstrap(bootstrap_from(None))
+    fds_before = _open_fds()
+    fd = os.memfd_create(f"a2a-test-rank{rank}")
+    error = None
+    start = time.monotonic()
+    real_send_fd = fd_exchange.send_fd
+
+    def misled_send_fd(job: str, peer: int, me: int, own_fd: int, deadline: float, *, peer_pid: int) -> None:
+        real_send_fd(job, peer, me, own_fd, deadline, peer_pid=os.getpid() if peer == 1 else peer_pid)
+
+    with ExitStack() as patches:
+        # The job id is random and agreed inside exchange_fds; fix it so a squatter can know the names.
+        patches.enter_context(mock.patch.object(fd_exchange, "agree_job_id", lambda _: job_id))
+        if rank == misled_rank:
+            patches.enter_context(mock.patch.object(fd_exchange, "send_fd", misled_send_fd))
+        try:
+            # As SymmetricMemory calls it: its error report is itself a collective after the step.
+            fds = run_on_every_rank(
+                bootstrap, "fd exchange", lambda: exchange_fds(bootstrap, fd, timeout_s=timeout_s), ExitStack()
+            )
+        except Exception as exc:  # noqa: BLE001 - every rank must fail; the test checks the messages
+            error = f"{type(exc).__name__}: {exc}"
+        else:
+            for peer_fd in fds:
+                if peer_fd != fd:
+                    os.close(peer_fd)
+    seconds = time.monotonic() - start
+    os.close(fd)
+    return {"error": error, "seconds": seconds, "calls": bootstrap.calls, "left_open": sorted(_open_fds() - fds_before)}
+
+
+def _check_every_rank_failed(results: list[dict], timeout_s: float, *expected: str) -> None:
+    for rank, result in enumerate(results):
+        assert result["error"] is not None, f"rank {rank} did not fail"
+        for text in expected:
+            assert text in result["error"], (rank, text, result["error"])
+        assert result["seconds"] < timeout_s / 2, f"rank {rank} waited out the deadline: {result}"
+        assert result["left_open"] == [], f"rank {rank} left fds open: {result}"
+    assert all(result["calls"] == results[0]["calls"] for result in results), [r["calls"] for r in results]
+
+
+def test_a_squatted_socket_name_fails_every_rank_and_gets_no_fd(tmp_path):
+    job_id, timeout_s = secrets.token_hex(8), 30.0
+    squatter = _Squatter(socket_name(job_id, 1))  # before rank 1 binds: its bind fails
+    try:
+        results = run_ranks(_exchange_with_a_fault, 3, tmp_path, job_id, timeout_s, None, timeout_s=90, env=CHILD_ENV)
+    finally:
+        squatter.close()
+    assert (squatter.connections, squatter.fds_received) == (0, 0), "a rank sent to the squatter"
+    _check_every_rank_failed(results, timeout_s, "could not listen", "rank(s) [1]", "Address already in use")
+
+
+def test_a_refused_send_fails_every_rank_at_once(tmp_path):
+    timeout_s = 30.0
+    results = run_ranks(
+        _exchange_with_a_fault, 3, tmp_path, secrets.token_hex(8), timeout_s, 0, timeout_s=90, env=CHILD_ENV
+    )
+    _check_every_rank_failed(
+        results, timeout_s, "rank(s) [0] could not send", "rank 0 refused to send its fd to rank 1", "found pid"
+    )
+
+
+def test_send_fd_refuses_a_listener_with_another_pid():
+    from a2a.runtime.bootstrap import SingleProcessBootstrap
+
+    job_id = agree_job_id(SingleProcessBootstrap())
+    expected = os.getppid()  # a live process, but not the one that listens on rank 1's name
+    fd = os.memfd_create("secret")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as impostor:
+        impostor.bind(socket_name(job_id, 1))
+        impostor.listen(1)
+        try:
+            refused = rf"rank 0 refused to send its fd to rank 1 .*pid {expected}, .* found pid {os.getpid()}, "
+            with pytest.raises(RuntimeError, match=refused):
+                send_fd(job_id, 1, 0, fd, time.monotonic() + 10, peer_pid=expected)
+        finally:
+            os.close(fd)
+        impostor.settimeout(5)
+        conn, _ = impostor.accept()  # the sender connected to read the credentials, then hung up
+        with conn:
+            conn.settimeout(5)
+            message, fds, _, _ = socket.recv_fds(conn, 256, 4)
+        assert (message, fds) == (b"", []), "the fd was sent to the impostor"
+
+
 INTRUDER = """
 import os, socket, sys
 job = sys.argv[1]
@@ -160,7 +318,7 @@ def test_fd_listener_refuses_a_foreign_pid():
         own = os.memfd_create("rank1")
         os.write(own, b"rank 1")
         try:
-            send_fd(job_id, 0, 1, own, time.monotonic() + 10)
+            send_fd(job_id, 0, 1, own, time.monotonic() + 10, peer_pid=os.getpid())
             sender, received = listener.accept_fd(time.monotonic() + 10)
         finally:
             os.close(own)
@@ -185,7 +343,7 @@ def test_send_fd_to_a_missing_peer_names_it():
     fd = os.open(os.devnull, os.O_RDONLY)
     try:
         with pytest.raises(RuntimeError, match="could not send its fd to rank 5"):
-            send_fd("no-such-job", 5, 0, fd, time.monotonic() + 1)
+            send_fd("no-such-job", 5, 0, fd, time.monotonic() + 1, peer_pid=os.getpid())
     finally:
         os.close(fd)
 

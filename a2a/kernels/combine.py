@@ -71,6 +71,7 @@ def _combine_kernel(
     num_tokens,  # rows of out (the grid has max(1, num_tokens) rows, so a rank without tokens signals)
     election_ptr,  # [1] int32, own segment: gather programs finished (reset by the last)
     gather_count_ptr,  # [1] int32, own segment: gathers this rank finished
+    gathered_mask_ptr,  # [2] int32, own segment: the active-rank mask of its last gather (written here)
     flags_ptr,  # [3, EP_SIZE] int32 flag block of segment 0; segment t at + t * stride_rank
     stride_rank,  # int32 elements between two segments
     fault_record_ptr,  # [FAULT_RECORD_WORDS] int32, own segment
@@ -129,5 +130,5 @@ def _combine_kernel(
             _record_round_mismatch(dispatch_rows, dispatch_rt, num_tokens, runtime_max_tokens, flags_ptr, stride_rank,
                                    fault_record_ptr, host_record_ptr, active_low, active_high, ep_rank, EP_SIZE, EP_PAD,
                                    FLAG_ARRAY_STRIDE, HAS_HOST_RECORD)
-        _signal_gathered(gather_count_ptr, flags_ptr, stride_rank, fault_record_ptr, active_low, active_high, ep_rank,
-                         EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE)
+        _signal_gathered(gather_count_ptr, gathered_mask_ptr, flags_ptr, stride_rank, fault_record_ptr, active_low,
+                         active_high, ep_rank, EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE)

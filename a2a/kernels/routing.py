@@ -11,8 +11,7 @@ like a repeat (not counted as invalid); the last program writes no counter into 
 and zeroes its own `recv_counters` of inactive sources, so sanitize and combine skip them.
 The last program to finish (an acq_rel election counter, reset by that program so the next round,
 or a graph replay, starts from zero) turns the counts into exclusive per-block offsets, writes
-`send_counters`, then (WAIT) waits until every active peer has finished gathering the previous
-round (a2a.kernels.signal._await_previous_gathers: this round's rows may land where that round's
+`send_counters`, then (WAIT) waits until every rank of the previous round has finished gathering it (a2a.kernels.signal._await_previous_gathers: this round's rows may land where that round's
 combine plane was) and stores `recv_counters[ep_rank]` into every target's segment, unless this
 rank has recorded a fault (then it stores nothing remotely; see a2a.runtime.protocol). A token's final
 slot at target t is `block_offsets[block, t] + topk_local_slots`: the number of earlier local tokens
@@ -72,6 +71,7 @@ def _route_kernel(
     recv_counters_ptr,  # [EP_SIZE] int32 in segment 0; segment t at + t * stride_rank
     stride_rank,  # int32 elements between two segments
     gather_count_ptr,  # [1] int32, own segment: gathers this rank finished
+    gathered_mask_ptr,  # [2] int32, own segment: the active-rank mask of its last gather
     flags_ptr,  # [3, EP_SIZE] int32 flag block of segment 0
     fault_record_ptr,  # [FAULT_RECORD_WORDS] int32, own segment
     host_record_ptr,  # int64 address of its host-mapped copy (0 without one)
@@ -157,9 +157,9 @@ def _route_kernel(
                                             cache_modifier=".cg"), axis=0)
         tl.store(send_counters_ptr + ranks, carry, mask=rank_mask)
         if WAIT:
-            _await_previous_gathers(gather_count_ptr, flags_ptr, stride_rank, fault_record_ptr, host_record_ptr,
-                                    timeout_ns, timeout_ms, active_low, active_high, ep_rank, EP_SIZE, EP_PAD,
-                                    FLAG_ARRAY_STRIDE, HAS_HOST_RECORD)
+            _await_previous_gathers(gather_count_ptr, gathered_mask_ptr, flags_ptr, stride_rank, fault_record_ptr,
+                                    host_record_ptr, timeout_ns, timeout_ms, active_low, active_high, ep_rank, EP_SIZE,
+                                    EP_PAD, FLAG_ARRAY_STRIDE, HAS_HOST_RECORD)
         active = _rank_is_active(ranks, active_low, active_high)
         healthy = (tl.load(fault_record_ptr + ranks * 0, volatile=True)) == 0  # a tensor, for the mask
         remote = recv_counters_ptr + ranks.to(tl.int64) * stride_rank + ep_rank

@@ -76,15 +76,16 @@ def _is_faulted(fault_record_ptr):
 
 
 @triton.jit
-def _poison_peers(flags_ptr, stride_rank, ep_rank, active_low, active_high, EP_SIZE: tl.constexpr,
+def _poison_peers(flags_ptr, stride_rank, ep_rank, active_low, active_high, spared_row, EP_SIZE: tl.constexpr,
                   EP_PAD: tl.constexpr, FLAG_ARRAY_STRIDE: tl.constexpr):
-    """FLAG_POISON into flags[ep_rank] of all flag arrays of every other active segment."""
+    """FLAG_POISON into flags[ep_rank] of the flag arrays (all but `spared_row`; -1 spares none) of
+    every other active segment."""
     ranks = tl.arange(0, EP_PAD)
     mask = (ranks < EP_SIZE) & _rank_is_active(ranks, active_low, active_high) & (ranks != ep_rank)
     poison = tl.zeros([EP_PAD], dtype=tl.int32) + FLAG_POISON
     for row in tl.static_range(NUM_FLAG_ARRAYS):
         targets = flags_ptr + row * FLAG_ARRAY_STRIDE + ranks.to(tl.int64) * stride_rank + ep_rank
-        tl.atomic_xchg(targets, poison, mask=mask, sem="release", scope="sys")
+        tl.atomic_xchg(targets, poison, mask=mask & (ranks * 0 + row != spared_row), sem="release", scope="sys")
 
 
 @triton.jit
@@ -136,21 +137,35 @@ def _mirror_fault(fault_record_ptr, host_record_ptr, HAS_HOST_RECORD: tl.constex
 
 
 @triton.jit
-def _await_flags(own_flags_ptr, value, ranks, rank_mask, timeout_ns):
-    """Spin until every flag under `rank_mask` equals `value`, one is FLAG_POISON, or the timeout
-    passes; then a system-scope acquire. Returns (arrived, poisoned, timed_out)."""
+def _global_time_ns_lanes(lanes):
+    """%globaltimer, read by the thread that owns each lane of `lanes` (an int vector)."""
+    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [lanes], dtype=tl.int64, is_pure=False,
+                                     pack=1)
+
+
+@triton.jit
+def _await_flags(own_flags_ptr, value, ranks, rank_mask, timeout_ns, poison_ends_wait):
+    """Spin until every flag under `rank_mask` equals `value` (or, when `poison_ends_wait`, one
+    is FLAG_POISON; otherwise a poisoned flag counts as done), or `timeout_ns` pass; then a
+    system-scope acquire. Returns (arrived, poisoned, timed_out).
+
+    Every decision is a reduction over the rank lanes, so all warps of the program agree on it
+    (lanes span several warps when EP_PAD > 32): each lane reads the clock itself and the wait
+    times out when any lane has passed its deadline."""
     flags = tl.load(own_flags_ptr + ranks, mask=rank_mask, other=value, volatile=True)
     arrived = flags == value
     poisoned = flags < 0
-    pending = (tl.sum((~arrived).to(tl.int32), axis=0) > 0) & (tl.sum(poisoned.to(tl.int32), axis=0) == 0)
-    deadline = _global_time_ns() + timeout_ns
-    timed_out = deadline < 0  # a false scalar tensor: the loop below reassigns it
+    deadline = _global_time_ns_lanes(ranks) + timeout_ns
+    timed_out = tl.sum((deadline < 0).to(tl.int32), axis=0) > 0  # false; the loop reassigns it
+    num_poisoned = tl.sum(poisoned.to(tl.int32), axis=0)
+    pending = (tl.sum(((~arrived) & (~poisoned)).to(tl.int32), axis=0) > 0) & ((num_poisoned == 0) | (~poison_ends_wait))
     while pending:
         flags = tl.load(own_flags_ptr + ranks, mask=rank_mask, other=value, volatile=True)
         arrived = flags == value
         poisoned = flags < 0
-        timed_out = _global_time_ns() > deadline
-        pending = (tl.sum((~arrived).to(tl.int32), axis=0) > 0) & (tl.sum(poisoned.to(tl.int32), axis=0) == 0)
+        timed_out = tl.sum((_global_time_ns_lanes(ranks) > deadline).to(tl.int32), axis=0) > 0
+        num_poisoned = tl.sum(poisoned.to(tl.int32), axis=0)
+        pending = (tl.sum(((~arrived) & (~poisoned)).to(tl.int32), axis=0) > 0) & ((num_poisoned == 0) | (~poison_ends_wait))
         pending = pending & (~timed_out)
     _fence_acquire_system()
     return arrived, poisoned, timed_out
@@ -158,11 +173,13 @@ def _await_flags(own_flags_ptr, value, ranks, rank_mask, timeout_ns):
 
 @triton.jit
 def _judge_wait(arrived, poisoned, timed_out, mismatched, fields, first_rank, first_field, own_value, peer_value,
-                ranks, rank_mask, value, phase, flags_ptr, stride_rank, fault_record_ptr, host_record_ptr, timeout_ms,
-                active_low, active_high, ep_rank, EP_SIZE: tl.constexpr, EP_PAD: tl.constexpr,
+                ranks, rank_mask, value, phase, flag_row, flags_ptr, stride_rank, fault_record_ptr, host_record_ptr,
+                timeout_ms, active_low, active_high, ep_rank, EP_SIZE: tl.constexpr, EP_PAD: tl.constexpr,
                 FLAG_ARRAY_STRIDE: tl.constexpr, HAS_HOST_RECORD: tl.constexpr):
     """After a wait: record the first problem (a poisoned peer, else a timeout, else a signature
-    mismatch) and poison this rank's flags in every peer; nothing if all is well."""
+    mismatch) and poison this rank's flags in every peer; nothing if all is well. A mismatch
+    leaves this phase's flag (`flag_row`) as signalled, so every peer still compares this rank's
+    signature and reports the disagreement itself."""
     any_poisoned = tl.sum(poisoned.to(tl.int32), axis=0) > 0
     any_mismatch = tl.sum(mismatched.to(tl.int32), axis=0) > 0
     missing = rank_mask & (~arrived)
@@ -175,9 +192,10 @@ def _judge_wait(arrived, poisoned, timed_out, mismatched, fields, first_rank, fi
         is_mismatch = kind == FAULT_MISMATCH
         _record_fault(fault_record_ptr, host_record_ptr, phase, kind, low, high, tl.where(is_mismatch, fields, 0),
                       tl.where(is_mismatch, first_rank, -1), tl.where(is_mismatch, first_field, -1),
-                      tl.where(is_mismatch, own_value, 0), tl.where(is_mismatch, peer_value, 0), value, timeout_ms,
-                      missing_low, missing_high, HAS_HOST_RECORD)
-        _poison_peers(flags_ptr, stride_rank, ep_rank, active_low, active_high, EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE)
+                      tl.where(is_mismatch, own_value, 0), tl.where(is_mismatch, peer_value, 0), value,
+                      tl.where(kind == FAULT_TIMEOUT, timeout_ms, 0), missing_low, missing_high, HAS_HOST_RECORD)
+        _poison_peers(flags_ptr, stride_rank, ep_rank, active_low, active_high, tl.where(is_mismatch, flag_row, -1),
+                      EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE)
 
 
 @triton.jit
@@ -214,8 +232,10 @@ def _phase_barrier(flag_value_ptr, flags_ptr, signatures_ptr, own_signature_ptr,
     at + t * stride_rank). signatures_ptr: this phase's `[EP_SIZE, SIGNATURE_WORDS]` signatures of
     segment 0. own_signature_ptr: this rank's `[SIGNATURE_WORDS]` signature of the round.
     """
-    if not _is_faulted(fault_record_ptr):
+    healthy = ~_is_faulted(fault_record_ptr)
+    if healthy:
         value = (tl.load(flag_value_ptr, volatile=True) + 1) & FLAG_EPOCH_MASK
+        tl.debug_barrier()  # every thread has read the old epoch before one thread stores the new one
         tl.store(flag_value_ptr, value)
         ranks = tl.arange(0, EP_PAD)
         rank_mask = (ranks < EP_SIZE) & _rank_is_active(ranks, active_low, active_high)
@@ -230,12 +250,12 @@ def _phase_barrier(flag_value_ptr, flags_ptr, signatures_ptr, own_signature_ptr,
                        mask=rank_mask, sem="release", scope="sys")
         if WAIT:
             own_flags = phase_flags + ep_rank.to(tl.int64) * stride_rank
-            arrived, poisoned, timed_out = _await_flags(own_flags, value, ranks, rank_mask, timeout_ns)
+            arrived, poisoned, timed_out = _await_flags(own_flags, value, ranks, rank_mask, timeout_ns, healthy)
             own_rows = signatures_ptr + ep_rank.to(tl.int64) * stride_rank
             mismatched, fields, first_rank, first_field, own_value, peer_value = _compare_signatures(
                 own_rows, own_signature_ptr, ranks, rank_mask & arrived, SIGNATURE_WORDS)
             _judge_wait(arrived, poisoned, timed_out, mismatched, fields, first_rank, first_field, own_value,
-                        peer_value, ranks, rank_mask, value, PHASE, flags_ptr, stride_rank, fault_record_ptr,
+                        peer_value, ranks, rank_mask, value, PHASE, FLAG_ROW, flags_ptr, stride_rank, fault_record_ptr,
                         host_record_ptr, timeout_ms, active_low, active_high, ep_rank, EP_SIZE, EP_PAD,
                         FLAG_ARRAY_STRIDE, HAS_HOST_RECORD)
     else:
@@ -243,21 +263,32 @@ def _phase_barrier(flag_value_ptr, flags_ptr, signatures_ptr, own_signature_ptr,
 
 
 @triton.jit
-def _await_previous_gathers(gather_count_ptr, flags_ptr, stride_rank, fault_record_ptr, host_record_ptr, timeout_ns,
-                            timeout_ms, active_low, active_high, ep_rank, EP_SIZE: tl.constexpr, EP_PAD: tl.constexpr,
-                            FLAG_ARRAY_STRIDE: tl.constexpr, HAS_HOST_RECORD: tl.constexpr):
-    """Before this rank's dispatch writes: wait until every active peer has finished gathering the
-    previous round (its gather flag here equals this rank's gather count), so no row of this round
-    can land on a combine plane a peer is still reading, whatever the two rounds' geometry."""
-    if not _is_faulted(fault_record_ptr):
-        ranks = tl.arange(0, EP_PAD)
-        rank_mask = (ranks < EP_SIZE) & _rank_is_active(ranks, active_low, active_high)
-        count = tl.load(gather_count_ptr, volatile=True)
-        own_flags = flags_ptr + FLAG_ROW_GATHER * FLAG_ARRAY_STRIDE + ep_rank.to(tl.int64) * stride_rank
-        arrived, poisoned, timed_out = _await_flags(own_flags, count, ranks, rank_mask, timeout_ns)
+def _await_previous_gathers(gather_count_ptr, gathered_mask_ptr, flags_ptr, stride_rank, fault_record_ptr,
+                            host_record_ptr, timeout_ns, timeout_ms, active_low, active_high, ep_rank,
+                            EP_SIZE: tl.constexpr, EP_PAD: tl.constexpr, FLAG_ARRAY_STRIDE: tl.constexpr,
+                            HAS_HOST_RECORD: tl.constexpr):
+    """Before this rank's dispatch writes (into peers, or into its own segment afterwards): wait
+    until every rank of the previous round (the mask its gather recorded at `gathered_mask_ptr`,
+    two int32 words: ranks may since have been made inactive) has finished gathering it (its gather
+    flag here equals this rank's gather count), so no row of this round can land on a combine plane
+    a peer is still reading, whatever the two rounds' geometry.
+
+    A rank that has recorded a fault still waits (a poisoned peer counting as done, a timeout
+    ending it quietly): its own next writes into its own segment (sanitize, staging, the caller's
+    experts) must not overtake a healthy peer's last gather from it either."""
+    ranks = tl.arange(0, EP_PAD)
+    previous_low = tl.load(gathered_mask_ptr, volatile=True)
+    previous_high = tl.load(gathered_mask_ptr + 1, volatile=True)
+    rank_mask = (ranks < EP_SIZE) & _rank_is_active(ranks, previous_low, previous_high)
+    count = tl.load(gather_count_ptr, volatile=True)
+    own_flags = flags_ptr + FLAG_ROW_GATHER * FLAG_ARRAY_STRIDE + ep_rank.to(tl.int64) * stride_rank
+    healthy = ~_is_faulted(fault_record_ptr)
+    arrived, poisoned, timed_out = _await_flags(own_flags, count, ranks, rank_mask, timeout_ns, healthy)
+    if healthy:
         _judge_wait(arrived, poisoned, timed_out, ranks < 0, 0, 0, 0, 0, 0, ranks, rank_mask, count, PHASE_ORDERING,
-                    flags_ptr, stride_rank, fault_record_ptr, host_record_ptr, timeout_ms, active_low, active_high,
-                    ep_rank, EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE, HAS_HOST_RECORD)
+                    FLAG_ROW_GATHER, flags_ptr, stride_rank, fault_record_ptr, host_record_ptr, timeout_ms, active_low,
+                    active_high, ep_rank, EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE, HAS_HOST_RECORD)
+    tl.debug_barrier()  # the record (written by one thread) is visible to the whole program after this
 
 
 @triton.jit
@@ -274,17 +305,24 @@ def _record_round_mismatch(dispatch_rows, dispatch_rt, num_tokens, runtime_max_t
     high = tl.where(ep_rank >= 32, 1 << (ep_rank & 31), 0)
     _record_fault(fault_record_ptr, host_record_ptr, PHASE_COMBINE, FAULT_ROUND_MISMATCH, low, high, 0, ep_rank, field,
                   own, recorded, 0, 0, 0, 0, HAS_HOST_RECORD)
-    _poison_peers(flags_ptr, stride_rank, ep_rank, active_low, active_high, EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE)
+    _poison_peers(flags_ptr, stride_rank, ep_rank, active_low, active_high, -1, EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE)
+    tl.debug_barrier()  # the record (written by one thread) is visible to the whole program after this
 
 
 @triton.jit
-def _signal_gathered(gather_count_ptr, flags_ptr, stride_rank, fault_record_ptr, active_low, active_high, ep_rank,
-                     EP_SIZE: tl.constexpr, EP_PAD: tl.constexpr, FLAG_ARRAY_STRIDE: tl.constexpr):
+def _signal_gathered(gather_count_ptr, gathered_mask_ptr, flags_ptr, stride_rank, fault_record_ptr, active_low,
+                     active_high, ep_rank, EP_SIZE: tl.constexpr, EP_PAD: tl.constexpr,
+                     FLAG_ARRAY_STRIDE: tl.constexpr):
     """After this rank's gather (every program's loads done, ordered by the caller's election):
-    bump the gather count and store it into `flags[GATHER][me]` of every active segment."""
+    bump the gather count, remember this round's active ranks (the next dispatch waits for their
+    gathers), and, unless this rank has recorded a fault, store the count into
+    `flags[GATHER][me]` of every active segment."""
+    count = (tl.load(gather_count_ptr, volatile=True) + 1) & FLAG_EPOCH_MASK
+    tl.debug_barrier()  # every thread has read the old count before one thread stores the new one
+    tl.store(gather_count_ptr, count)
+    tl.store(gathered_mask_ptr, active_low)
+    tl.store(gathered_mask_ptr + 1, active_high)
     if not _is_faulted(fault_record_ptr):
-        count = (tl.load(gather_count_ptr, volatile=True) + 1) & FLAG_EPOCH_MASK
-        tl.store(gather_count_ptr, count)
         ranks = tl.arange(0, EP_PAD)
         rank_mask = (ranks < EP_SIZE) & _rank_is_active(ranks, active_low, active_high)
         targets = flags_ptr + FLAG_ROW_GATHER * FLAG_ARRAY_STRIDE + ranks.to(tl.int64) * stride_rank + ep_rank

@@ -35,7 +35,7 @@ import torch
 
 from a2a import envs
 from a2a.errors import A2AFaultError, A2ATimeoutError, fault_error
-from a2a.runtime.protocol import FAULT_RECORD_WORDS, FLAG_POISON, FaultKind, FaultRecord, mask_halves
+from a2a.runtime.protocol import FAULT_RECORD_WORDS, FLAG_POISON, FaultKind, FaultRecord, Phase, mask_halves
 from a2a.runtime.streams import FlagWait, SignalMode, SignalStream
 
 
@@ -67,8 +67,10 @@ def record_fault(wait: FlagWait, kind: FaultKind, ranks: list[int], *, fields: i
     for index, value in values.items():
         record[index] = value
     record[FaultRecord.PHASE] = int(wait.phase)
+    spared = set(wait.signal_addresses) if kind == FaultKind.MISMATCH else set()
     for address in wait.poison_addresses:
-        _word(address).value = FLAG_POISON
+        if address not in spared:
+            _word(address).value = FLAG_POISON
 
 
 class _PendingWait:
@@ -76,22 +78,37 @@ class _PendingWait:
 
     def __init__(self, wait: FlagWait):
         self.wait = wait
+        self.abandoned = False  # a faulted rank's ordering wait that can never complete (CPU deadlock)
 
     def faulted(self) -> bool:
         return _word(self.wait.record_address).value != 0
 
+    def _peers_and_flags(self) -> list[tuple[int, int]]:
+        wait = self.wait
+        if wait.peer_mask_address:
+            low, high = _words(wait.peer_mask_address, 2)
+            mask = (low & 0xFFFFFFFF) | ((high & 0xFFFFFFFF) << 32)
+        else:
+            mask = -1
+        return [(peer, _word(address).value) for peer, address in zip(wait.peer_ranks, wait.flag_addresses)
+                if mask >> peer & 1]  # fmt: skip
+
     def _flags(self) -> list[int]:
-        return [_word(address).value for address in self.wait.flag_addresses]
+        return [flag for _, flag in self._peers_and_flags()]
 
     def missing(self) -> list[int]:
         value = _word(self.wait.value_address).value
-        return [peer for peer, flag in zip(self.wait.peer_ranks, self._flags()) if flag != value and flag >= 0]
+        return [peer for peer, flag in self._peers_and_flags() if flag != value and flag >= 0]
 
     def ready(self) -> bool:
-        if self.faulted():
-            return True
         value = _word(self.wait.value_address).value
         flags = self._flags()
+        if self.faulted():
+            # A faulted rank skips its barriers but still lets every peer finish its last gather
+            # before its own next writes (a poisoned peer counts as done), as the kernel does.
+            if self.wait.phase is not Phase.ORDERING or self.abandoned:
+                return True
+            return all(flag == value or flag < 0 for flag in flags)
         return all(flag == value for flag in flags) or any(flag < 0 for flag in flags)
 
     def judge(self, timed_out: bool = False, waited_ms: int = 0) -> bool:
@@ -100,7 +117,7 @@ class _PendingWait:
         if self.faulted():
             return False  # recorded earlier: this rank already stopped
         wait = self.wait
-        poisoned = [peer for peer, flag in zip(wait.peer_ranks, self._flags()) if flag < 0]
+        poisoned = [peer for peer, flag in self._peers_and_flags() if flag < 0]
         if poisoned:
             record_fault(wait, FaultKind.PEER_FAILED, poisoned, missing=self.missing())
             return True
@@ -112,7 +129,7 @@ class _PendingWait:
             own = _words(wait.own_signature_address, words)
             mismatched, fields = [], 0
             first = None
-            for peer, address in zip(wait.peer_ranks, wait.signature_addresses):
+            for peer, address in zip(wait.peer_ranks, wait.signature_addresses):  # (no peer mask: all active)
                 theirs = _words(address, words)
                 differing = [w for w in range(words) if theirs[w] != own[w]]
                 if differing:
@@ -184,6 +201,19 @@ class CooperativeScheduler:
             if budget is not None:
                 budget -= 1
 
+    def run_until_idle(self, stream: HostSignalStream) -> list[int]:
+        """Run ops (in this scheduler's order) until `stream` has nothing queued or nothing can run;
+        returns the peers `stream` is still waiting for ([] when its queue emptied)."""
+        while stream._pending:
+            runnable = [s for s in self.streams if s._head_ready()]
+            if not runnable:
+                break
+            (self._random.choice(runnable) if self._random is not None else runnable[0])._run_one()
+        if not stream._pending:
+            return []
+        head = stream._pending[0]
+        return head.missing() if isinstance(head, _PendingWait) else []
+
     def drain(self) -> None:
         """Run everything that can run. Waits left that nothing queued can satisfy are recorded as
         timeouts (their ranks then poison their flags, so every rank's queued work finishes); the
@@ -196,8 +226,12 @@ class CooperativeScheduler:
                 break
             for stream in stuck:
                 head = stream._pending[0]
-                if isinstance(head, _PendingWait) and head.judge(timed_out=True):
+                if not isinstance(head, _PendingWait):
+                    continue
+                if head.judge(timed_out=True):
                     errors.append(head.error(" (deadlock: nothing queued in this simulated world could still signal)"))
+                else:  # a faulted rank's ordering wait: nothing will complete it, let the rank go on
+                    head.abandoned = True
         if errors:
             raise errors[0]
 
@@ -225,6 +259,11 @@ class HostSignalStream(SignalStream):
     def synchronize(self) -> None:
         if self._scheduler is not None:
             self._scheduler.drain()
+
+    def blocking_peers(self) -> list[int]:
+        """Cooperative streams: run what can run until this stream's queue is empty; the peers it
+        still waits for (their signal was never submitted), else []."""
+        return self._scheduler.run_until_idle(self) if self._scheduler is not None else []
 
     def _enqueue(self, op: _Op) -> None:
         if self._scheduler is None:

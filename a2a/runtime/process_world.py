@@ -6,11 +6,11 @@ rank count, its one stream, and symmetric workspaces mapped from every rank:
 - CUDA (`device="cuda"` or `"cuda:N"`, one device per process): workspaces are
   `CudaSymmetricMemory` (driver VMM; segments of other processes, on this or other GPUs, mapped
   into this process); the rank stream is the device's current torch stream at each call; the
-  phase barriers run inside the kernels (or, with `A2A_SIGNALS=stream`, as stream memory
-  operations).
+  phase barriers run inside the kernels.
 - CPU (`device="cpu"`): workspaces are `HostSharedMemory` (one shared-memory file mapped by all);
-  the rank stream is a blocking `HostSignalStream`: a wait polls the flags and raises
-  `A2ATimeoutError` after `A2A_SIGNAL_TIMEOUT_S` seconds, naming the ranks that never signalled.
+  the rank stream is a blocking `HostSignalStream`: a wait polls the flags and raises the fault
+  it finds (`A2ATimeoutError` after `A2A_SIGNAL_TIMEOUT_S` seconds naming the ranks that never
+  signalled, a failed peer, a disagreeing round).
 
 Collective calls (every rank, same order, same arguments): the constructor, `workspace` when it
 allocates (a new key or a new size), `release_workspace`, `barrier` and `close`. Workspaces, and

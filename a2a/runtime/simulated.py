@@ -127,6 +127,14 @@ class SimulatedWorld:
         else:
             self.synchronize()
 
+    def peers_not_arrived(self, rank: int) -> list[int]:
+        """CPU, driven from one thread: the peers whose signal rank `rank`'s queued work still needs
+        and that have not submitted it (e.g. their dispatch was never called), after running all
+        that can run. [] on CUDA (waits run on the GPU) and inside run_ranks (waits block)."""
+        if self.device.type != "cpu" or self._thread_streams is not None:
+            return []
+        return self._streams[rank].blocking_peers()  # type: ignore[attr-defined]
+
     def synchronize(self) -> None:
         """Block until every rank's stream has run everything submitted (raises on a deadlock)."""
         if not self._streams:

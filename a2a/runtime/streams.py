@@ -38,10 +38,13 @@ class FlagWait:
     """One wait of one rank, as raw addresses into its (host) workspace (see a2a.runtime.protocol).
 
     Done when every `flag_addresses[i]` (own flags[s] of `peer_ranks[i]`) equals the int32 at
-    `value_address`, when one of them is FLAG_POISON, or when the rank has already recorded a fault.
+    `value_address`, when one of them is FLAG_POISON, or when the rank has already recorded a fault
+    (for the ordering wait: once every peer's flag is the value or FLAG_POISON, as in the kernel).
     Judged then: a poisoned peer, a timeout or (with `signature_addresses`) a peer whose signature
     row differs from `own_signature_address`'s row is recorded at `record_address`, and FLAG_POISON
-    is stored at every `poison_addresses` entry (this rank's word in every peer's flag arrays).
+    is stored at every `poison_addresses` entry (this rank's word in every peer's flag arrays);
+    after a mismatch, except at `signal_addresses` (this phase's words), so that every peer still
+    sees this rank's signal and signature and finds the disagreement itself.
     """
 
     phase: Phase
@@ -51,10 +54,14 @@ class FlagWait:
     value_address: int
     record_address: int
     poison_addresses: tuple[int, ...]
+    signal_addresses: tuple[int, ...] = ()
     signature_addresses: tuple[int, ...] = ()  # own signatures[phase][s] row of each peer, or none
     own_signature_address: int = 0
     signature_words: int = 0
     timeout_ms: int = 0  # a blocking host wait's bound (A2A_SIGNAL_TIMEOUT_S when the plan was built)
+    # When set: only the peers whose bit is set in the 64-bit mask stored there (two int32 words,
+    # read when the wait runs) are waited for; the ordering wait reads the last gather's ranks so.
+    peer_mask_address: int = 0
 
 
 class SignalStream(ABC):
