@@ -40,7 +40,7 @@ def _chunk_destinations(topk_target_ranks_ptr, topk_local_slots_ptr, block_offse
 
 
 @triton.jit
-def _copy_row_tile(src_ptr, dst_ptr, dst_stride, token, tile, block, topk_row, first_row,
+def _copy_row_tile(src_ptr, dst_ptr, dst_stride, token, tile, block, topk_row, first_row, healthy,
                    topk_target_ranks_ptr, topk_local_slots_ptr, block_offsets_ptr,
                    ROW_UNITS: tl.constexpr, VEC_UNITS: tl.constexpr, TOP_K: tl.constexpr,
                    EP_SIZE: tl.constexpr, TILE: tl.constexpr, K_CHUNK: tl.constexpr):
@@ -59,7 +59,8 @@ def _copy_row_tile(src_ptr, dst_ptr, dst_stride, token, tile, block, topk_row, f
                 chunk, TOP_K, EP_SIZE, K_CHUNK)
             offsets = targets * dst_stride + rows * ROW_UNITS
             values = tl.broadcast_to(row[None, :], [K_CHUNK, TILE])
-            tl.store(dst_ptr + offsets[:, None] + cols[None, :], values, mask=sends[:, None] & col_mask[None, :])
+            stores = sends & healthy  # a rank that recorded a fault stores nothing into any segment
+            tl.store(dst_ptr + offsets[:, None] + cols[None, :], values, mask=stores[:, None] & col_mask[None, :])
 
 
 @triton.jit(do_not_specialize=["num_tokens", "runtime_max_tokens", "ep_rank", "stride_rank", "host_record_ptr",
@@ -116,8 +117,9 @@ def _dispatch_copy_kernel(
     block = token // BLOCK_TOKENS
     topk_row = token * TOP_K
 
-    healthy = tl.load(fault_record_ptr) == 0
-    if (token < num_tokens) & healthy:
+    # Read with the rows, needed only by the stores: no dependent round trip before the copy.
+    healthy = (tl.arange(0, K_CHUNK) * 0 + tl.load(fault_record_ptr)) == 0
+    if token < num_tokens:
         first_row = ep_rank.to(tl.int64) * runtime_max_tokens
         if tile == 0:
             for chunk in tl.static_range(triton.cdiv(TOP_K, K_CHUNK)):
@@ -127,7 +129,7 @@ def _dispatch_copy_kernel(
                 tl.store(topk_send_indices_ptr + topk_row + ks, tl.where(sends, slots, -1), mask=k_mask)
 
         for p in tl.static_range(NUM_PAYLOADS):
-            _copy_row_tile(src_ptrs[p], dst_ptrs[p], dst_strides[p], token, tile, block, topk_row, first_row,
+            _copy_row_tile(src_ptrs[p], dst_ptrs[p], dst_strides[p], token, tile, block, topk_row, first_row, healthy,
                            topk_target_ranks_ptr, topk_local_slots_ptr, block_offsets_ptr,
                            ROW_UNITS[p], VEC_UNITS[p], TOP_K, EP_SIZE, TILE, K_CHUNK)
 

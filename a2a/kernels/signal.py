@@ -146,8 +146,9 @@ def _global_time_ns_lanes(lanes):
 @triton.jit
 def _await_flags(own_flags_ptr, value, ranks, rank_mask, timeout_ns, poison_ends_wait):
     """Spin until every flag under `rank_mask` equals `value` (or, when `poison_ends_wait`, one
-    is FLAG_POISON; otherwise a poisoned flag counts as done), or `timeout_ns` pass; then a
-    system-scope acquire. Returns (arrived, poisoned, timed_out).
+    is FLAG_POISON; otherwise a poisoned flag counts as done), or `timeout_ns` pass. Returns
+    (arrived, poisoned, timed_out). Callers that go on to read what the peers published add a
+    system-scope acquire.
 
     Every decision is a reduction over the rank lanes, so all warps of the program agree on it
     (lanes span several warps when EP_PAD > 32): each lane reads the clock itself and the wait
@@ -167,7 +168,6 @@ def _await_flags(own_flags_ptr, value, ranks, rank_mask, timeout_ns, poison_ends
         num_poisoned = tl.sum(poisoned.to(tl.int32), axis=0)
         pending = (tl.sum(((~arrived) & (~poisoned)).to(tl.int32), axis=0) > 0) & ((num_poisoned == 0) | (~poison_ends_wait))
         pending = pending & (~timed_out)
-    _fence_acquire_system()
     return arrived, poisoned, timed_out
 
 
@@ -251,6 +251,7 @@ def _phase_barrier(flag_value_ptr, flags_ptr, signatures_ptr, own_signature_ptr,
         if WAIT:
             own_flags = phase_flags + ep_rank.to(tl.int64) * stride_rank
             arrived, poisoned, timed_out = _await_flags(own_flags, value, ranks, rank_mask, timeout_ns, healthy)
+            _fence_acquire_system()  # the peers' signatures, rows and planes are read after this
             own_rows = signatures_ptr + ep_rank.to(tl.int64) * stride_rank
             mismatched, fields, first_rank, first_field, own_value, peer_value = _compare_signatures(
                 own_rows, own_signature_ptr, ranks, rank_mask & arrived, SIGNATURE_WORDS)
@@ -275,7 +276,11 @@ def _await_previous_gathers(gather_count_ptr, gathered_mask_ptr, flags_ptr, stri
 
     A rank that has recorded a fault still waits (a poisoned peer counting as done, a timeout
     ending it quietly): its own next writes into its own segment (sanitize, staging, the caller's
-    experts) must not overtake a healthy peer's last gather from it either."""
+    experts) must not overtake a healthy peer's last gather from it either.
+
+    No acquire fence: nothing a peer published is read after this wait, and every store it must
+    order (the dispatch copy's rows, later own-segment writes) is issued by a later kernel on this
+    stream, after this one has completed."""
     ranks = tl.arange(0, EP_PAD)
     previous_low = tl.load(gathered_mask_ptr, volatile=True)
     previous_high = tl.load(gathered_mask_ptr + 1, volatile=True)
