@@ -8,10 +8,10 @@ caller's `[EP_SIZE, rt, ROW_UNITS]` payload into this rank's combine plane when
 sum over k = 0..TOP_K-1 (in that order) of segment `t_k`'s combine plane row `[ep_rank][slot_k]`,
 accumulated in fp32 and cast to the output dtype; a k with target -1 adds an exact zero. With
 HAS_SCALES the plane holds quantized (fp8) rows and each row is multiplied by its fp32 scale from
-the scales plane of the same segment before it is added. A rank that has recorded a fault writes
-NaN rows (a2a.runtime.protocol); so does a combine whose token rows or rt differ from this rank's
-last dispatch (recorded in the workspace by the dispatch copy), which records the fault (its reads
-stay inside this combine's plane: rows are bounded by its rt). Every program then takes part in an acq_rel
+the scales plane of the same segment before it is added. A rank that has recorded a fault reads
+no peer and writes NaN rows (a2a.runtime.protocol); so does a combine whose token rows or rt differ
+from this rank's last dispatch (recorded in the workspace by the dispatch copy), which records the
+fault. Every program then takes part in an acq_rel
 election; the last one tells every peer that this rank's gather is done (its gather flag), which
 the peers' next dispatch waits for before writing (a2a.kernels.signal._await_previous_gathers).
 """
@@ -91,33 +91,30 @@ def _combine_kernel(
 ):
     token = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
-    # The checks' loads are issued with the gather's, not before them (no dependent round trip per
-    # program): a lost round only turns the result into NaN at the store. Rows are bounded by this
-    # combine's rt, so a combine that does not match its dispatch still reads inside its plane.
     dispatch_rows = tl.load(dispatch_rows_ptr)
     dispatch_rt = tl.load(dispatch_rt_ptr)
-    healthy = tl.load(fault_record_ptr) == 0
     matches_dispatch = (dispatch_rows == num_tokens) & (dispatch_rt == runtime_max_tokens)
     if token < num_tokens:
         cols = tile * TILE + tl.arange(0, TILE)
         col_mask = cols < HIDDEN
         acc = tl.zeros([TILE], dtype=tl.float32)
-        first_row = ep_rank.to(tl.int64) * runtime_max_tokens
-        # Unrolled so the TOP_K independent row loads are in flight together.
-        for k in tl.static_range(TOP_K):
-            target = tl.load(topk_target_ranks_ptr + token * TOP_K + k)
-            slot = tl.load(topk_send_indices_ptr + token * TOP_K + k)
-            sends = (target >= 0) & (slot >= 0) & (slot < runtime_max_tokens)
-            row = first_row + tl.where(sends, slot, 0)
-            src = plane_ptr + tl.where(sends, target, 0).to(tl.int64) * stride_plane_rank + row * HIDDEN
-            mask = col_mask & ((cols * 0 + sends.to(tl.int32)) != 0)  # a tensor mask: Triton 3.9's interpreter rejects scalar & tensor
-            values = tl.load(src + cols, mask=mask, other=0.0).to(tl.float32)
-            if HAS_SCALES:
-                scale = tl.load(scales_ptr + tl.where(sends, target, 0).to(tl.int64) * stride_scales_rank + row)
-                values = values * tl.where(sends, scale, 0.0)
-            acc += values
-        # A lost round (a fault, or a combine unlike its dispatch): never numbers that look valid.
-        acc = tl.where((cols * 0 + (healthy & matches_dispatch).to(tl.int32)) != 0, acc, float("nan"))
+        if (tl.load(fault_record_ptr) == 0) & matches_dispatch:
+            first_row = ep_rank.to(tl.int64) * runtime_max_tokens
+            # Unrolled so the TOP_K independent row loads are in flight together.
+            for k in tl.static_range(TOP_K):
+                target = tl.load(topk_target_ranks_ptr + token * TOP_K + k)
+                slot = tl.load(topk_send_indices_ptr + token * TOP_K + k)
+                sends = target >= 0
+                row = first_row + tl.where(sends, slot, 0)
+                src = plane_ptr + tl.where(sends, target, 0).to(tl.int64) * stride_plane_rank + row * HIDDEN
+                mask = col_mask & (cols * 0 + target >= 0)  # a tensor mask: Triton 3.9's interpreter rejects scalar & tensor
+                values = tl.load(src + cols, mask=mask, other=0.0).to(tl.float32)
+                if HAS_SCALES:
+                    scale = tl.load(scales_ptr + tl.where(sends, target, 0).to(tl.int64) * stride_scales_rank + row)
+                    values = values * tl.where(sends, scale, 0.0)
+                acc += values
+        else:  # this round is lost: never hand back numbers that look valid
+            acc += float("nan")
         if out_ptr.dtype.element_ty == tl.bfloat16:
             result = _round_to_bf16(acc)
         else:
