@@ -152,7 +152,7 @@ def test_processes_with_different_rt_raise_on_every_rank(tmp_path):
 
 
 def _late_rank(rank: int, world_size: int, device: str, delay_s: float) -> dict:
-    """Rank 1 arrives `delay_s` late (past the timeout); returns what each rank saw."""
+    """Rank 1 arrives `delay_s` late (past the timeout) to the second round; returns what each rank saw."""
     from a2a.runtime.process_world import ProcessWorld
 
     if device.startswith("cuda"):
@@ -162,6 +162,10 @@ def _late_rank(rank: int, world_size: int, device: str, delay_s: float) -> dict:
                           world=world)  # fmt: skip
     inputs = RoundInputs.draw([4, 4], 4, seed=11)
     try:
+        # A first round compiles and loads everything (seconds on a cold cache, not the same on
+        # every rank); then the ranks meet, so that rank 1's delay is what makes it late.
+        run_round(world, moe, inputs, in_workspace=True)
+        world.barrier()
         if rank == 1:
             time.sleep(delay_s)
         run_round(world, moe, inputs, in_workspace=True)  # checks itself against the reference
