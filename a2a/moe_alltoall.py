@@ -139,6 +139,12 @@ class MoeAlltoAll:
         dispatch = 2 * hidden_size + 4 * top_k + 4 * top_k + extra_payload_bytes_per_token
         return moe_a2a_get_workspace_size_per_rank(ep_size, max_num_tokens, dispatch, 2 * hidden_size)
 
+    def _ready_to_launch(self) -> None:
+        """In SimulatedWorld.run_ranks: wait until every rank has planned this call (see there)."""
+        ready = getattr(self.world, "ready_to_launch", None)
+        if ready is not None:
+            ready(self.ep_rank)
+
     @contextmanager
     def _on_rank_stream(self) -> Iterator[None]:
         if not getattr(self.world, "switches_streams", True):  # the caller's stream is the rank stream
@@ -180,6 +186,7 @@ class MoeAlltoAll:
                 raise ValueError("expert_id_payload_index is required when invalid_token_expert_id is given")
             validation.require_int("expert_id_payload_index", expert_id_payload_index, 0, len(input_payloads) - 1)
             sanitize = sanitize_plan(rank_workspace, plan.recv[expert_id_payload_index], invalid_token_expert_id)
+        self._ready_to_launch()
         with self._on_rank_stream():
             plan.launch(token_selected_experts, input_payloads, token_count, num_tokens)
             if sanitize is not None:
@@ -233,6 +240,7 @@ class MoeAlltoAll:
         plan = combine_plan(rank_workspace, payload, payload_scales, state.local_num_tokens, runtime_max_tokens_per_rank,
                             self.ep_size, self.top_k, state.combine_payload_offset, payload_in_workspace, output,
                             self.active_rank_mask)  # fmt: skip
+        self._ready_to_launch()
         with self._on_rank_stream():
             if output is None:
                 output = torch.empty((state.local_num_tokens, plan.hidden), dtype=plan.output_dtype, device=plan.device)

@@ -128,6 +128,27 @@ def draw_inputs(case: TrafficCase, layer: LayerSpec, counts: tuple[int, ...], rt
     return RoundInputs(experts, payloads, rt)
 
 
+def check_round(case: TrafficCase, layer: LayerSpec, inputs: RoundInputs, snapshots, outputs, where: str) -> None:
+    """One round against the reference: `snapshots[rank]` (the receive views as the experts saw
+    them: valid rows exact, the sanitized expert-id plane in full) and `outputs[rank]` (the
+    combine output, bit for bit)."""
+    expected = reference.dispatch(inputs.experts, inputs.payloads, case.num_experts, inputs.runtime_max_tokens)
+    planes = []
+    for rank in range(case.ep_size):
+        valid = expected.valid_rows(rank)
+        got, want = snapshots[rank], expected.recv_payloads[rank]
+        for p in (0, *range(2, len(want))):
+            assert torch.equal(got[p].cpu()[valid].view(torch.uint8), want[p][valid].view(torch.uint8)), \
+                f"{where}: payload {p} received by rank {rank}"
+        sanitized = reference.sanitize(want[1], expected.recv_counts[rank], INVALID_ID)
+        assert torch.equal(got[1].cpu(), sanitized), f"{where}: sanitized expert ids of rank {rank}"
+        planes.append(expert_function(want[0], layer.combine_hidden, layer.combine_dtype))
+    combined = reference.combine(planes, expected.routing, [e.shape[0] for e in inputs.experts])
+    for rank in range(case.ep_size):
+        assert torch.equal(outputs[rank].cpu().view(torch.uint8), combined[rank].view(torch.uint8)), \
+            f"{where}: combine output of rank {rank}"
+
+
 @dataclass
 class RoundRecord:
     """What one rank kept of one round: its inputs' round, the receive snapshots, the output."""
@@ -297,25 +318,10 @@ class Traffic:
             if rounds is not None and index not in rounds:
                 continue
             where = f"round {index} (step {index // len(case.layers)}, layer {index % len(case.layers)})"
-            inputs, layer = record.inputs, record.layer
-            expected = reference.dispatch(inputs.experts, inputs.payloads, case.num_experts, inputs.runtime_max_tokens)
-            planes = []
-            for rank in range(case.ep_size):
-                valid = expected.valid_rows(rank)
-                got, want = record.snapshots[rank], expected.recv_payloads[rank]
-                for p in (0, *range(2, len(want))):
-                    assert torch.equal(got[p].cpu()[valid].view(torch.uint8), want[p][valid].view(torch.uint8)), \
-                        f"{where}: payload {p} received by rank {rank}"
-                sanitized = reference.sanitize(want[1], expected.recv_counts[rank], INVALID_ID)
-                assert torch.equal(got[1].cpu(), sanitized), f"{where}: sanitized expert ids of rank {rank}"
-                planes.append(expert_function(want[0], layer.combine_hidden, layer.combine_dtype))
-            combined = reference.combine(planes, expected.routing, [e.shape[0] for e in inputs.experts])
+            rows = [guarded[1 : guarded.shape[0] - 1] for guarded in record.outputs]
+            check_round(case, record.layer, record.inputs, record.snapshots, rows, where)
             for rank, guarded in enumerate(record.outputs):
-                out = guarded.cpu()
-                n = combined[rank].shape[0]
-                assert torch.equal(out[1 : n + 1].view(torch.uint8), combined[rank].view(torch.uint8)), \
-                    f"{where}: combine output of rank {rank}"
-                guards = out[[0, n + 1]].view(torch.uint8)
+                guards = guarded[[0, guarded.shape[0] - 1]].cpu().view(torch.uint8)
                 assert (guards == GUARD_BYTE).all(), f"{where}: a guard row around rank {rank}'s output was written"
 
     def close(self) -> None:
@@ -360,19 +366,26 @@ class GraphTraffic:
             for rank in range(ep):
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, stream=self.world.stream(rank).stream):
-                    self.step(rt, rank, capture=True)
+                    self.step(rt, rank)
                 self.graphs[(rt, rank)] = graph
         torch.cuda.synchronize()
 
-    def step(self, rt: int, rank: int, capture: bool = False) -> None:
+    def step(self, rt: int, rank: int) -> None:
         """Rank `rank`'s step, layer after layer (each layer a whole round of that rank)."""
         for index, (layer, moes) in enumerate(zip(self.case.layers, self.layers)):
-            self.rank_round(rt, index, layer, moes[rank], capture)
+            self.rank_round(rt, index, layer, moes[rank])
 
-    def rank_round(self, rt: int, index: int, layer: LayerSpec, moe: a2a.MoeAlltoAll, capture: bool) -> None:
+    def rank_round(self, rt: int, index: int, layer: LayerSpec, moe: a2a.MoeAlltoAll) -> None:
+        self.combine(rt, index, layer, moe, self.dispatch(rt, index, moe))
+
+    def dispatch(self, rt: int, index: int, moe: a2a.MoeAlltoAll) -> list[torch.Tensor]:
         buffers = self.buffers[(rt, index, moe.ep_rank)]
-        recv = moe.dispatch(buffers["experts"], buffers["payloads"], rt, invalid_token_expert_id=INVALID_ID,
+        return moe.dispatch(buffers["experts"], buffers["payloads"], rt, invalid_token_expert_id=INVALID_ID,
                             expert_id_payload_index=1, token_count=buffers["count"])  # fmt: skip
+
+    def combine(self, rt: int, index: int, layer: LayerSpec, moe: a2a.MoeAlltoAll, recv: list[torch.Tensor]) -> None:
+        """The rank's experts (snapshots of its views, the expert function) and its combine."""
+        buffers = self.buffers[(rt, index, moe.ep_rank)]
         with self.world.stream(moe.ep_rank).activate():
             if "snapshots" not in buffers:
                 buffers["snapshots"] = [torch.empty_like(view) for view in recv]
@@ -389,10 +402,13 @@ class GraphTraffic:
         moe.combine(plane, rt, payload_in_workspace=layer.in_workspace, output=buffers["output"])
 
     def step_all_ranks(self, rt: int) -> None:
-        """An eager step, phase by phase over the ranks (warm-up before capture)."""
+        """An eager step (warm-up before capture), phase by phase over the ranks: in a one-process
+        GPU simulation a kernel loaded while a peer's wait spins blocks until that wait ends, so
+        every rank dispatches before any rank combines."""
         for index, (layer, moes) in enumerate(zip(self.case.layers, self.layers)):
-            for rank, moe in enumerate(moes):
-                self.rank_round(rt, index, layer, moe, capture=False)
+            recv = [self.dispatch(rt, index, moe) for moe in moes]
+            for moe, views in zip(moes, recv):
+                self.combine(rt, index, layer, moe, views)
 
     def fill(self, rt: int, generator: torch.Generator) -> list[RoundInputs]:
         """New inputs (and counts <= rt) in the static buffers of the `rt` graphs, per layer."""
@@ -432,25 +448,12 @@ class GraphTraffic:
         torch.cuda.synchronize()
         case = self.case
         for index, (layer, inputs) in enumerate(zip(case.layers, rounds)):
-            expected = reference.dispatch(inputs.experts, inputs.payloads, case.num_experts, rt)
-            planes = []
-            for rank in range(case.ep_size):
-                buffers = self.buffers[(rt, index, rank)]
-                valid = expected.valid_rows(rank)
-                got, want = buffers["snapshots"], expected.recv_payloads[rank]
-                for p in (0, *range(2, len(want))):
-                    assert torch.equal(got[p].cpu()[valid].view(torch.uint8), want[p][valid].view(torch.uint8)), \
-                        f"{where}, layer {index}: payload {p} received by rank {rank}"
-                sanitized = reference.sanitize(want[1], expected.recv_counts[rank], INVALID_ID)
-                assert torch.equal(got[1].cpu(), sanitized), f"{where}, layer {index}: sanitized ids of rank {rank}"
-                planes.append(expert_function(want[0], layer.combine_hidden, layer.combine_dtype))
-            combined = reference.combine(planes, expected.routing, [e.shape[0] for e in inputs.experts])
-            for rank in range(case.ep_size):
-                out = self.buffers[(rt, index, rank)]["output"].cpu()
-                n = combined[rank].shape[0]
-                assert torch.equal(out[:n].view(torch.uint8), combined[rank].view(torch.uint8)), \
-                    f"{where}, layer {index}: combine output of rank {rank}"
-                assert not out[n:].any(), f"{where}, layer {index}: padding rows of rank {rank} are not zero"
+            buffers = [self.buffers[(rt, index, rank)] for rank in range(case.ep_size)]
+            counts = [e.shape[0] for e in inputs.experts]
+            outputs = [b["output"][:n] for b, n in zip(buffers, counts)]
+            check_round(case, layer, inputs, [b["snapshots"] for b in buffers], outputs, f"{where}, layer {index}")
+            for rank, (b, n) in enumerate(zip(buffers, counts)):
+                assert not b["output"][n:].any(), f"{where}, layer {index}: padding rows of rank {rank} are not zero"
 
     def close(self) -> None:
         self.traffic.close()

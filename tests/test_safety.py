@@ -282,20 +282,26 @@ def test_a_faulted_rank_stays_silent_under_cuda_graph_replay():
     payloads = [inputs.payloads(r, "cuda") for r in range(3)]
     planes, outputs = [None] * 3, [None] * 3
 
-    def round_of(rank: int) -> None:
+    def dispatch_of(rank: int) -> None:
         moes[rank].dispatch(experts[rank], payloads[rank], 4)
+
+    def combine_of(rank: int) -> None:
         planes[rank] = moes[rank].get_combine_payload_tensor_in_workspace(4, HIDDEN, torch.bfloat16)
         planes[rank].fill_(1.0)
         outputs[rank] = moes[rank].combine(planes[rank], 4, payload_in_workspace=True)
 
-    for rank in range(3):  # warm up: compile, build plans
-        round_of(rank)
+    # Warm up phase by phase (plans built, kernels loaded): in a one-process GPU simulation a
+    # kernel loaded while a peer's wait spins blocks until that wait ends.
+    for phase in (dispatch_of, combine_of):
+        for rank in range(3):
+            phase(rank)
     world.synchronize()
     graphs = []
     for rank in range(3):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=world.stream(rank).stream):
-            round_of(rank)
+            dispatch_of(rank)
+            combine_of(rank)
         graphs.append(graph)
     torch.cuda.synchronize()
     for rank, graph in enumerate(graphs):  # a healthy replay
@@ -371,6 +377,13 @@ def functional_world(device: str, ep_size: int = 1):
     return world, workspace, metainfo
 
 
+def functional_dispatch(world, workspace, metainfo, inputs: RoundInputs, rt: int, rank: int = 0, ep_size: int = 1):
+    """Rank `rank`'s functional dispatch of `inputs` on its stream; returns (views, combine offset)."""
+    with world.stream(rank).activate():
+        return a2a.moe_a2a_dispatch(inputs.experts[rank].to(world.device), inputs.payloads(rank, world.device),
+                                    workspace, metainfo, rt, rank, ep_size, TOP_K, NUM_EXPERTS)  # fmt: skip
+
+
 @pytest.mark.parametrize("wrong", ["local_num_tokens", "runtime_max_tokens_per_rank", "combine_payload_offset"])
 def test_functional_combine_refuses_another_geometry_than_its_dispatch(device, wrong):
     world, workspace, metainfo = functional_world(device)
@@ -396,9 +409,7 @@ def test_combine_on_a_copy_the_host_never_saw_is_checked_on_the_device(device):
     record; the gather compares the combine with the dispatch recorded in the workspace itself."""
     world, workspace, metainfo = functional_world(device)
     inputs = RoundInputs.draw([3], 4, seed=23)
-    with world.stream(0).activate():
-        _, offset = a2a.moe_a2a_dispatch(inputs.experts[0].to(world.device), inputs.payloads(0, world.device),
-                                         workspace, metainfo, 4, 0, 1, TOP_K, NUM_EXPERTS)  # fmt: skip
+    _, offset = functional_dispatch(world, workspace, metainfo, inputs, 4)
     world.synchronize()
     copy = workspace.clone()  # holds the dispatch's record (rows 3, rt 4) in its round state
     with world.stream(0).activate():
@@ -465,9 +476,7 @@ def test_a_fault_is_found_through_any_wrapper_of_the_workspace(device, monkeypat
     monkeypatch.setenv("A2A_SIGNAL_TIMEOUT_S", str(TIMEOUT_S))
     world, workspace, metainfo = functional_world(device, ep_size=2)
     inputs = RoundInputs.draw([2, 2], 2, seed=26)
-    with world.stream(0).activate():  # rank 1 never dispatches
-        a2a.moe_a2a_dispatch(inputs.experts[0].to(world.device), inputs.payloads(0, world.device), workspace, metainfo,
-                             2, 0, 2, TOP_K, NUM_EXPERTS)  # fmt: skip
+    functional_dispatch(world, workspace, metainfo, inputs, 2, ep_size=2)  # rank 1 never dispatches
     if world.device.type == "cpu":  # the cooperative scheduler finds the deadlock
         with pytest.raises(a2a.A2ATimeoutError):
             world.synchronize()
@@ -482,9 +491,8 @@ def test_a_fault_is_found_through_any_wrapper_of_the_workspace(device, monkeypat
 def test_sanitize_takes_expert_id_planes_of_any_width(device):
     world, workspace, metainfo = functional_world(device)
     inputs = RoundInputs.draw([3], 4, seed=27)
+    functional_dispatch(world, workspace, metainfo, inputs, 4)
     with world.stream(0).activate():
-        a2a.moe_a2a_dispatch(inputs.experts[0].to(world.device), inputs.payloads(0, world.device), workspace, metainfo,
-                             4, 0, 1, TOP_K, NUM_EXPERTS)  # fmt: skip
         wide = torch.arange(4 * 9000, dtype=torch.int32).view(1, 4, 9000).to(world.device)
         a2a.moe_a2a_sanitize_expert_ids(wide, workspace, metainfo, 0, -5)
     world.synchronize()
@@ -514,9 +522,7 @@ def test_round_state_words_for_combine_checks_follow_the_dispatch(device):
     """The dispatch records its rows and rt where the gather checks them."""
     world, workspace, metainfo = functional_world(device)
     inputs = RoundInputs.draw([3], 4, seed=29)
-    with world.stream(0).activate():
-        a2a.moe_a2a_dispatch(inputs.experts[0].to(world.device), inputs.payloads(0, world.device), workspace, metainfo,
-                             4, 0, 1, TOP_K, NUM_EXPERTS)  # fmt: skip
+    functional_dispatch(world, workspace, metainfo, inputs, 4)
     world.synchronize()
     layout = a2a.WorkspaceLayout.from_metainfo(metainfo)
     state = workspace[0, layout.round_state_offset :].view(torch.int32).cpu()

@@ -89,37 +89,35 @@ def _poison_peers(flags_ptr, stride_rank, ep_rank, active_low, active_high, spar
 
 
 @triton.jit
+def _store_record_words(record_ptr, kind, ranks_low, ranks_high, fields, first_rank, first_field, own_value,
+                        peer_value, awaited, timeout_ms, missing_low, missing_high):
+    """Words 1.. of a fault record (protocol.FaultRecord); word 0, the phase, is the caller's."""
+    tl.store(record_ptr + 1, kind)
+    tl.store(record_ptr + 2, ranks_low)
+    tl.store(record_ptr + 3, ranks_high)
+    tl.store(record_ptr + 4, fields)
+    tl.store(record_ptr + 5, first_rank)
+    tl.store(record_ptr + 6, own_value)
+    tl.store(record_ptr + 7, peer_value)
+    tl.store(record_ptr + 8, awaited)
+    tl.store(record_ptr + 9, timeout_ms)
+    tl.store(record_ptr + 10, first_field)
+    tl.store(record_ptr + 11, missing_low)
+    tl.store(record_ptr + 12, missing_high)
+
+
+@triton.jit
 def _record_fault(fault_record_ptr, host_record_ptr, phase, kind, ranks_low, ranks_high, fields, first_rank,
                   first_field, own_value, peer_value, awaited, timeout_ms, missing_low, missing_high,
                   HAS_HOST_RECORD: tl.constexpr):
     """Write the fault record (word 0, the phase, last) here and in the host-mapped copy."""
-    tl.store(fault_record_ptr + 11, missing_low)
-    tl.store(fault_record_ptr + 12, missing_high)
-    tl.store(fault_record_ptr + 1, kind)
-    tl.store(fault_record_ptr + 2, ranks_low)
-    tl.store(fault_record_ptr + 3, ranks_high)
-    tl.store(fault_record_ptr + 4, fields)
-    tl.store(fault_record_ptr + 5, first_rank)
-    tl.store(fault_record_ptr + 6, own_value)
-    tl.store(fault_record_ptr + 7, peer_value)
-    tl.store(fault_record_ptr + 8, awaited)
-    tl.store(fault_record_ptr + 9, timeout_ms)
-    tl.store(fault_record_ptr + 10, first_field)
+    _store_record_words(fault_record_ptr, kind, ranks_low, ranks_high, fields, first_rank, first_field, own_value,
+                        peer_value, awaited, timeout_ms, missing_low, missing_high)
     tl.atomic_xchg(fault_record_ptr, phase, sem="release", scope="gpu")
     if HAS_HOST_RECORD:
         host = host_record_ptr.to(tl.pointer_type(tl.int32))
-        tl.store(host + 11, missing_low)
-        tl.store(host + 12, missing_high)
-        tl.store(host + 1, kind)
-        tl.store(host + 2, ranks_low)
-        tl.store(host + 3, ranks_high)
-        tl.store(host + 4, fields)
-        tl.store(host + 5, first_rank)
-        tl.store(host + 6, own_value)
-        tl.store(host + 7, peer_value)
-        tl.store(host + 8, awaited)
-        tl.store(host + 9, timeout_ms)
-        tl.store(host + 10, first_field)
+        _store_record_words(host, kind, ranks_low, ranks_high, fields, first_rank, first_field, own_value, peer_value,
+                            awaited, timeout_ms, missing_low, missing_high)
         tl.atomic_xchg(host, phase, sem="release", scope="sys")
 
 

@@ -50,6 +50,7 @@ class SimulatedWorld:
         self._workspaces: dict[tuple, torch.Tensor] = {}
         self._streams: list[SignalStream] = []
         self._thread_streams: list[SignalStream] | None = None
+        self._launch_barrier: threading.Barrier | None = None
         if stream_priorities is not None and len(stream_priorities) != ep_size:
             raise ValueError(f"stream_priorities needs one priority per rank ({ep_size}), got {len(stream_priorities)}")
         if self.device.type == "cuda":
@@ -143,45 +144,46 @@ class SimulatedWorld:
             stream.synchronize()
 
     def run_ranks(self, fn: Callable[[int], Any]) -> list[Any]:
-        """`[fn(rank) for rank in range(ep_size)]`, each call running as that rank, written as one
-        rank's program: a2a calls and torch ops inside `fn` see their inputs ready (the receive views
-        after dispatch, for instance), as in a process of its own.
+        """`[fn(rank) for rank in range(ep_size)]`, each call running as that rank in a thread of its
+        own, written as one rank's program: a2a calls and torch ops inside `fn` see their inputs
+        ready (the receive views after dispatch, for instance), as in a process of its own.
 
-        CUDA: the calls run one after another, each with the rank's stream current (ordered after
-        the caller's work; the ranks' work overlaps on the GPU); `fn` must not wait on the host for
-        its own rank's results (e.g. `.item()`), since peers enqueue theirs after it returns.
-        CPU: one thread per rank, each with its own blocking stream, kernels interpreted one at a
-        time. The first exception of any rank is raised once every rank has finished (a rank whose
-        peer failed raises its own timeout or peer-failed error).
+        Every rank's program must make the same sequence of a2a calls. Each call plans its launch
+        (kernels compiled and loaded) and then waits until every rank has planned the same call
+        (`ready_to_launch`): on one GPU, loading a kernel while a peer's kernel spins in a wait
+        blocks until that wait ends, so no rank may still be loading when the waits of a call
+        start. CPU: each thread has a blocking stream; kernels are interpreted one at a time. CUDA:
+        each thread launches on its rank's stream, ordered after the caller's work and joined back
+        into it at the end. The first exception of any rank is raised once every rank has finished
+        (a rank whose peer failed raises its own timeout or peer-failed error).
         """
-        if self.device.type == "cuda":
-            results = []
-            for rank in range(self.ep_size):
-                self.wait_for_caller(rank)
-                with self.stream(rank).activate():
-                    results.append(fn(rank))
-            self.join_into_caller()
-            return results
-        return self._run_rank_threads(fn)
-
-    def _run_rank_threads(self, fn: Callable[[int], Any]) -> list[Any]:
         from a2a.runtime.host_signals import HostSignalStream
 
-        if self._thread_streams is not None:
+        if self._launch_barrier is not None:
             raise RuntimeError("run_ranks is already running on this world")
         self.synchronize()  # nothing of the phase-by-phase streams may still be queued
         results: list[Any] = [None] * self.ep_size
         errors: list[tuple[int, BaseException]] = []
+        barrier = threading.Barrier(self.ep_size)
 
         def run(rank: int) -> None:
             try:
+                if self.device.type == "cuda":
+                    torch.cuda.set_device(self.device)
+                    self.wait_for_caller_stream(rank, caller)
                 with self.stream(rank).activate():
                     results[rank] = fn(rank)
             except BaseException as exc:  # noqa: BLE001 - re-raised in the caller below
                 errors.append((rank, exc))
+            finally:
+                # A rank that is done makes no more calls: a peer still waiting for it to plan one
+                # would wait forever (their programs differ), so release it with an error.
+                barrier.abort()
 
-        # Blocking waits: each thread is its rank, so a wait simply holds that thread.
-        self._thread_streams = [HostSignalStream() for _ in range(self.ep_size)]
+        caller = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        if self.device.type == "cpu":  # blocking waits: each thread is its rank, a wait holds that thread
+            self._thread_streams = [HostSignalStream() for _ in range(self.ep_size)]
+        self._launch_barrier = barrier
         try:
             threads = [threading.Thread(target=run, args=(rank,), name=f"a2a-rank-{rank}")
                        for rank in range(self.ep_size)]  # fmt: skip
@@ -191,6 +193,27 @@ class SimulatedWorld:
                 thread.join()
         finally:
             self._thread_streams = None
+            self._launch_barrier = None
+        if self.device.type == "cuda":
+            self.join_into_caller()
         if errors:
             raise min(errors, key=lambda e: e[0])[1]
         return results
+
+    def ready_to_launch(self, rank: int) -> None:
+        """Inside `run_ranks`: return once every rank has planned its current a2a call (a no-op
+        otherwise). Raises if a peer's program ended or failed before reaching the same call."""
+        barrier = self._launch_barrier
+        if barrier is None:
+            return
+        try:
+            barrier.wait()
+        except threading.BrokenBarrierError:
+            raise RuntimeError(
+                f"rank {rank}: a peer's program in run_ranks ended or raised before making this a2a call; every "
+                "rank's program must make the same sequence of dispatch / combine calls"
+            ) from None
+
+    def wait_for_caller_stream(self, rank: int, caller: torch.cuda.Stream) -> None:
+        """Order rank `rank`'s stream after `caller` (another thread's current stream)."""
+        self._streams[rank].stream.wait_stream(caller)  # type: ignore[attr-defined]
