@@ -61,7 +61,7 @@ LONG_RUN_LAYERS = (
     LayerSpec(torch.float32, 24, (), torch.float32, 16, in_workspace=True),
 )
 # Rounds of the long run: a few on the CPU (CI); A2A_TRAFFIC_ROUNDS sets more on a GPU.
-LONG_RUN_ROUNDS = int(os.environ.get("A2A_TRAFFIC_ROUNDS", "12"))
+LONG_RUN_ROUNDS = int(os.environ.get("A2A_TRAFFIC_ROUNDS", "60"))
 
 
 def test_engine_traffic_long_run(device):

@@ -175,10 +175,7 @@ class SimulatedWorld:
                     results[rank] = fn(rank)
             except BaseException as exc:  # noqa: BLE001 - re-raised in the caller below
                 errors.append((rank, exc))
-            finally:
-                # A rank that is done makes no more calls: a peer still waiting for it to plan one
-                # would wait forever (their programs differ), so release it with an error.
-                barrier.abort()
+                barrier.abort()  # a peer waiting for this rank to plan its next call would wait forever
 
         caller = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         if self.device.type == "cpu":  # blocking waits: each thread is its rank, a wait holds that thread
@@ -207,11 +204,11 @@ class SimulatedWorld:
         if barrier is None:
             return
         try:
-            barrier.wait()
+            barrier.wait(timeout=envs.signal_timeout_s())
         except threading.BrokenBarrierError:
             raise RuntimeError(
-                f"rank {rank}: a peer's program in run_ranks ended or raised before making this a2a call; every "
-                "rank's program must make the same sequence of dispatch / combine calls"
+                f"rank {rank}: a peer's program in run_ranks raised, or did not make this a2a call within "
+                "A2A_SIGNAL_TIMEOUT_S; every rank's program must make the same sequence of dispatch / combine calls"
             ) from None
 
     def wait_for_caller_stream(self, rank: int, caller: torch.cuda.Stream) -> None:
