@@ -41,15 +41,18 @@ def moe_a2a_combine(
     With `payload_in_workspace=True` it must be the view of this rank's combine plane
     (`MoeAlltoAll.get_combine_payload_tensor_in_workspace`) and no staging copy runs.
     `local_num_tokens`, `runtime_max_tokens_per_rank`, `top_k` and `combine_payload_offset` must be
-    those of the matching dispatch. Returns `[local_num_tokens, H]` of the payload's dtype (written
-    into `output` when given), valid once the stream reaches the end of this op.
+    those of the matching dispatch (checked: `ValueError` on the host, or a recorded fault when the
+    gather finds a different dispatch in the workspace). Returns `[local_num_tokens, H]` of the
+    payload's dtype (written into `output` when given), valid once the stream reaches the end of
+    this op; NaN rows if the round failed on this rank. Every rank must agree on the combine
+    payload's bytes per token and dtype, the offset and the mask (checked at the barrier).
 
     Low-precision combine (a2a addition): `payload` float8_e4m3fn with `payload_scales` `[ep_size,
     rt, 1]` fp32, one scale per row (e.g. `a2a.quantization.quantize_fp8_per_token` of the expert
     outputs): half the bytes cross the links; rows are dequantized and summed in fp32 on this
     rank, and the output is bf16 (or `output`'s fp16 / bf16 / fp32). In the workspace, the scales
-    live in `MoeAlltoAll.get_combine_scales_tensor_in_workspace`. Raises
-    `A2ATimeoutError` if an earlier wait of this rank timed out on the device.
+    live in `MoeAlltoAll.get_combine_scales_tensor_in_workspace`. Raises the `A2AFaultError` an
+    earlier wait of this rank recorded.
     """
     rank_workspace = resolve_rank_workspace(workspace, metainfo, ep_rank)
     rank_workspace.raise_if_faulted()
