@@ -115,6 +115,19 @@ def run_round(world: Any, moe: a2a.MoeAlltoAll, inputs: RoundInputs, in_workspac
     return {"recv": [plane.cpu() for plane in recv], "combined": combined.cpu().clone()}
 
 
+def process_rank(rank: int, world_size: int, device: str) -> tuple[Any, a2a.MoeAlltoAll]:
+    """This process's `ProcessWorld` (default torch.distributed group) on `device` and its rank's
+    `MoeAlltoAll` of the standard test geometry."""
+    from a2a.runtime.process_world import ProcessWorld
+
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+    world = ProcessWorld(None, device)
+    moe = a2a.MoeAlltoAll(a2a.Mapping(world_size, rank), MAX_NUM_TOKENS, TOP_K, NUM_EXPERTS, hidden_size=HIDDEN,
+                          world=world)  # fmt: skip
+    return world, moe
+
+
 def moe_rounds_rank(rank: int, world_size: int, device: str, bootstrap: Any = None) -> list[dict[str, Any]]:
     """Every round of `PLANS[world_size]` as rank `rank` of a `ProcessWorld` (default torch.distributed
     group unless `bootstrap` is given); returns this rank's results per round."""

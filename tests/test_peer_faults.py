@@ -17,7 +17,7 @@ import torch
 import a2a
 from tests.conftest import requires_cuda, requires_interpreter_in_children
 from tests.process_launcher import run_ranks
-from tests.process_rounds import HIDDEN, MAX_NUM_TOKENS, NUM_EXPERTS, TOP_K, RoundInputs, run_round
+from tests.process_rounds import HIDDEN, MAX_NUM_TOKENS, NUM_EXPERTS, TOP_K, RoundInputs, process_rank, run_round
 
 TIMEOUT_S = 2.0
 SLACK_S = 5.0
@@ -76,13 +76,7 @@ def test_a_new_world_runs_after_a_timeout(device, monkeypatch):
 
 
 def _fault_rank(rank: int, world_size: int, device: str, fault: str) -> dict:
-    from a2a.runtime.process_world import ProcessWorld
-
-    if device.startswith("cuda"):
-        torch.cuda.set_device(torch.device(device))
-    world = ProcessWorld(None, device)
-    moe = a2a.MoeAlltoAll(a2a.Mapping(world_size, rank), MAX_NUM_TOKENS, TOP_K, NUM_EXPERTS, hidden_size=HIDDEN,
-                          world=world)  # fmt: skip
+    world, moe = process_rank(rank, world_size, device)
     faulty = rank == world_size - 1
     result: dict = {}
     try:

@@ -18,7 +18,16 @@ from a2a.layout import RoundState
 from a2a.runtime.protocol import FAULT_RECORD_WORDS, FLAG_POISON, FaultKind, FaultRecord, Phase
 from tests.conftest import requires_cuda, requires_interpreter_in_children
 from tests.process_launcher import run_ranks
-from tests.process_rounds import HIDDEN, INVALID_ID, MAX_NUM_TOKENS, NUM_EXPERTS, TOP_K, RoundInputs, run_round
+from tests.process_rounds import (
+    HIDDEN,
+    INVALID_ID,
+    MAX_NUM_TOKENS,
+    NUM_EXPERTS,
+    TOP_K,
+    RoundInputs,
+    process_rank,
+    run_round,
+)
 
 TIMEOUT_S = 1.0
 
@@ -122,11 +131,7 @@ def test_ranks_with_different_combine_payloads_raise(device, disagreement):
 
 
 def _disagreeing_rank(rank: int, world_size: int, device: str) -> dict:
-    from a2a.runtime.process_world import ProcessWorld
-
-    world = ProcessWorld(None, device)
-    moe = a2a.MoeAlltoAll(a2a.Mapping(world_size, rank), MAX_NUM_TOKENS, TOP_K, NUM_EXPERTS, hidden_size=HIDDEN,
-                          world=world)  # fmt: skip
+    world, moe = process_rank(rank, world_size, device)
     inputs = RoundInputs.draw([3, 3], 4, seed=5)
     try:
         moe.dispatch(inputs.experts[rank].to(world.device), inputs.payloads(rank, world.device), 4 + 2 * rank)
@@ -153,13 +158,7 @@ def test_processes_with_different_rt_raise_on_every_rank(tmp_path):
 
 def _late_rank(rank: int, world_size: int, device: str, delay_s: float) -> dict:
     """Rank 1 arrives `delay_s` late (past the timeout) to the second round; returns what each rank saw."""
-    from a2a.runtime.process_world import ProcessWorld
-
-    if device.startswith("cuda"):
-        torch.cuda.set_device(torch.device(device))
-    world = ProcessWorld(None, device)
-    moe = a2a.MoeAlltoAll(a2a.Mapping(world_size, rank), MAX_NUM_TOKENS, TOP_K, NUM_EXPERTS, hidden_size=HIDDEN,
-                          world=world)  # fmt: skip
+    world, moe = process_rank(rank, world_size, device)
     inputs = RoundInputs.draw([4, 4], 4, seed=11)
     try:
         # A first round compiles and loads everything (seconds on a cold cache, not the same on
