@@ -65,7 +65,7 @@ class RoundState:
     INVALID_COUNT = 1  # (token, k) pairs skipped in the last dispatch for an id outside [0, num_experts)
     FLAG_VALUE = 2  # epoch counter: +1 per signalled phase (dispatch, combine), 31 bits, never reset
     COPY_ELECTION = 3  # dispatch copy programs finished this round; the last one resets it to 0
-    GATHER_ELECTION = 4  # gather programs finished this round; the last one resets it to 0
+    GATHER_ELECTION = 4  # gather programs finished this round (all but the last, which resets it to 0)
     GATHER_COUNT = 5  # gathers finished by this rank (31 bits, never reset): its gather-flag epoch
     DISPATCH_ROWS = 6  # token rows of this rank's last dispatch (its combine must have as many)
     DISPATCH_RT = 7  # runtime_max_tokens_per_rank of this rank's last dispatch (its combine's too)

@@ -316,7 +316,8 @@ def _record_round_mismatch(dispatch_rows, dispatch_rt, num_tokens, runtime_max_t
 def _signal_gathered(gather_count_ptr, gathered_mask_ptr, flags_ptr, stride_rank, fault_record_ptr, active_low,
                      active_high, ep_rank, EP_SIZE: tl.constexpr, EP_PAD: tl.constexpr,
                      FLAG_ARRAY_STRIDE: tl.constexpr):
-    """After this rank's gather (every program's loads done, ordered by the caller's election):
+    """After this rank's gather (every program's loads done: the calling last program saw every other
+    one count itself done):
     bump the gather count, remember this round's active ranks (the next dispatch waits for their
     gathers), and, unless this rank has recorded a fault, store the count into
     `flags[GATHER][me]` of every active segment."""
