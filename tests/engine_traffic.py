@@ -69,14 +69,29 @@ class TrafficCase:
         return max(sizes)
 
 
+# Layer shapes for GPU runs: kernels compile once per shape (about a second each on the H200), so
+# CUDA cases draw their layers from these and their ranks / top-k from a short menu; what changes
+# every round (token counts, rt, order, delays, layer sequence) is still drawn.
+COMPILED_LAYERS = (
+    LayerSpec(torch.bfloat16, 64, ((torch.float32, 4),), torch.bfloat16, 128, in_workspace=True),
+    LayerSpec(torch.uint8, 96, ((torch.float32, 2),), torch.float16, 48, in_workspace=False),
+    LayerSpec(torch.float32, 24, (), torch.float32, 16, in_workspace=True),
+)
+
+
 @st.composite
-def traffic_cases(draw, max_ranks: int = 4, max_tokens: int = 10, max_layers: int = 3, max_steps: int = 3) -> TrafficCase:
-    ep_size = draw(st.integers(2, max_ranks))
-    top_k = draw(st.sampled_from([1, 2, 3, 4, 6]))
+def traffic_cases(draw, max_ranks: int = 4, max_tokens: int = 10, max_layers: int = 3, max_steps: int = 3,
+                  compiled: bool = False) -> TrafficCase:  # fmt: skip
+    """A traffic case; `compiled` (GPU): layers from COMPILED_LAYERS, 2 or 4 ranks, top-k 4."""
+    ep_size = draw(st.sampled_from([2, 4]) if compiled else st.integers(2, max_ranks))
+    top_k = 4 if compiled else draw(st.sampled_from([1, 2, 3, 4, 6]))
     num_experts = draw(st.integers(ep_size, 3 * ep_size + 2))
     max_num_tokens = draw(st.integers(2, max_tokens))
     layers = []
     for _ in range(draw(st.integers(1, max_layers))):
+        if compiled:
+            layers.append(draw(st.sampled_from(COMPILED_LAYERS)))
+            continue
         hidden_dtype = draw(st.sampled_from([torch.bfloat16, torch.float16, torch.float32, torch.uint8]))
         hidden_width = draw(st.integers(1, 24))
         extras = tuple((draw(st.sampled_from([torch.float32, torch.uint8, torch.int16])), draw(st.integers(1, 6)))

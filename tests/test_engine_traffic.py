@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import requires_cuda
-from tests.engine_traffic import GraphTraffic, LayerSpec, Traffic, TrafficCase, traffic_cases
+from tests.engine_traffic import COMPILED_LAYERS, GraphTraffic, LayerSpec, Traffic, TrafficCase, traffic_cases
 
 
 def run_case(case: TrafficCase, device: str) -> None:
@@ -25,9 +25,9 @@ def run_case(case: TrafficCase, device: str) -> None:
 
 
 @settings(max_examples=20)
-@given(case=traffic_cases())
-def test_engine_traffic_matches_reference(case, device):
-    run_case(case, device)
+@given(data=st.data())
+def test_engine_traffic_matches_reference(data, device):
+    run_case(data.draw(traffic_cases(compiled=device != "cpu")), device)
 
 
 def test_growing_rt_after_a_slow_gather(device):
@@ -40,11 +40,12 @@ def test_growing_rt_after_a_slow_gather(device):
 
 
 @settings(max_examples=6)
-@given(case=traffic_cases(max_layers=2, max_steps=2), data=st.data())
-def test_a_rank_that_raises_mid_run_makes_every_rank_raise(case, data, device, monkeypatch):
+@given(data=st.data())
+def test_a_rank_that_raises_mid_run_makes_every_rank_raise(data, device, monkeypatch):
     """One rank's call raises at a random round and that rank stops: rounds before are exact, and
     every other rank ends in an error (on CUDA through the in-kernel timeout, 1 s here)."""
     monkeypatch.setenv("A2A_SIGNAL_TIMEOUT_S", "1")
+    case = data.draw(traffic_cases(max_layers=2, max_steps=2, compiled=device != "cpu"))
     crash = (data.draw(st.integers(0, case.rounds - 1)), data.draw(st.integers(0, case.ep_size - 1)))
     traffic = Traffic(case, device)
     try:
@@ -54,12 +55,8 @@ def test_a_rank_that_raises_mid_run_makes_every_rank_raise(case, data, device, m
         traffic.close()
 
 
-# Fixed layer shapes for long GPU runs: kernels compile once, rt and counts change every round.
-LONG_RUN_LAYERS = (
-    LayerSpec(torch.bfloat16, 64, ((torch.float32, 4),), torch.bfloat16, 128, in_workspace=True),
-    LayerSpec(torch.uint8, 96, ((torch.float32, 2),), torch.float16, 48, in_workspace=False),
-    LayerSpec(torch.float32, 24, (), torch.float32, 16, in_workspace=True),
-)
+# The long runs' layers: fixed shapes, so kernels compile once; rt and counts change every round.
+LONG_RUN_LAYERS = COMPILED_LAYERS
 # Rounds of the long run: a few on the CPU (CI); A2A_TRAFFIC_ROUNDS sets more on a GPU.
 LONG_RUN_ROUNDS = int(os.environ.get("A2A_TRAFFIC_ROUNDS", "60"))
 

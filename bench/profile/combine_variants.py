@@ -4,14 +4,12 @@
 
 Each variant is the production kernel with one part changed (GATING: how the fault / round check
 gates the row loads; ELECTION: how the programs elect the one that signals the gather):
-  branch/acq_rel  the kernel as in a2a/kernels/combine.py at this commit
+  branch/acq_rel  the gather of d23e55b: every program ends in an acq_rel election
   mask/acq_rel    the check loaded next to the top-k entries and applied as a load mask
-  branch/spin     no election: every program adds to the counter without a fence (a REDG the
-                  program does not wait for); the last program of the grid spins until the others
-                  have added, then signals
-  select/spin_relaxed  the checks' words loaded up front, applied only at the store (NaN), slots
-                  clamped to the plane; spin election; the gather flags stored without a fence
-  none/spin_relaxed    the same without the checks
+  branch/spin     the gather since e0d97ca: every program but the last adds to a counter without
+                  a fence (a REDG it does not wait for); the grid's last program spins until the
+                  others have added, then signals
+  mask/spin       both changes
   mask/none       no election (what a gather that signals elsewhere costs)
   none/none       neither check nor election (the kernel before the safety work)
 Variants without an election signal nothing: the measurement replays combine-only graphs, then
@@ -38,11 +36,8 @@ import a2a  # noqa: E402
 import a2a.combine as combine_module  # noqa: E402
 from bench.harness import L2Flush, Round, time_region  # noqa: E402
 
-ALL_VARIANTS = [("branch", "acq_rel"), ("branch", "spin"), ("select", "spin"), ("branch", "none"), ("select", "none"),
-                ("none", "none"), ("select", "spin_relaxed")]  # fmt: skip
-# spin_relaxed hung the H200 in its first graph replay (not understood; not used): opt in by name.
-DEFAULT_VARIANTS = "branch/acq_rel,branch/spin,select/spin,branch/none,select/none,none/none"
-VARIANTS = [v for v in ALL_VARIANTS if "/".join(v) in os.environ.get("A2A_VARIANTS", DEFAULT_VARIANTS).split(",")]
+VARIANTS = [("branch", "acq_rel"), ("mask", "acq_rel"), ("branch", "spin"), ("mask", "spin"), ("mask", "none"),
+            ("none", "none")]  # fmt: skip
 
 TEMPLATE = '''
 import triton
@@ -70,14 +65,14 @@ def _combine_kernel(plane_ptr, stride_plane_rank, scales_ptr, stride_scales_rank
         if go:
             for k in tl.static_range(TOP_K):
                 target = tl.load(topk_target_ranks_ptr + token * TOP_K + k)
-                slot = tl.minimum(tl.maximum(tl.load(topk_send_indices_ptr + token * TOP_K + k), 0), runtime_max_tokens - 1)
+                slot = tl.load(topk_send_indices_ptr + token * TOP_K + k)
                 sends = (target >= 0) & ok
                 row = first_row + tl.where(sends, slot, 0)
                 src = plane_ptr + tl.where(sends, target, 0).to(tl.int64) * stride_plane_rank + row * HIDDEN
                 mask = col_mask & ((cols * 0 + target >= 0) & ok)
                 values = tl.load(src + cols, mask=mask, other=0.0).to(tl.float32)
                 acc += values
-        acc = tl.where(ok & go & fine, acc, float("nan"))
+        acc = tl.where(ok & go, acc, float("nan"))
         result = _round_to_bf16(acc)
         tl.store(out_ptr + token * HIDDEN + cols, result, mask=col_mask)
     ELECTION_CODE
@@ -85,12 +80,10 @@ def _combine_kernel(plane_ptr, stride_plane_rank, scales_ptr, stride_scales_rank
 
 GATING = {
     "branch": "matches = (tl.load(dispatch_rows_ptr) == num_tokens) & (tl.load(dispatch_rt_ptr) == runtime_max_tokens)\n"
-              "    go = (tl.load(fault_record_ptr) == 0) & matches\n    ok = True\n    fine = True",
+              "    go = (tl.load(fault_record_ptr) == 0) & matches\n    ok = True",
     "mask": "matches = (tl.load(dispatch_rows_ptr) == num_tokens) & (tl.load(dispatch_rt_ptr) == runtime_max_tokens)\n"
-            "    ok = (tl.load(fault_record_ptr) == 0) & matches\n    go = True\n    fine = True",
-    "none": "go = True\n    ok = True\n    fine = True",
-    "select": "matches = (tl.load(dispatch_rows_ptr) == num_tokens) & (tl.load(dispatch_rt_ptr) == runtime_max_tokens)\n"
-              "    fine = (tl.load(fault_record_ptr) == 0) & matches\n    go = True\n    ok = True",
+            "    ok = (tl.load(fault_record_ptr) == 0) & matches\n    go = True",
+    "none": "go = True\n    ok = True",
 }
 ELECTION = {
     "acq_rel": "tl.debug_barrier()\n    finished = tl.atomic_add(election_ptr, 1, sem='acq_rel', scope='gpu')\n"
@@ -103,19 +96,6 @@ ELECTION = {
             "        tl.atomic_xchg(election_ptr, 0, sem='acq_rel', scope='gpu')\n"
             "        _signal_gathered(gather_count_ptr, gathered_mask_ptr, flags_ptr, stride_rank, fault_record_ptr,"
             " active_low, active_high, ep_rank, EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE)\n"
-            "    else:\n        tl.atomic_add(election_ptr, 1, sem='relaxed', scope='gpu')",
-    "spin_relaxed": "tl.debug_barrier()\n    others = tl.num_programs(0) * tl.num_programs(1) - 1\n"
-            "    if (tl.program_id(0) == tl.num_programs(0) - 1) & (tl.program_id(1) == tl.num_programs(1) - 1):\n"
-            "        while tl.load(election_ptr, volatile=True) < others:\n            pass\n"
-            "        tl.store(election_ptr, 0)\n"
-            "        count = (tl.load(gather_count_ptr, volatile=True) + 1) & 0x7FFFFFFF\n"
-            "        tl.debug_barrier()\n"
-            "        tl.store(gather_count_ptr, count)\n"
-            "        tl.store(gathered_mask_ptr, active_low)\n        tl.store(gathered_mask_ptr + 1, active_high)\n"
-            "        ranks = tl.arange(0, EP_PAD)\n"
-            "        rank_mask = (ranks < EP_SIZE) & (tl.load(fault_record_ptr + ranks * 0, volatile=True) == 0)\n"
-            "        targets = flags_ptr + 2 * FLAG_ARRAY_STRIDE + ranks.to(tl.int64) * stride_rank + ep_rank\n"
-            "        tl.atomic_xchg(targets, tl.zeros([EP_PAD], dtype=tl.int32) + count, mask=rank_mask, sem='relaxed', scope='sys')\n"
             "    else:\n        tl.atomic_add(election_ptr, 1, sem='relaxed', scope='gpu')",
     "none": "pass",
 }
