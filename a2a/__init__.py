@@ -1,5 +1,10 @@
 """a2a: MoE expert-parallel all-to-all (dispatch, sanitize, combine) in Triton over symmetric memory.
 
+Floors, each importing only from below (docs/architecture.md): this package's top level is the API
+(`MoeAlltoAll`, `moe_a2a_*`, torch ops) and the data model (layout, workspace views, errors);
+`a2a.ops` holds the launchers; `a2a.kernels` (Triton) and `a2a.runtime` (streams, signalling,
+worlds, memory) are the ground floor.
+
 The API follows FlashInfer's `flashinfer.comm` MoE all-to-all (`MoeAlltoAll` and the `moe_a2a_*`
 functions), so switching is one import. Without a CUDA device the kernels run under the Triton
 interpreter (TRITON_INTERPRET=1 is set here before any kernel is defined, unless already set).

@@ -80,39 +80,3 @@ def set_simulation_env() -> None:
     """Set what a one-process simulated world on CUDA needs; call before torch touches CUDA."""
     for name, value in SIMULATION_ENV.items():
         os.environ.setdefault(name, value)
-
-
-def prepare_cuda_for_simulation(num_streams: int) -> None:
-    """Give a one-process simulated world on CUDA what it needs, or explain why it can't run.
-
-    Both variables only take effect before CUDA initialises in this process; with one rank there is
-    nothing to deadlock, so nothing is required.
-    """
-    import torch
-
-    if not torch.cuda.is_initialized():
-        set_simulation_env()
-    if num_streams <= 1:
-        return
-    fix = (
-        "Set CUDA_MODULE_LOADING=EAGER and CUDA_DEVICE_MAX_CONNECTIONS=32 in the environment before the "
-        "process first uses CUDA (or call a2a.envs.set_simulation_env() first thing)."
-    )
-    from a2a.runtime.driver import check, driver
-
-    cu = driver()
-    check("cuInit", cu.cuInit(0))
-    mode = check("cuModuleGetLoadingMode", cu.cuModuleGetLoadingMode())
-    if mode != cu.CUmoduleLoadingMode.CU_MODULE_EAGER_LOADING:
-        raise RuntimeError(
-            f"a simulated world of {num_streams} ranks on CUDA needs eager module loading (got {mode.name}): "
-            "with lazy loading, the first launch of a kernel while a rank's stream is parked in a wait "
-            f"never returns, and the one host thread that would unblock it hangs. {fix}"
-        )
-    connections = int(os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS", "8"))
-    if connections < num_streams + 1:
-        raise RuntimeError(
-            f"a simulated world of {num_streams} ranks on CUDA needs CUDA_DEVICE_MAX_CONNECTIONS >= "
-            f"{num_streams + 1} (got {connections}): otherwise two ranks' streams share a hardware queue "
-            f"and a parked wait blocks the peer it waits for. {fix}"
-        )

@@ -10,11 +10,11 @@ from collections.abc import Sequence
 
 import torch
 
-from a2a import validation
-from a2a.combine import moe_a2a_combine
-from a2a.dispatch import moe_a2a_dispatch
+from a2a.ops import validation
+from a2a.ops.combine import moe_a2a_combine
+from a2a.ops.dispatch import moe_a2a_dispatch
 from a2a.layout import WorkspaceLayout, aux_data_size, metainfo_index_pairs, workspace_size_per_rank
-from a2a.sanitize import moe_a2a_sanitize_expert_ids
+from a2a.ops.sanitize import moe_a2a_sanitize_expert_ids
 from a2a.workspace import reset_rank_state
 
 

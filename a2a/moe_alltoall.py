@@ -8,16 +8,18 @@ from dataclasses import dataclass
 
 import torch
 
-from a2a import validation
-from a2a.combine import check_matches_dispatch, combine_plan
-from a2a.dispatch import dispatch_plan
+from a2a.ops import validation
+from a2a.ops.combine import check_matches_dispatch, combine_plan
+from a2a.ops.dispatch import dispatch_plan
 from a2a.errors import PhaseError
 from a2a.functional import moe_a2a_get_workspace_size_per_rank
 from a2a.layout import RoundState, WorkspaceLayout, combine_scales_offset, metainfo_index_pairs
-from a2a.runtime.process_world import ProcessWorld, process_world_for
+from a2a.runtime.process_world import process_world_for
 from a2a.runtime.simulated import SimulatedWorld
-from a2a.sanitize import sanitize_plan
-from a2a.workspace import rank_workspace_of, segment_view
+from a2a.runtime.world import World
+from a2a.ops.sanitize import sanitize_plan
+from a2a.ops.context import RankContext, context_of
+from a2a.workspace import segment_view
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,7 @@ class MoeAlltoAll:
         hidden_size: int | None = None,
         mnnvl_config=None,
         *,
-        world: SimulatedWorld | ProcessWorld | object | None = None,
+        world: World | object | None = None,
     ):
         self.ep_size = int(mapping.moe_ep_size)
         self.ep_rank = int(mapping.moe_ep_rank)
@@ -90,7 +92,7 @@ class MoeAlltoAll:
             workspace_size_per_rank = self.get_moe_workspace_size_per_rank(
                 self.ep_size, top_k, max_num_tokens, hidden_size
             )
-        if world is not None and not hasattr(world, "workspace"):
+        if world is not None and not isinstance(world, World):
             # A torch.distributed process group, an mpi4py communicator or a Bootstrap: one process
             # per rank, one ProcessWorld per group, so instances share workspaces.
             world = process_world_for(world, "cuda" if torch.cuda.is_available() else "cpu")
@@ -111,6 +113,7 @@ class MoeAlltoAll:
         validation.check_fits("the aux region", self.layout.aux_size, workspace_size_per_rank)
         self._workspace_key = ("moe_alltoall", workspace_size_per_rank, max_num_tokens)
         self.workspace = world.workspace(self._workspace_key, workspace_size_per_rank)
+        self._context = context_of(self.workspace, self.layout, self.ep_rank)  # held: no lookup per call
         self.metainfo = self.layout.to_metainfo()
         self.active_rank_mask: int | None = None  # None: every rank takes part (see set_active_ranks)
         self._state = _RoundState()
@@ -141,13 +144,11 @@ class MoeAlltoAll:
 
     def _ready_to_launch(self) -> None:
         """In SimulatedWorld.run_ranks: wait until every rank has planned this call (see there)."""
-        ready = getattr(self.world, "ready_to_launch", None)
-        if ready is not None:
-            ready(self.ep_rank)
+        self.world.ready_to_launch(self.ep_rank)
 
     @contextmanager
     def _on_rank_stream(self) -> Iterator[None]:
-        if not getattr(self.world, "switches_streams", True):  # the caller's stream is the rank stream
+        if not self.world.switches_streams:  # the caller's stream is the rank stream
             yield
             return
         self.world.wait_for_caller(self.ep_rank)
@@ -205,7 +206,7 @@ class MoeAlltoAll:
         if self._state.phase != "dispatched":
             raise PhaseError(f"{what} called in phase {self._state.phase!r}: it needs a successful dispatch first")
         self._rank_workspace.live_round_for(f"MoeAlltoAll.{what}", id(self))
-        missing = getattr(self.world, "peers_not_arrived", lambda rank: [])(self.ep_rank)
+        missing = self.world.peers_not_arrived(self.ep_rank)
         if missing:
             raise PhaseError(
                 f"{what} on rank {self.ep_rank}: its dispatch has not completed, rank(s) {missing} have not dispatched "
@@ -296,8 +297,8 @@ class MoeAlltoAll:
         self._rank_workspace.raise_if_faulted()
 
     @property
-    def _rank_workspace(self):
-        return rank_workspace_of(self.workspace, self.layout, self.ep_rank)
+    def _rank_workspace(self) -> RankContext:
+        return self._context
 
     def _reset_workspace(self) -> None:
         """Test helper: drop this geometry's shared workspace and retire the instance."""

@@ -45,7 +45,7 @@ from collections.abc import Sequence
 
 import torch
 
-from a2a import validation
+from a2a.ops import validation
 from a2a.functional import moe_a2a_combine, moe_a2a_dispatch, moe_a2a_sanitize_expert_ids
 from a2a.layout import WorkspaceLayout
 from a2a.workspace import segment_view

@@ -18,7 +18,6 @@ from functools import cached_property
 
 import torch
 
-from a2a import envs, validation
 from a2a.errors import A2AFaultError, PhaseError, fault_error
 from a2a.layout import ROUND_STATE_LEN, RoundState, WorkspaceLayout, num_route_blocks
 from a2a.runtime.protocol import FAULT_RECORD_WORDS, SIGNATURE_WORDS, FlagArray, Phase
@@ -278,91 +277,10 @@ class RankWorkspace:
     def end_round(self) -> None:
         self.state.live = None
 
-    @cached_property
-    def plans(self) -> dict:
-        """Launch plans of this rank's call signatures (a2a.dispatch / combine / sanitize), newest last."""
-        return {}
-
-    def find_plan(self, key: object) -> object | None:
-        """The plan of `key`, or None (also for a key that cannot be hashed: the caller's full
-        checks then report the argument that made it so)."""
-        try:
-            return self.plans.get(key)
-        except TypeError:
-            return None
-
-    def remember_plan(self, key: object, plan: object) -> None:
-        try:
-            hash(key)
-        except TypeError:
-            return
-        plans = self.plans
-        plans.pop(key, None)
-        if len(plans) >= MAX_PLANS_PER_RANK:
-            del plans[next(iter(plans))]
-        plans[key] = plan
-
 
 def _signature_row(phase: Phase) -> int:
     """Row of a phase in the signatures region (0: dispatch, 1: combine)."""
     return 0 if phase is Phase.DISPATCH else 1
-
-
-def timeout_of_plan() -> tuple[int, int]:
-    """(timeout_ns, timeout_ms) of a wait planned now (A2A_SIGNAL_TIMEOUT_S)."""
-    seconds = envs.signal_timeout_s()
-    return min(int(seconds * 1e9), 2**62), min(max(1, int(seconds * 1e3)), 2**31 - 1)
-
-
-# id(workspace tensor) -> (weak reference, {(layout, ep_rank): RankWorkspace, and for
-# resolve_rank_workspace (metainfo id, version, ep_rank): (metainfo, RankWorkspace)}). A RankWorkspace
-# keeps only a view of the workspace, so dropping the tensor drops its entry and frees the memory.
-_rank_workspaces: dict[int, tuple[weakref.ref, dict]] = {}
-MAX_PLANS_PER_RANK = 64
-
-
-def resolve_rank_workspace(workspace: object, metainfo: object, ep_rank: object) -> RankWorkspace:
-    """The checked `RankWorkspace` of the functional API's (workspace, metainfo, ep_rank).
-
-    The first call with a given workspace, metainfo tensor and rank checks them all; later calls
-    find the result by identity (and metainfo's version counter, so an in-place edit is noticed).
-    """
-    entry = _rank_workspaces.get(id(workspace))
-    try:
-        key = ("metainfo", id(metainfo), metainfo._version, type(ep_rank), ep_rank)  # type: ignore[attr-defined]
-    except AttributeError:
-        key = None
-    if entry is not None and entry[0]() is workspace and key is not None:
-        found = entry[1].get(key)
-        if found is not None:
-            return found[1]
-    layout = WorkspaceLayout.from_metainfo(metainfo)  # type: ignore[arg-type]
-    validation.check_geometry(layout.ep_size, ep_rank)  # type: ignore[arg-type]
-    checked = validation.check_workspace(workspace, layout.ep_size)
-    validation.check_fits("the aux region", layout.aux_size, checked.shape[1])
-    rank_workspace = rank_workspace_of(checked, layout, ep_rank)  # type: ignore[arg-type]
-    if key is not None:
-        per_workspace = _rank_workspaces[id(checked)][1]
-        # A caller that builds a new metainfo tensor for every call must not grow this without bound.
-        resolved = [k for k in per_workspace if isinstance(k, tuple) and k and k[0] == "metainfo"]
-        if len(resolved) >= MAX_PLANS_PER_RANK:
-            del per_workspace[resolved[0]]
-        per_workspace[key] = (metainfo, rank_workspace)
-    return rank_workspace
-
-
-def rank_workspace_of(workspace: torch.Tensor, layout: WorkspaceLayout, ep_rank: int) -> RankWorkspace:
-    """Cached `RankWorkspace` (its views and flag addresses are built once per workspace and rank)."""
-    entry = _rank_workspaces.get(id(workspace))
-    if entry is None or entry[0]() is not workspace:
-        entry = (weakref.ref(workspace), {})
-        _rank_workspaces[id(workspace)] = entry
-        weakref.finalize(workspace, _rank_workspaces.pop, id(workspace), None)
-    per_workspace = entry[1]
-    rank_workspace = per_workspace.get((layout, ep_rank))
-    if rank_workspace is None:
-        rank_workspace = per_workspace[(layout, ep_rank)] = RankWorkspace(workspace[:], layout, ep_rank)
-    return rank_workspace
 
 
 def segment_view(

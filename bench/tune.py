@@ -1,6 +1,6 @@
 """Tune the dispatch copy and the combine gather-reduce: `triton.autotune` over the candidate
-configs of `a2a.configs`, per (row-bytes bucket, top_k, ep_size), winners written to the table the
-launchers read (`a2a/tuned_configs.json`, under this GPU's architecture).
+configs of `a2a.ops.configs`, per (row-bytes bucket, top_k, ep_size), winners written to the table the
+launchers read (`a2a/ops/tuned_configs.json`, under this GPU's architecture).
 
     python -m bench.tune --shapes deepseek,qwen3,mixtral,gptoss --ranks 8 --tokens 1024
 
@@ -26,16 +26,36 @@ import triton  # noqa: E402
 
 import a2a  # noqa: E402
 from a2a import configs  # noqa: E402
-from a2a.combine import _gather_launch  # noqa: E402
-from a2a.dispatch import _copy_launch, _row_bytes  # noqa: E402
-from a2a.barrier import signature_tensor  # noqa: E402
-from a2a.workspace import resolve_rank_workspace  # noqa: E402
+from a2a.ops.combine import _gather_launch  # noqa: E402
+from a2a.ops.dispatch import _copy_launch, _row_bytes  # noqa: E402
+from a2a.ops.barrier import signature_tensor  # noqa: E402
+from a2a.ops.context import resolve_context  # noqa: E402
 from bench.harness import Round  # noqa: E402
+
+
+# Candidates this script times for the copy and gather-reduce kernels (tile in copy units or
+# elements, warps); the heuristic's choice is always among those timed too.
+TILE_CANDIDATES = (256, 512, 1024, 2048)
+WARP_CANDIDATES = (4, 8)
+
+
+def candidate_configs(row_elements: int, element_bytes: int) -> list[configs.TileConfig]:
+    """Configs worth timing for rows of `row_elements`: every thread moves at least one 16-byte vector
+    and the tile is not more than twice the row."""
+    vec = max(1, configs.VECTOR_BYTES // element_bytes)
+    chosen = {
+        configs.TileConfig(tile, warps)
+        for tile in TILE_CANDIDATES
+        for warps in WARP_CANDIDATES
+        if tile >= 32 * vec * warps and tile <= 2 * configs.next_power_of_2(row_elements)
+    }
+    chosen.add(configs._tile_for(row_elements, element_bytes))
+    return sorted(chosen, key=lambda c: (c.tile, c.num_warps))
 
 
 def autotune(launch, row_elements: int, element_bytes: int, grid_rows: int) -> tuple[configs.TileConfig, dict]:
     """Best TileConfig for `launch` (a KernelLaunch) and the median us of every candidate."""
-    candidates = configs.candidate_configs(row_elements, element_bytes)
+    candidates = candidate_configs(row_elements, element_bytes)
     if len(candidates) == 1:
         return candidates[0], {}
     tuner = triton.autotune(
@@ -57,7 +77,7 @@ def tune_shape(world: a2a.SimulatedWorld, shape: str, tokens: int) -> dict[str, 
     planes = round_.fill_planes()
     world.synchronize()
     moe = round_.ranks[0]
-    rank_workspace = resolve_rank_workspace(moe.workspace, moe.metainfo, 0)
+    rank_workspace = resolve_context(moe.workspace, moe.metainfo, 0)
     payloads = round_.payloads[0]
     round_layout = rank_workspace.layout.round_layout(tokens, [_row_bytes(p) for p in payloads])
     full = (1 << world.ep_size) - 1

@@ -8,7 +8,7 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 CUDA_DEVICE_MAX_CONNECTIONS=32 CUDA_MO
 OUT=${OUT:-/tmp/a2a-out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
-python3 -m tests.compile_for_gpu 2>&1 | grep -v '^#' | tail -8
+python3 -m tests.support.compile_for_gpu 2>&1 | grep -v '^#' | tail -8
 if [ "${REPRO:-1}" = 1 ]; then
   if [ -d .base ]; then
     echo "== repro on .base"; (cd .base && PYTHONPATH=$PWD timeout 200 python3 ../scripts/repro_safety.py --runs 6) 2>&1 \

@@ -10,5 +10,5 @@ git rev-parse --short HEAD 2>/dev/null | tee -a "$OUT/device.txt"
 timeout ${SUITE_TIMEOUT:-420} python3 -m pytest ${PYTEST_ARGS:-tests} -q -x -p no:cacheprovider --durations=10 \
   -o faulthandler_timeout=120 2>&1 | tee "$OUT/pytest.log" | tail -40
 echo "pytest rc=${PIPESTATUS[0]}"
-timeout 120 python3 -m a2a.demo 2>&1 | tee "$OUT/demo.log"
-timeout 120 python3 scripts/kernel_report.py 2>&1 | tail -6
+timeout 120 python3 -m examples.demo 2>&1 | tee "$OUT/demo.log"
+timeout 120 python3 -m bench.profile.kernel_report 2>&1 | tail -6

@@ -8,7 +8,7 @@ OUT=${OUT:-/tmp/a2a-out}; mkdir -p "$OUT"
 for tool in memcheck racecheck; do
   log="$OUT/sanitizer_$tool.log"
   timeout ${SANITIZER_TIMEOUT:-200} compute-sanitizer --tool $tool --target-processes all --print-limit 10000 \
-    python3 -m a2a.demo --ranks 3 --tokens 5,0,9 > "$log" 2>&1
+    python3 -m examples.demo --ranks 3 --tokens 5,0,9 > "$log" 2>&1
   echo "$tool rc=$? : $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|result:' "$log" | tr '\n' ' ')"
   # Device-side findings (kernel memory errors, races) versus host API return codes the driver
   # reports while CUDA libraries probe for entry points (not memory errors).

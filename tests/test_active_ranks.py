@@ -8,7 +8,7 @@ import torch
 
 import a2a
 from a2a import reference
-from tests.rounds import as_bytes
+from tests.support.rounds import as_bytes
 
 EP, TOP_K, EXPERTS, HIDDEN, RT = 4, 3, 10, 40, 6
 

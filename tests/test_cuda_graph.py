@@ -10,7 +10,7 @@ import torch
 import a2a
 from a2a import reference
 from tests.conftest import requires_cuda
-from tests.rounds import as_bytes, world_for
+from tests.support.rounds import as_bytes, world_for
 
 EP, TOP_K, EXPERTS, HIDDEN, RT = 4, 4, 16, 256, 32
 COUNTS = [32, 0, 17, 5]

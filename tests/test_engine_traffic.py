@@ -1,6 +1,6 @@
 """Adversarial engine traffic: rounds whose geometry changes every time, several layers on one
 workspace, no host synchronisation between rounds, ranks delayed / prioritised / scheduled in a
-random order. Every output is checked against the reference (tests/engine_traffic.py)."""
+random order. Every output is checked against the reference (tests/support/engine_traffic.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import requires_cuda
-from tests.engine_traffic import COMPILED_LAYERS, GraphTraffic, LayerSpec, Traffic, TrafficCase, traffic_cases
+from tests.support.engine_traffic import COMPILED_LAYERS, GraphTraffic, LayerSpec, Traffic, TrafficCase, traffic_cases
 
 
 def run_case(case: TrafficCase, device: str) -> None:

@@ -8,7 +8,8 @@ import torch
 import a2a
 from a2a import reference
 from a2a.expert_partition import ExpertPartition
-from tests.rounds import as_bytes, world_for
+from examples import toy_moe
+from tests.support.rounds import as_bytes, world_for
 
 HIDDEN, TOP_K, NUM_EXPERTS = 24, 3, 10  # 10 experts over 4 ranks: ranks 0-1 own 3, ranks 2-3 own 2
 
@@ -42,7 +43,7 @@ def run_moe_round(world, ranks, counts, rt, seed, in_workspace):
     partition = ExpertPartition(NUM_EXPERTS, len(ranks))
     payloads = []
     for r, moe in enumerate(ranks):
-        out = reference.toy_moe_rank(*recv[r], partition.experts_of(r), NUM_EXPERTS, torch.bfloat16)
+        out = toy_moe.toy_moe_rank(*recv[r], partition.experts_of(r), NUM_EXPERTS, torch.bfloat16)
         if in_workspace:
             plane = moe.get_combine_payload_tensor_in_workspace(rt, HIDDEN, torch.bfloat16)
             plane.copy_(out)
@@ -54,7 +55,7 @@ def run_moe_round(world, ranks, counts, rt, seed, in_workspace):
     want = reference.combine([p.cpu() for p in payloads], expected.routing, counts)
     for r in range(len(ranks)):
         assert torch.equal(as_bytes(outputs[r].cpu()), as_bytes(want[r])), f"rank {r}"
-        dense = reference.toy_moe_dense(hiddens[r], experts[r], weights[r], NUM_EXPERTS)
+        dense = toy_moe.toy_moe_dense(hiddens[r], experts[r], weights[r], NUM_EXPERTS)
         torch.testing.assert_close(outputs[r].cpu().float(), dense, rtol=2e-2, atol=2e-2)
     return recv
 

@@ -2,7 +2,7 @@
 
 Every multi-rank test starts real processes (spawn) joined by a gloo group; kernels run under the
 Triton interpreter in the children (TRITON_INTERPRET=1 there), so these tests run on any machine.
-One rank's failure fails the test at once (tests/process_launcher.py).
+One rank's failure fails the test at once (tests/support/process_launcher.py).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import pytest
 from a2a.runtime.bootstrap import Bootstrap
 from a2a.runtime.fd_exchange import FdListener, agree_job_id, exchange_fds, send_fd, socket_name
 from tests.conftest import requires_interpreter_in_children
-from tests.process_launcher import RankFailure, run_mpi_round, run_ranks
-from tests.process_rounds import PLANS, moe_rounds_rank
+from tests.support.process_launcher import RankFailure, run_mpi_round, run_ranks
+from tests.support.process_rounds import PLANS, moe_rounds_rank
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CHILD_ENV = {"TRITON_INTERPRET": "1", "A2A_SIGNAL_TIMEOUT_S": "60"}

@@ -15,14 +15,14 @@ import pytest
 import torch
 
 from tests.conftest import requires_cuda
-from tests.process_launcher import run_mpi_round, run_ranks
-from tests.process_rounds import PLANS, RoundInputs, moe_rounds_rank, simulated_rounds
+from tests.support.process_launcher import run_mpi_round, run_ranks
+from tests.support.process_rounds import PLANS, RoundInputs, moe_rounds_rank, simulated_rounds
 
 pytestmark = requires_cuda
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Set before the children initialise CUDA: eager loading avoids loading a module while a stream
-# of the context is parked in a flag wait (see a2a.launch).
+# of the context is parked in a flag wait (see a2a.ops.launch).
 GPU_CHILD_ENV = {"CUDA_MODULE_LOADING": "EAGER", "A2A_SIGNAL_TIMEOUT_S": "60"}
 GPU = "cuda:0"  # every rank process on the same GPU
 

@@ -16,8 +16,8 @@ import torch
 
 import a2a
 from tests.conftest import requires_cuda, requires_interpreter_in_children
-from tests.process_launcher import run_ranks
-from tests.process_rounds import HIDDEN, MAX_NUM_TOKENS, NUM_EXPERTS, TOP_K, RoundInputs, process_rank, run_round
+from tests.support.process_launcher import run_ranks
+from tests.support.process_rounds import HIDDEN, MAX_NUM_TOKENS, NUM_EXPERTS, TOP_K, RoundInputs, process_rank, run_round
 
 TIMEOUT_S = 2.0
 SLACK_S = 5.0

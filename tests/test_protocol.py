@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from a2a import barrier
+from a2a.ops import barrier
 from a2a.errors import A2AMismatchError, A2APeerFailedError, A2ATimeoutError, fault_error
 from a2a.kernels import signal
 from a2a.runtime import protocol

@@ -21,7 +21,7 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_readme_has_a_demo_command():
-    assert any("python -m a2a.demo" in c for c in readme_commands())
+    assert any("python -m examples.demo" in c for c in readme_commands())
 
 
 def readme_python_blocks() -> list[str]:

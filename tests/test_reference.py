@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from a2a import reference
 from a2a.expert_partition import ExpertPartition
+from examples import toy_moe
 
 
 def test_worked_example_with_deterministic_slots():
@@ -52,8 +53,8 @@ def test_toy_moe_over_ranks_equals_the_dense_moe():
     for rank in range(ep):
         x, ids, w = expected.recv_payloads[rank]
         ids = reference.sanitize(ids, expected.recv_counts[rank], -1)
-        outputs.append(reference.toy_moe_rank(x, ids, w, partition.experts_of(rank), experts_total, torch.float32))
+        outputs.append(toy_moe.toy_moe_rank(x, ids, w, partition.experts_of(rank), experts_total, torch.float32))
     combined = reference.combine(outputs, expected.routing, counts)
     for rank in range(ep):
-        dense = reference.toy_moe_dense(hiddens[rank], experts[rank], weights[rank], experts_total)
+        dense = toy_moe.toy_moe_dense(hiddens[rank], experts[rank], weights[rank], experts_total)
         torch.testing.assert_close(combined[rank], dense, rtol=1e-5, atol=1e-5)

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 import a2a
 from a2a import reference
 from tests.conftest import HAS_CUDA
-from tests.rounds import FunctionalRound, run_and_check
-from tests.strategies import round_cases
+from tests.support.rounds import FunctionalRound, run_and_check
+from tests.support.strategies import round_cases
 
 # In CI (no CUDA) these three tests put 220 drawn rounds through the interpreted kernels. On a GPU
 # machine nearly every drawn shape is a new kernel variant to compile (seconds each), so fewer.

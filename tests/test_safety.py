@@ -17,8 +17,8 @@ from a2a import reference
 from a2a.layout import RoundState
 from a2a.runtime.protocol import FAULT_RECORD_WORDS, FLAG_POISON, FaultKind, FaultRecord, Phase
 from tests.conftest import requires_cuda, requires_interpreter_in_children
-from tests.process_launcher import run_ranks
-from tests.process_rounds import (
+from tests.support.process_launcher import run_ranks
+from tests.support.process_rounds import (
     HIDDEN,
     INVALID_ID,
     MAX_NUM_TOKENS,

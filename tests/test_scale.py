@@ -8,8 +8,8 @@ import torch
 
 from a2a.runtime.simulated import MAX_SIMULATED_CUDA_RANKS
 from tests.conftest import requires_cuda
-from tests.rounds import as_bytes, run_and_check
-from tests.strategies import RoundCase
+from tests.support.rounds import as_bytes, run_and_check
+from tests.support.strategies import RoundCase
 
 
 def test_the_rank_limit(device):

@@ -9,7 +9,7 @@ import torch
 import a2a
 from a2a import reference
 from tests.conftest import requires_cuda
-from tests.rounds import as_bytes
+from tests.support.rounds import as_bytes
 
 EP, TOP_K, EXPERTS, HIDDEN, ROWS = 3, 3, 7, 48, 12  # 7 experts on 3 ranks: uneven ownership
 

@@ -19,7 +19,7 @@ from a2a import reference
 from a2a.errors import A2ATimeoutError
 from a2a.layout import WorkspaceLayout
 from tests.conftest import requires_cuda, requires_interpreter
-from tests.rounds import POISON_BYTE, as_bytes, world_for
+from tests.support.rounds import POISON_BYTE, as_bytes, world_for
 
 EP, TOP_K, NUM_EXPERTS, HIDDEN, RT, MAX_TOKENS = 3, 3, 8, 40, 6, 8
 INVALID_ID = -1

@@ -1,5 +1,7 @@
 """Triton kernels of a2a. Only `@triton.jit` code: no allocation, no processes, no driver calls.
 
+Ground floor (docs/architecture.md): imports nothing else of a2a; the launchers in `a2a.ops` call them.
+
 The same kernels run compiled on CUDA and under the Triton interpreter on the CPU
 (`TRITON_INTERPRET=1`, set before this package is imported).
 """

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from a2a.errors import A2AError
+from a2a.runtime.faults import A2AError
 
 
 class CudaDriverError(A2AError):

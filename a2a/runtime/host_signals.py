@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from a2a import envs
-from a2a.errors import A2AFaultError, A2ATimeoutError, fault_error
+from a2a.runtime.faults import A2AFaultError, A2ATimeoutError, fault_error
 from a2a.runtime.protocol import FAULT_RECORD_WORDS, FLAG_POISON, FaultKind, FaultRecord, Phase, mask_halves
 from a2a.runtime.streams import FlagWait, SignalMode, SignalStream
 

@@ -116,6 +116,13 @@ class ProcessWorld:
         call order (CPU)."""
         self.stream(rank)  # checks the rank
 
+    def ready_to_launch(self, rank: int) -> None:
+        """Nothing to wait for: each process plans and launches its own rank's ops."""
+
+    def peers_not_arrived(self, rank: int) -> list[int]:
+        """[]: peers live in other processes (their absence shows as a timeout)."""
+        return []
+
     def synchronize(self) -> None:
         """Block until this rank's work has run (on CUDA: the whole device; not a barrier)."""
         if self._stream is None:

@@ -2,7 +2,7 @@
 
 One place for every number the cross-rank protocol writes into a workspace. The kernels receive
 these as constexpr launch arguments (they import nothing of a2a), the host waits of the CPU path
-use them directly, and `a2a.errors` decodes a fault record with them.
+use them directly, and `a2a.runtime.faults` decodes a fault record with them.
 
 Flags. Every segment holds three flag arrays `int32 [ep_size]`, one per `FlagArray`, each written
 only by peers: word `[s]` is rank s's latest value. Values are epochs from a counter of the

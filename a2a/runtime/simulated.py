@@ -19,6 +19,7 @@ results are ordered before whatever the caller enqueues next.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 
 from a2a import envs
+from a2a.runtime.driver import check, driver
 from a2a.runtime.streams import SignalStream
 
 # CUDA_DEVICE_MAX_CONNECTIONS is at most 32; one queue is left to the caller's stream.
@@ -61,7 +63,7 @@ class SimulatedWorld:
                     "deadlock (a spinning wait holds back the peer's signal queued behind it). Use one process "
                     "per rank, or the CPU simulation, for more."
                 )
-            envs.prepare_cuda_for_simulation(ep_size)
+            _prepare_cuda_for_simulation(ep_size)
             from a2a.runtime.cuda_signals import CudaSignalStream, new_cuda_stream
 
             if self.device.index is None:
@@ -214,3 +216,35 @@ class SimulatedWorld:
     def wait_for_caller_stream(self, rank: int, caller: torch.cuda.Stream) -> None:
         """Order rank `rank`'s stream after `caller` (another thread's current stream)."""
         self._streams[rank].stream.wait_stream(caller)  # type: ignore[attr-defined]
+
+
+def _prepare_cuda_for_simulation(num_streams: int) -> None:
+    """Give a one-process simulated world on CUDA what it needs, or explain why it can't run.
+
+    Both variables only take effect before CUDA initialises in this process; with one rank there is
+    nothing to deadlock, so nothing is required.
+    """
+    if not torch.cuda.is_initialized():
+        envs.set_simulation_env()
+    if num_streams <= 1:
+        return
+    fix = (
+        "Set CUDA_MODULE_LOADING=EAGER and CUDA_DEVICE_MAX_CONNECTIONS=32 in the environment before the "
+        "process first uses CUDA (or call a2a.envs.set_simulation_env() first thing)."
+    )
+    cu = driver()
+    check("cuInit", cu.cuInit(0))
+    mode = check("cuModuleGetLoadingMode", cu.cuModuleGetLoadingMode())
+    if mode != cu.CUmoduleLoadingMode.CU_MODULE_EAGER_LOADING:
+        raise RuntimeError(
+            f"a simulated world of {num_streams} ranks on CUDA needs eager module loading (got {mode.name}): "
+            "with lazy loading, the first launch of a kernel while a rank's stream is parked in a wait "
+            f"never returns, and the one host thread that would unblock it hangs. {fix}"
+        )
+    connections = int(os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS", "8"))
+    if connections < num_streams + 1:
+        raise RuntimeError(
+            f"a simulated world of {num_streams} ranks on CUDA needs CUDA_DEVICE_MAX_CONNECTIONS >= "
+            f"{num_streams + 1} (got {connections}): otherwise two ranks' streams share a hardware queue "
+            f"and a parked wait blocks the peer it waits for. {fix}"
+        )

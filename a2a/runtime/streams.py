@@ -9,7 +9,8 @@ cross-rank wait runs is the stream's `signal_mode`:
   (`wait`): it holds later work until every awaited flag holds the expected epoch, then judges the
   wait as the kernel would (poisoned peer, timeout, signature mismatch; a2a.runtime.host_signals).
 
-Implementations: `CudaSignalStream` (a torch CUDA stream) and `HostSignalStream` (the CPU path).
+Implementations: `CudaSignalStream` (a torch CUDA stream) and `HostSignalStream` (the CPU path);
+`a2a.runtime.current_stream` picks the one an op runs on.
 """
 
 from __future__ import annotations
@@ -99,17 +100,3 @@ def _active() -> list[SignalStream]:
     if not hasattr(_local, "stack"):
         _local.stack = []
     return _local.stack
-
-
-def current_stream(device: torch.device) -> SignalStream:
-    """The stream an op on `device` runs on: the activated one, else the device's current stream."""
-    stack = _active()
-    if stack and stack[-1].device.type == device.type:
-        return stack[-1]
-    if device.type == "cuda":
-        from a2a.runtime.cuda_signals import CudaSignalStream
-
-        return CudaSignalStream.wrap(torch.cuda.current_stream(device))
-    from a2a.runtime.host_signals import default_host_stream
-
-    return default_host_stream()

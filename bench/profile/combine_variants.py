@@ -33,7 +33,7 @@ envs.set_simulation_env()
 import torch  # noqa: E402
 
 import a2a  # noqa: E402
-import a2a.combine as combine_module  # noqa: E402
+import a2a.ops.combine as combine_module  # noqa: E402
 from bench.harness import L2Flush, Round, time_region  # noqa: E402
 
 VARIANTS = [("branch", "acq_rel"), ("mask", "acq_rel"), ("branch", "spin"), ("mask", "spin"), ("mask", "none"),

@@ -2,7 +2,7 @@
 relative to the first kernel: shows where a small round's time goes. `rank-graphs` replays one graph
 per rank, gated to start together (bench.harness.RankGraphs), instead of one graph of every rank.
 
-    python scripts/round_timeline.py [tokens] [rank-graphs] [route-warps=N]
+    python -m bench.profile.round_timeline [tokens] [rank-graphs] [route-warps=N]
 """
 
 import sys
@@ -18,7 +18,7 @@ from bench.harness import RankGraphs, Round, capture_graph  # noqa: E402
 
 tokens = int(sys.argv[1]) if len(sys.argv) > 1 else 16
 for arg in sys.argv[2:]:
-    if arg.startswith("route-warps="):  # try another routing CTA size (a2a.configs.ROUTE_NUM_WARPS)
+    if arg.startswith("route-warps="):  # try another routing CTA size (a2a.ops.configs.ROUTE_NUM_WARPS)
         from a2a import configs
 
         configs.ROUTE_NUM_WARPS = int(arg.split("=")[1])

@@ -6,17 +6,18 @@ from collections.abc import Sequence
 
 import torch
 
-from a2a import configs, validation
-from a2a.barrier import barrier_args, dispatch_signature, protocol_constexprs, signature_tensor
+from a2a.ops import configs, validation
+from a2a.ops.barrier import barrier_args, dispatch_signature, protocol_constexprs, signature_tensor
 from a2a.expert_partition import ExpertPartition
 from a2a.kernels import _dispatch_copy_kernel, _route_kernel
-from a2a.launch import KernelLaunch
+from a2a.ops.launch import KernelLaunch
 from a2a.layout import MAX_TOP_K, ROUTE_BLOCK_TOKENS, RoundLayout, RoundState, num_route_blocks
 from a2a.runtime.protocol import FlagArray, Phase, mask_halves
 from a2a.runtime.scheduler import run_steps
-from a2a.runtime.streams import current_stream
-from a2a.sanitize import expert_id_sanitize_launch
-from a2a.workspace import RankWorkspace, resolve_rank_workspace, segment_view, timeout_of_plan
+from a2a.runtime.current_stream import current_stream
+from a2a.ops.sanitize import expert_id_sanitize_launch
+from a2a.ops.context import plan_key, resolve_context, tensor_key, timeout_of_plan
+from a2a.workspace import RankWorkspace, segment_view
 
 
 def moe_a2a_dispatch(
@@ -59,7 +60,7 @@ def moe_a2a_dispatch(
     end of this op, every active peer's rows have landed. The views stay valid until this rank's
     next combine starts. Raises the `A2AFaultError` an earlier wait of this rank recorded.
     """
-    rank_workspace = resolve_rank_workspace(workspace, metainfo, ep_rank)
+    rank_workspace = resolve_context(workspace, metainfo, ep_rank)
     rank_workspace.raise_if_faulted()
     rank_workspace.check_no_live_round("moe_a2a_dispatch", 0)
     plan, num_tokens = dispatch_plan(rank_workspace, token_selected_experts, input_payloads, token_count,
@@ -87,24 +88,13 @@ def dispatch_plan(rank_workspace: RankWorkspace, token_selected_experts, input_p
     return plan, num_tokens
 
 
-def _tensor_key(tensor: object) -> tuple | None:
-    if tensor is None:
-        return None
-    return (tensor.dtype, tensor.shape[1:], tensor.is_contiguous(), tensor.get_device(), tensor.data_ptr() & 15)  # type: ignore[attr-defined]
-
-
 def _plan_key(experts: object, payloads: object, token_count: object, rt: object, ep_size: object, top_k: object,
-              num_experts: object, active_rank_mask: object):  # fmt: skip
-    """What validation and the kernel variants depend on besides the token count: dtypes, widths,
-    contiguity, devices, address alignment mod 16, and the int arguments (with their types). Equal
-    keys: the same checks pass and the same plan applies. Unexpected arguments (not tensors, not a
-    list) make a key no plan has, so the full build's checks report them."""
-    try:
-        tensors = (_tensor_key(experts), tuple(map(_tensor_key, payloads)), _tensor_key(token_count))  # type: ignore[arg-type]
-    except (AttributeError, TypeError):
-        return object()
-    ints = (rt, ep_size, top_k, num_experts, active_rank_mask)
-    return ("dispatch", tensors, type(payloads), ints, tuple(map(type, ints)))
+              num_experts: object, active_rank_mask: object) -> object:  # fmt: skip
+    """Dispatch's call signature (a2a.ops.context.plan_key); the token count (rows) is not part of it."""
+    return plan_key("dispatch", lambda: (tensor_key(experts, rows=False), type(payloads),
+                                         tuple(tensor_key(p, rows=False) for p in payloads),  # type: ignore[attr-defined]
+                                         tensor_key(token_count, rows=False)),
+                    (rt, ep_size, top_k, num_experts, active_rank_mask))  # fmt: skip
 
 
 def _token_count(experts: torch.Tensor, payloads: Sequence[torch.Tensor], rt: int) -> int | None:
@@ -167,7 +157,7 @@ class _DispatchPlan:
                                                               round_layout, top_k, self.signature, active_rank_mask,
                                                               self.wait_in_kernel)  # fmt: skip
         # Everything this phase (and the sanitize that usually follows it) may launch is loaded
-        # before the barrier is enqueued: see a2a.launch.
+        # before the barrier is enqueued: see a2a.ops.launch.
         self.route = route.bind(dynamic=("expert_ids_ptr", "num_tokens_ptr", "num_rows", "num_blocks"))
         self.copy = copy.bind(dynamic=("src_ptrs", "num_tokens_ptr", "num_tokens"))
         expert_id_sanitize_launch(rank_workspace, rt, top_k).prepare()

@@ -1,6 +1,6 @@
 """Draw one round (dispatch, local work, combine) across two ranks: docs/timeline.png.
 
-    python scripts/draw_timeline.py [--out docs/timeline.png]
+    python -m bench.profile.draw_timeline [--out docs/timeline.png]
 
 Two lanes, one per rank stream, time to the right. Rank 1 starts later (a straggler), so rank 0's
 spins are visibly longer: each rank waits for the slower one's flag store. Only matplotlib is

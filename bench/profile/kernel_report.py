@@ -4,7 +4,7 @@ loads/stores, registers and spills from its PTX; the PTX files go to $OUT when i
 import os
 
 import a2a.kernels as kernels
-from a2a.demo import run
+from examples.demo import run
 
 run(8, [256, 1, 0, 200, 256, 17, 64, 128], 7168, 8, 256, "cuda")
 out_dir = os.environ.get("OUT")

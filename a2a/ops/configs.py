@@ -69,26 +69,6 @@ def _tile_for(row_elements: int, element_bytes: int) -> TileConfig:
     return TileConfig(tile=tile, num_warps=num_warps)
 
 
-# Candidates `bench.tune` times for the copy and gather-reduce kernels (tile in copy units or
-# elements, warps); the heuristic's choice is always among those timed too.
-TILE_CANDIDATES = (256, 512, 1024, 2048)
-WARP_CANDIDATES = (4, 8)
-
-
-def candidate_configs(row_elements: int, element_bytes: int) -> list[TileConfig]:
-    """Configs worth timing for rows of `row_elements`: every thread moves at least one 16-byte vector
-    and the tile is not more than twice the row."""
-    vec = max(1, VECTOR_BYTES // element_bytes)
-    configs = {
-        TileConfig(tile, warps)
-        for tile in TILE_CANDIDATES
-        for warps in WARP_CANDIDATES
-        if tile >= 32 * vec * warps and tile <= 2 * next_power_of_2(row_elements)
-    }
-    configs.add(_tile_for(row_elements, element_bytes))
-    return sorted(configs, key=lambda c: (c.tile, c.num_warps))
-
-
 def table_key(row_bytes: int, top_k: int, ep_size: int) -> str:
     return f"row_bytes<={next_power_of_2(row_bytes)},top_k={top_k},ep_size={ep_size}"
 
@@ -138,7 +118,7 @@ def stage_config(row_units: int, unit_bytes: int) -> TileConfig:
 SANITIZE_BLOCK_ROWS = 128
 # 8 warps: with every rank's routing running at once (one GPU, or one SM shared by several
 # ranks' single-block launches) a 16-token round's routing took 16.4 us at 4 warps, 11.6 us at 8
-# (scripts/round_timeline.py 16 rank-graphs route-warps=N, H100).
+# (bench/profile/round_timeline.py 16 rank-graphs route-warps=N, H100).
 ROUTE_NUM_WARPS = 8
 # Blocks scanned per step by the last routing program.
 ROUTE_SCAN_BLOCKS = 32

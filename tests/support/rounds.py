@@ -9,7 +9,7 @@ import torch
 import a2a
 from a2a import reference
 from a2a.layout import MAX_TOP_K, ROUND_STATE_LEN, RoundState, WorkspaceLayout
-from tests.strategies import RoundCase
+from tests.support.strategies import RoundCase
 
 POISON_BYTE = 0xA5
 _worlds: dict[tuple[int, str], a2a.SimulatedWorld] = {}

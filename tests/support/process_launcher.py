@@ -144,7 +144,7 @@ def mpi_launch_command(num_ranks: int) -> list[str] | None:
 
 
 def run_mpi_round(device: str, env: dict[str, str], timeout_s: float) -> None:
-    """`tests/mpi_round.py <device>` as 2 MPI ranks; both must report ok (skips without a launcher)."""
+    """`tests/support/mpi_round.py <device>` as 2 MPI ranks; both must report ok (skips without a launcher)."""
     import subprocess
     import sys
 
@@ -154,8 +154,8 @@ def run_mpi_round(device: str, env: dict[str, str], timeout_s: float) -> None:
     launch = mpi_launch_command(2)
     if launch is None:
         pytest.skip("no mpiexec / mpirun on PATH")
-    root = Path(__file__).resolve().parent.parent
-    command = [*launch, sys.executable, str(root / "tests" / "mpi_round.py"), device]
+    root = Path(__file__).resolve().parents[2]
+    command = [*launch, sys.executable, str(root / "tests" / "support" / "mpi_round.py"), device]
     environment = {**os.environ, **env, "PYTHONPATH": str(root)}
     done = subprocess.run(command, check=False, env=environment, capture_output=True, text=True, timeout=timeout_s, cwd=root)
     assert done.returncode == 0, f"{command} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import torch
 
-from a2a import configs, validation
-from a2a.barrier import combine_barrier_launch, combine_signature, protocol_constexprs, signature_tensor
+from a2a.ops import configs, validation
+from a2a.ops.barrier import combine_barrier_launch, combine_signature, protocol_constexprs, signature_tensor
 from a2a.kernels import _combine_kernel, _stage_combine_kernel
-from a2a.launch import KernelLaunch
+from a2a.ops.launch import KernelLaunch
 from a2a.layout import MAX_TOP_K, PLANE_ALIGN, RoundState, combine_scales_offset
 from a2a.runtime.protocol import Phase, mask_halves
 from a2a.runtime.scheduler import run_steps
-from a2a.runtime.streams import current_stream
-from a2a.workspace import RankWorkspace, resolve_rank_workspace, timeout_of_plan
+from a2a.runtime.current_stream import current_stream
+from a2a.ops.context import plan_key, resolve_context, tensor_key, timeout_of_plan
+from a2a.workspace import RankWorkspace
 
 COMBINE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 QUANTIZED_COMBINE_DTYPES = (torch.float8_e4m3fn,)
@@ -54,7 +55,7 @@ def moe_a2a_combine(
     live in `MoeAlltoAll.get_combine_scales_tensor_in_workspace`. Raises the `A2AFaultError` an
     earlier wait of this rank recorded.
     """
-    rank_workspace = resolve_rank_workspace(workspace, metainfo, ep_rank)
+    rank_workspace = resolve_context(workspace, metainfo, ep_rank)
     rank_workspace.raise_if_faulted()
     live = rank_workspace.live_round_for("moe_a2a_combine", 0)
     if live is not None:
@@ -92,23 +93,12 @@ def combine_plan(rank_workspace: RankWorkspace, payload, payload_scales, local_n
     return plan
 
 
-def _tensor_key(tensor: object) -> tuple | None:
-    if tensor is None:
-        return None
-    return (tensor.dtype, tensor.shape, tensor.is_contiguous(), tensor.get_device(), tensor.data_ptr() & 15)  # type: ignore[attr-defined]
-
-
 def _plan_key(payload: object, output: object, scales: object, rt: object, ep_size: object, top_k: object,
-              offset: object, in_workspace: object, active_rank_mask: object):  # fmt: skip
-    """What validation and the kernel variants depend on besides the local token count (see
-    a2a.dispatch._plan_key); the output's rows are the token count, so only its row shape counts."""
-    try:
-        output_key = None if output is None else _tensor_key(output)[:1] + (output.shape[1:],) + _tensor_key(output)[2:]  # type: ignore[index, attr-defined]
-        tensors = (_tensor_key(payload), output_key, _tensor_key(scales))
-    except (AttributeError, TypeError):
-        return object()
-    values = (rt, ep_size, top_k, offset, in_workspace, active_rank_mask)
-    return ("combine", tensors, values, tuple(map(type, values)))
+              offset: object, in_workspace: object, active_rank_mask: object) -> object:  # fmt: skip
+    """Combine's call signature (a2a.ops.context.plan_key); the output's rows are the token count,
+    so only its row shape counts."""
+    return plan_key("combine", lambda: (tensor_key(payload), tensor_key(output, rows=False), tensor_key(scales)),
+                    (rt, ep_size, top_k, offset, in_workspace, active_rank_mask))
 
 
 class _CombinePlan:
@@ -199,7 +189,7 @@ class _CombinePlan:
         gather = _gather_launch(rank_workspace, payload, combine_offset, output, top_k,
                                 scales_offset if self.quantized else None, active_rank_mask, self.wait_in_kernel)  # fmt: skip
         self.gather_tiles = gather.grid[1]
-        # Load every variant before the barrier is enqueued, also those this rank skips: see a2a.launch.
+        # Load every variant before the barrier is enqueued, also those this rank skips: see a2a.ops.launch.
         self.stage = stage.bind(dynamic=("src_ptr",))
         self.stage_unit = stage.args[0].dtype
         self.stage_scales = None

@@ -5,7 +5,7 @@ record), so this builds each launcher's real arguments on a CPU workspace and co
 kernels for sm_90 through Triton's full pipeline (ptxas included), with a stand-in driver that
 only names the target. Run as a script (TRITON_INTERPRET must be 0 before Triton is imported):
 
-    TRITON_INTERPRET=0 python -m tests.compile_for_gpu
+    TRITON_INTERPRET=0 python -m tests.support.compile_for_gpu
 
 Prints one line per compiled kernel; exits non-zero on the first compile error.
 """
@@ -56,11 +56,11 @@ def _gpu_variant(launch):
 def compile_all() -> list[str]:
     driver.set_active(_TargetOnlyDriver())
     import a2a
-    from a2a.barrier import combine_barrier_launch, signature_tensor
-    from a2a.combine import _gather_launch, _stage_launch
-    from a2a.dispatch import _copy_launch, _route_launch
+    from a2a.ops.barrier import combine_barrier_launch, signature_tensor
+    from a2a.ops.combine import _gather_launch, _stage_launch
+    from a2a.ops.dispatch import _copy_launch, _route_launch
     from a2a.layout import WorkspaceLayout
-    from a2a.sanitize import expert_id_sanitize_launch
+    from a2a.ops.sanitize import expert_id_sanitize_launch
     from a2a.workspace import RankWorkspace
 
     ep_size, max_tokens, top_k, num_experts, hidden = 8, 64, 8, 64, 7168

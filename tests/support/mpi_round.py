@@ -1,7 +1,7 @@
-"""MoE rounds over MPI: `mpiexec -n N python tests/mpi_round.py [cpu|cuda]` (N in tests.process_rounds.PLANS).
+"""MoE rounds over MPI: `mpiexec -n N python tests/support/mpi_round.py [cpu|cuda]` (N in tests.support.process_rounds.PLANS).
 
 Each rank builds a `ProcessWorld` over `MPI.COMM_WORLD`, runs and checks every round of its plan
-(tests/process_rounds.py), prints "mpi_round rank R of N: ok" and exits 0. A failing rank prints
+(tests/support/process_rounds.py), prints "mpi_round rank R of N: ok" and exits 0. A failing rank prints
 its traceback and aborts the whole job, so no peer waits forever.
 """
 
@@ -11,7 +11,7 @@ import sys
 import traceback
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
 def main() -> None:
@@ -21,7 +21,7 @@ def main() -> None:
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     try:
-        from tests.process_rounds import moe_rounds_rank
+        from tests.support.process_rounds import moe_rounds_rank
 
         if device == "cuda":
             import torch

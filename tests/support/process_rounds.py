@@ -4,7 +4,7 @@ Inputs are drawn from a seed for ALL ranks (`draw_round`), so every rank compute
 reference alone and checks its own slice: receive planes exactly (valid rows, and the sanitized
 expert-id plane in full), combine output bitwise against `reference.combine` of the toy experts,
 and close to the dense toy MoE. Used by the spawn launcher (tests/test_multiprocess*.py) and by
-the MPI script (tests/mpi_round.py); `simulated_rounds` runs the same rounds in one process.
+the MPI script (tests/support/mpi_round.py); `simulated_rounds` runs the same rounds in one process.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch
 import a2a
 from a2a import reference
 from a2a.expert_partition import ExpertPartition
+from examples import toy_moe
 
 HIDDEN, TOP_K, NUM_EXPERTS, MAX_NUM_TOKENS = 24, 3, 10, 9  # 10 experts: uneven ownership
 INVALID_ID = -1
@@ -75,7 +76,7 @@ class RoundInputs:
 def toy_experts(rank: int, ep_size: int, recv: list[torch.Tensor]) -> torch.Tensor:
     """Rank `rank`'s toy MoE output `[ep_size, rt, HIDDEN]` bf16, computed on the CPU (same bits anywhere)."""
     owned = ExpertPartition(NUM_EXPERTS, ep_size).experts_of(rank)
-    return reference.toy_moe_rank(*[plane.cpu() for plane in recv], owned, NUM_EXPERTS, torch.bfloat16)
+    return toy_moe.toy_moe_rank(*[plane.cpu() for plane in recv], owned, NUM_EXPERTS, torch.bfloat16)
 
 
 def check_rank(inputs: RoundInputs, rank: int, recv: list[torch.Tensor], combined: torch.Tensor) -> None:
@@ -89,7 +90,7 @@ def check_rank(inputs: RoundInputs, rank: int, recv: list[torch.Tensor], combine
     assert torch.equal(recv[1].cpu(), inputs.expected_ids(rank)), f"sanitized expert ids of rank {rank}"
     want = inputs.expected_combined[rank]
     assert torch.equal(combined.cpu().view(torch.uint8), want.view(torch.uint8)), f"combine output of rank {rank}"
-    dense = reference.toy_moe_dense(inputs.hiddens[rank], inputs.experts[rank], inputs.weights[rank], NUM_EXPERTS)
+    dense = toy_moe.toy_moe_dense(inputs.hiddens[rank], inputs.experts[rank], inputs.weights[rank], NUM_EXPERTS)
     torch.testing.assert_close(combined.cpu().float(), dense, rtol=2e-2, atol=2e-2)
 
 

@@ -6,11 +6,12 @@ from collections.abc import Callable
 
 import torch
 
-from a2a import configs, validation
+from a2a.ops import configs, validation
 from a2a.kernels import _sanitize_kernel
-from a2a.launch import KernelLaunch
-from a2a.runtime.streams import current_stream
-from a2a.workspace import RankWorkspace, resolve_rank_workspace
+from a2a.ops.launch import KernelLaunch
+from a2a.runtime.current_stream import current_stream
+from a2a.ops.context import plan_key, resolve_context, tensor_key
+from a2a.workspace import RankWorkspace
 
 # Columns one sanitize program writes per step (any width works: the kernel loops over them).
 WIDTH_BLOCK_MAX = 64
@@ -30,18 +31,14 @@ def moe_a2a_sanitize_expert_ids(
     round's counts from the end of dispatch until this rank's combine starts. After a recorded
     fault every row counts as stale.
     """
-    rank_workspace = resolve_rank_workspace(workspace, metainfo, ep_rank)
+    rank_workspace = resolve_context(workspace, metainfo, ep_rank)
     rank_workspace.raise_if_faulted()
     sanitize_plan(rank_workspace, expert_ids, invalid_expert_id)()
 
 
 def sanitize_plan(rank_workspace: RankWorkspace, expert_ids: torch.Tensor, invalid_expert_id: int) -> Callable[[], None]:
     """The validated launch of this call, to run on the current stream (nothing is launched here)."""
-    try:
-        key = ("sanitize", expert_ids.dtype, expert_ids.shape, expert_ids.is_contiguous(), expert_ids.get_device(),
-               expert_ids.data_ptr() & 15)  # fmt: skip
-    except AttributeError:
-        key = None
+    key = plan_key("sanitize", lambda: (tensor_key(expert_ids),), ())
     bound = rank_workspace.find_plan(key)
     if bound is None:
         expert_ids = validation.require_tensor(

@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from a2a import configs
+from a2a.ops import configs
 from a2a.kernels import _barrier_kernel
-from a2a.launch import KernelLaunch
+from a2a.ops.launch import KernelLaunch
 from a2a.layout import RoundState
 from a2a.runtime.protocol import (
     COMBINE_SIGNATURE_FIELDS,
@@ -27,7 +27,8 @@ from a2a.runtime.protocol import (
     dtype_code,
     mask_halves,
 )
-from a2a.workspace import RankWorkspace, timeout_of_plan
+from a2a.ops.context import timeout_of_plan
+from a2a.workspace import RankWorkspace
 
 
 def _code(dtype: torch.dtype) -> int:

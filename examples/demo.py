@@ -1,6 +1,6 @@
 """Demo: a simulated 4-rank round (dispatch -> toy experts -> combine) checked against the reference.
 
-    python -m a2a.demo [--ranks 4] [--tokens 6,0,9,4] [--hidden 128] [--top-k 4] [--experts 16] [--device cpu]
+    python -m examples.demo [--ranks 4] [--tokens 6,0,9,4] [--hidden 128] [--top-k 4] [--experts 16] [--device cpu]
 
 Runs on the GPU when there is one (all ranks on one GPU, one stream each), else on the CPU under
 the Triton interpreter. Prints one row per rank and exits non-zero if any check fails.
@@ -21,6 +21,7 @@ import torch  # noqa: E402
 import a2a  # noqa: E402
 from a2a import reference  # noqa: E402
 from a2a.expert_partition import ExpertPartition  # noqa: E402
+from examples import toy_moe  # noqa: E402
 
 
 def run(num_ranks: int, tokens: list[int], hidden: int, top_k: int, num_experts: int, device: str) -> bool:
@@ -52,7 +53,7 @@ def run(num_ranks: int, tokens: list[int], hidden: int, top_k: int, num_experts:
     for r in range(num_ranks):
         plane = ranks[r].get_combine_payload_tensor_in_workspace(max_tokens, hidden, torch.bfloat16)
         with world.stream(r).activate():  # each rank's "MoE" runs on its own stream
-            plane.copy_(reference.toy_moe_rank(*recv[r], partition.experts_of(r), num_experts, torch.bfloat16))
+            plane.copy_(toy_moe.toy_moe_rank(*recv[r], partition.experts_of(r), num_experts, torch.bfloat16))
         expert_outputs.append(plane)
     outputs = [ranks[r].combine(expert_outputs[r], max_tokens, payload_in_workspace=True) for r in range(num_ranks)]
     world.synchronize()
@@ -71,7 +72,7 @@ def run(num_ranks: int, tokens: list[int], hidden: int, top_k: int, num_experts:
             for got, want in zip(recv[r][::2], ref.recv_payloads[r][::2])
         ) and torch.equal(recv[r][1].cpu(), reference.sanitize(ref.recv_payloads[r][1], ref.recv_counts[r], -1))
         combine_ok = torch.equal(outputs[r].cpu(), ref_combined[r])
-        dense = reference.toy_moe_dense(hiddens[r], experts[r], weights[r], num_experts)
+        dense = toy_moe.toy_moe_dense(hiddens[r], experts[r], weights[r], num_experts)
         error = (outputs[r].cpu().float() - dense).abs().max().item() if tokens[r] else 0.0
         scale = dense.abs().max().item() if tokens[r] else 1.0
         # Each rank's partial sum is rounded to bf16 before the final sum: allow a few bf16 ulps.

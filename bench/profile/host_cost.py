@@ -1,7 +1,7 @@
 """Where the host time of one rank's functional dispatch / combine goes on CUDA (cProfile), the path
 engines take: the op on the current stream, every plan built already.
 
-    python scripts/host_cost.py [tokens]
+    python -m bench.profile.host_cost [tokens]
 """
 
 import cProfile

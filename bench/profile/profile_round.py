@@ -1,7 +1,7 @@
 """Where the time goes in one DeepSeek-like round (8 simulated ranks, 4096 tokens each, bf16):
 GPU time per kernel (torch.profiler) and host time per Python function of one rank's calls (cProfile).
 
-    python scripts/profile_round.py [tokens]
+    python -m bench.profile.profile_round [tokens]
 """
 
 import cProfile

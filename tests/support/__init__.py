@@ -1,0 +1,1 @@
+"""Helpers of the test suite: round drivers, input drawers, process launchers, the GPU compile check."""
