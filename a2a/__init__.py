@@ -23,6 +23,8 @@ from a2a.errors import (  # noqa: E402
     PhaseError,
 )
 from a2a.functional import (  # noqa: E402
+    MOE_A2A_RANK_MASK_WORDS,
+    moe_a2a_active_rank_mask,
     moe_a2a_combine,
     moe_a2a_dispatch,
     moe_a2a_get_aux_data_size,
@@ -33,7 +35,8 @@ from a2a.functional import (  # noqa: E402
     moe_a2a_wrap_payload_tensor_in_workspace,
 )
 from a2a.layout import MAX_PAYLOADS, MAX_RANKS, MAX_TOP_K, WorkspaceLayout  # noqa: E402
-from a2a.moe_alltoall import Mapping, MoeAlltoAll  # noqa: E402
+from a2a.moe_alltoall import Mapping, MnnvlConfig, MoeAlltoAll  # noqa: E402
+from a2a.quantization import SfLayout  # noqa: E402
 from a2a.runtime.process_world import ProcessWorld  # noqa: E402
 from a2a.runtime.simulated import SimulatedWorld  # noqa: E402
 
@@ -46,12 +49,16 @@ __all__ = [
     "MAX_PAYLOADS",
     "MAX_RANKS",
     "MAX_TOP_K",
+    "MOE_A2A_RANK_MASK_WORDS",
     "Mapping",
+    "MnnvlConfig",
     "MoeAlltoAll",
     "PhaseError",
     "ProcessWorld",
     "SimulatedWorld",
+    "SfLayout",
     "WorkspaceLayout",
+    "moe_a2a_active_rank_mask",
     "moe_a2a_combine",
     "moe_a2a_dispatch",
     "moe_a2a_get_aux_data_size",

@@ -20,6 +20,7 @@ Aux region (static for a given `(ep_size, max_num_tokens)`), each field 128-byte
 | topk_local_slots | i32 [max_num_tokens * top_k] | own routing (slot inside its token block) | own dispatch copy |
 | block_counts | i32 [num_route_blocks, ep] | own routing: per-block counts, then exclusive offsets | own dispatch copy |
 | block_invalid | i32 [num_route_blocks] | own routing | own routing (last program) |
+| eplb_stats | i32 [ep, eplb_stats_num_experts] | source `s` writes its local EPLB statistics into `[s]` remotely (a dispatch given `eplb_local_stats`) | the caller (`eplb_gathered_stats`) |
 
 The three flag arrays are consecutive, `flag_array_stride` int32 apart (see a2a.runtime.protocol
 for what their values mean, poison included).
@@ -55,6 +56,10 @@ MAX_PAYLOADS = 8
 ROUTE_BLOCK_TOKENS = 64
 REGION_ALIGN = 128
 PLANE_ALIGN = 16
+# Counted in `aux_data_size` though the payload begins before it: what the 16-byte alignment of up
+# to MAX_PAYLOADS receive planes and the 128-byte start of the combine plane can add to a round,
+# so FlashInfer's sizing formula (aux + payloads + combine, each padded to 128) always fits.
+ALIGNMENT_RESERVE = PLANE_ALIGN * MAX_PAYLOADS
 
 
 
@@ -123,14 +128,20 @@ class WorkspaceLayout:
     topk_local_slots_offset: int
     block_counts_offset: int
     block_invalid_offset: int
+    eplb_stats_offset: int
     payload_offset: int
+    eplb_stats_num_experts: int = 0
 
     @classmethod
-    def compute(cls, ep_size: int, max_num_tokens: int) -> WorkspaceLayout:
+    def compute(cls, ep_size: int, max_num_tokens: int, eplb_stats_num_experts: int = 0) -> WorkspaceLayout:
         if not 1 <= ep_size <= MAX_RANKS:
             raise ValueError(f"ep_size must be in [1, {MAX_RANKS}], got {ep_size}")
         if max_num_tokens < 1:
             raise ValueError(f"max_num_tokens must be >= 1, got {max_num_tokens}")
+        if isinstance(eplb_stats_num_experts, bool) or not isinstance(eplb_stats_num_experts, int) \
+                or eplb_stats_num_experts < 0:
+            raise ValueError(f"eplb_stats_num_experts must be an int >= 0 (0: no EPLB statistics), got "
+                             f"{eplb_stats_num_experts!r}")
         topk_bytes = 4 * max_num_tokens * MAX_TOP_K
         max_blocks = num_route_blocks(max_num_tokens)
         sizes = [
@@ -146,13 +157,15 @@ class WorkspaceLayout:
             ("topk_local_slots_offset", topk_bytes),
             ("block_counts_offset", 4 * max_blocks * ep_size),
             ("block_invalid_offset", 4 * max_blocks),
+            ("eplb_stats_offset", 4 * ep_size * eplb_stats_num_experts),
         ]
         offsets: dict[str, int] = {}
         cursor = 0
         for name, size in sizes:
             offsets[name] = cursor
             cursor = align_up(cursor + size, REGION_ALIGN)
-        return cls(ep_size=ep_size, max_num_tokens=max_num_tokens, payload_offset=cursor, **offsets)
+        return cls(ep_size=ep_size, max_num_tokens=max_num_tokens, payload_offset=cursor,
+                   eplb_stats_num_experts=eplb_stats_num_experts, **offsets)
 
     @property
     def aux_size(self) -> int:
@@ -203,7 +216,7 @@ class WorkspaceLayout:
                 f"moe_a2a_initialize, got {metainfo.device.type} {metainfo.dtype} {tuple(metainfo.shape)}"
             )
         values = dict(zip(METAINFO_FIELDS, metainfo.tolist()))
-        layout = cls.compute(values["ep_size"], values["max_num_tokens"])
+        layout = cls.compute(values["ep_size"], values["max_num_tokens"], values["eplb_stats_num_experts"])
         if layout.to_metainfo().tolist() != metainfo.tolist():
             raise ValueError("metainfo does not describe a layout of this a2a version (recreate it with moe_a2a_initialize)")
         return layout
@@ -224,7 +237,9 @@ METAINFO_FIELDS: tuple[str, ...] = (
     "topk_local_slots_offset",
     "block_counts_offset",
     "block_invalid_offset",
+    "eplb_stats_offset",
     "payload_offset",
+    "eplb_stats_num_experts",
 )
 
 
@@ -233,9 +248,10 @@ def metainfo_index_pairs() -> list[tuple[str, int]]:
     return [(f"MOE_A2A_{name.upper()}_INDEX", i) for i, name in enumerate(METAINFO_FIELDS)]
 
 
-def aux_data_size(ep_size: int, max_num_tokens: int) -> int:
-    """Bytes of the aux region: where payload data begins in every segment."""
-    return WorkspaceLayout.compute(ep_size, max_num_tokens).aux_size
+def aux_data_size(ep_size: int, max_num_tokens: int, eplb_stats_num_experts: int = 0) -> int:
+    """Bytes of the aux region (where payload data begins in every segment) plus ALIGNMENT_RESERVE:
+    the per-rank size of a workspace for zero payloads, as in FlashInfer."""
+    return WorkspaceLayout.compute(ep_size, max_num_tokens, eplb_stats_num_experts).aux_size + ALIGNMENT_RESERVE
 
 
 def workspace_size_per_rank(
@@ -243,20 +259,20 @@ def workspace_size_per_rank(
     max_num_tokens: int,
     total_dispatch_payload_size_per_token: int | Sequence[int],
     combine_payload_size_per_token: int,
+    eplb_stats_num_experts: int = 0,
 ) -> int:
     """Bytes each rank's segment needs for rounds of up to `max_num_tokens` tokens per rank.
 
     `total_dispatch_payload_size_per_token` is either the summed bytes per token of all dispatch
-    payloads (room for the 16-byte alignment of up to MAX_PAYLOADS planes is added) or the list of
-    each payload's bytes per token (exact).
+    payloads: FlashInfer's formula, `aux_data_size` + the dispatch planes + the combine plane, each
+    padded to 128 bytes (the aux size counts what the planes' alignment needs), or the list of each
+    payload's bytes per token (exact, never larger).
     """
-    layout = WorkspaceLayout.compute(ep_size, max_num_tokens)
+    aux = aux_data_size(ep_size, max_num_tokens, eplb_stats_num_experts)
+    combine = align_up(ep_size * max_num_tokens * combine_payload_size_per_token, REGION_ALIGN)
     if isinstance(total_dispatch_payload_size_per_token, int):
         dispatch = ep_size * max_num_tokens * total_dispatch_payload_size_per_token
-        dispatch_end = layout.payload_offset + dispatch + PLANE_ALIGN * MAX_PAYLOADS
-    else:
-        rows = list(total_dispatch_payload_size_per_token)
-        round_layout = layout.round_layout(max_num_tokens, rows)
-        dispatch_end = round_layout.combine_offset
-    combine = ep_size * max_num_tokens * combine_payload_size_per_token
-    return align_up(dispatch_end, REGION_ALIGN) + align_up(combine, REGION_ALIGN)
+        return align_up(aux, REGION_ALIGN) + align_up(dispatch, REGION_ALIGN) + combine
+    layout = WorkspaceLayout.compute(ep_size, max_num_tokens, eplb_stats_num_experts)
+    round_layout = layout.round_layout(max_num_tokens, list(total_dispatch_payload_size_per_token))
+    return round_layout.combine_offset + combine

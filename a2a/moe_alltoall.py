@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from a2a.ops import validation
-from a2a.ops.combine import check_matches_dispatch, combine_plan
+from a2a.ops.combine import check_matches_dispatch, combine_plan, output_of_dtype, quantized_payload
 from a2a.ops.dispatch import dispatch_plan
 from a2a.errors import PhaseError
 from a2a.functional import moe_a2a_get_workspace_size_per_rank
@@ -18,30 +18,94 @@ from a2a.runtime.process_world import process_world_for
 from a2a.runtime.simulated import SimulatedWorld
 from a2a.runtime.world import World
 from a2a.ops.sanitize import sanitize_plan
+from a2a.quantization import SfLayout
 from a2a.ops.context import RankContext, context_of
 from a2a.workspace import segment_view
 
 
-@dataclass(frozen=True)
 class Mapping:
-    """The part of FlashInfer's `Mapping` that `MoeAlltoAll` reads: EP size and this rank's EP index."""
+    """The parallel layout, with FlashInfer's / TensorRT-LLM's arguments and rank properties
+    (`MoeAlltoAll` reads `moe_ep_size` and `moe_ep_rank`; FlashInfer's own `Mapping` works too).
 
-    world_size: int = 1
-    rank: int = 0
-    moe_ep_size: int | None = None
+    FlashInfer's rules: `tp_size * pp_size * cp_size == world_size`, the MoE sizes split `tp_size`
+    (`moe_ep_size` and `moe_tp_size` default from each other; both unset: no expert parallelism),
+    and `moe_ep_rank = tp_rank % moe_ep_size`. a2a's short form, `Mapping(world_size, rank)` with
+    nothing else (which FlashInfer rejects for world_size > 1): every rank one expert-parallel rank.
+    """
+
+    def __init__(self, world_size: int = 1, rank: int = 0, gpus_per_node: int = 8, *, cp_size: int = 1,
+                 cp_config: object = None, tp_size: int = 1, pp_size: int = 1, moe_cluster_size: int = -1,
+                 moe_tp_size: int = -1, moe_ep_size: int = -1, attn_tp_size: int = -1, attn_cp_size: int = -1,
+                 auto_parallel: bool = False, enable_attention_dp: bool = False):  # fmt: skip
+        validation.require_int("Mapping.world_size", world_size, 1)
+        validation.require_int("Mapping.rank", rank, 0, world_size - 1)
+        validation.require_int("Mapping.gpus_per_node", gpus_per_node, 1)
+        for name, value in (("cp_size", cp_size), ("tp_size", tp_size), ("pp_size", pp_size)):
+            validation.require_int(f"Mapping.{name}", value, 1)
+        short_form = (tp_size, pp_size, cp_size, moe_tp_size, moe_ep_size, moe_cluster_size) == (1, 1, 1, -1, -1, -1)
+        if short_form and world_size > 1:  # a2a's form: pure expert parallelism over the world
+            tp_size = moe_ep_size = world_size
+        if moe_cluster_size == -1:
+            moe_cluster_size = 1
+        if moe_tp_size == -1 and moe_ep_size == -1:
+            moe_tp_size, moe_ep_size = tp_size // moe_cluster_size, 1
+        elif moe_tp_size == -1:
+            moe_tp_size = tp_size // (validation.require_int("Mapping.moe_ep_size", moe_ep_size, 1) * moe_cluster_size)
+        elif moe_ep_size == -1:
+            moe_ep_size = tp_size // (validation.require_int("Mapping.moe_tp_size", moe_tp_size, 1) * moe_cluster_size)
+        for name, value in (("moe_ep_size", moe_ep_size), ("moe_tp_size", moe_tp_size),
+                            ("moe_cluster_size", moe_cluster_size)):  # fmt: skip
+            validation.require_int(f"Mapping.{name}", value, 1)
+        if not auto_parallel and tp_size * pp_size * cp_size != world_size:
+            raise ValueError(f"Mapping: world_size ({world_size}) must equal tp_size * pp_size * cp_size "
+                             f"({tp_size} * {pp_size} * {cp_size})")  # fmt: skip
+        if moe_ep_size * moe_tp_size * moe_cluster_size != tp_size:
+            raise ValueError(f"Mapping: moe_ep_size * moe_tp_size * moe_cluster_size ({moe_ep_size} * {moe_tp_size} * "
+                             f"{moe_cluster_size}) must equal tp_size ({tp_size})")  # fmt: skip
+        self.world_size, self.rank, self.gpus_per_node = world_size, rank, gpus_per_node
+        self.cp_size, self.cp_config, self.tp_size, self.pp_size = cp_size, cp_config, tp_size, pp_size
+        self.moe_cluster_size, self.moe_tp_size, self.moe_ep_size = moe_cluster_size, moe_tp_size, moe_ep_size
+        self.attn_tp_size, self.attn_cp_size = attn_tp_size, attn_cp_size
+        self.auto_parallel, self.enable_attention_dp = auto_parallel, enable_attention_dp
+
+    @property
+    def tp_rank(self) -> int:
+        return 0 if self.auto_parallel else self.rank % self.tp_size
+
+    @property
+    def pp_rank(self) -> int:
+        return 0 if self.auto_parallel else self.rank // (self.tp_size * self.cp_size)
+
+    @property
+    def cp_rank(self) -> int:
+        return 0 if self.auto_parallel else self.rank % (self.tp_size * self.cp_size) // self.tp_size
+
+    @property
+    def moe_tp_rank(self) -> int:
+        return self.tp_rank // (self.moe_ep_size * self.moe_cluster_size)
+
+    @property
+    def moe_cluster_rank(self) -> int:
+        return self.tp_rank % self.moe_cluster_size
 
     @property
     def moe_ep_rank(self) -> int:
-        return self.rank % (self.moe_ep_size or self.world_size)
+        return self.tp_rank % self.moe_ep_size
 
-    def __post_init__(self) -> None:
-        validation.require_int("Mapping.world_size", self.world_size, 1)
-        validation.require_int("Mapping.rank", self.rank, 0, self.world_size - 1)
-        if self.moe_ep_size is None:
-            object.__setattr__(self, "moe_ep_size", self.world_size)
-        validation.require_int("Mapping.moe_ep_size", self.moe_ep_size, 1, self.world_size)
-        if self.world_size % self.moe_ep_size:
-            raise ValueError(f"Mapping.moe_ep_size ({self.moe_ep_size}) must divide world_size ({self.world_size})")
+    @property
+    def node_rank(self) -> int:
+        return self.rank // self.gpus_per_node
+
+    @property
+    def local_rank(self) -> int:
+        return self.rank % self.gpus_per_node
+
+    def has_moe_ep(self) -> bool:
+        return self.moe_ep_size > 1
+
+    def __repr__(self) -> str:
+        return (f"Mapping(world_size={self.world_size}, rank={self.rank}, tp_size={self.tp_size}, "
+                f"moe_ep_size={self.moe_ep_size}, moe_ep_rank={self.moe_ep_rank})")  # fmt: skip
 
 
 @dataclass
@@ -50,15 +114,29 @@ class _RoundState:
     local_num_tokens: int | None = None
     runtime_max_tokens: int | None = None
     combine_payload_offset: int | None = None
+    active_rank_mask: int | None = None  # the dispatch's (None: every rank)
+
+
+@dataclass
+class MnnvlConfig:
+    """FlashInfer's MNNVL configuration; a2a reads `comm_backend` (a communicator with Get_rank,
+    Get_size, allgather and barrier, e.g. vLLM's / SGLang's) to build the world. FlashInfer's own
+    MnnvlConfig works too. The other fields size fabric allocations, which a2a does not make."""
+
+    comm_backend: object = None
+    allocation_granularity: int = 0
+    fabric_page_size: int = 1 << 29
 
 
 class MoeAlltoAll:
     """Expert-parallel dispatch / combine for one rank, over a workspace shared with its peers.
 
     `world` supplies the workspace and this rank's stream: an `a2a.ProcessWorld` (one process per
-    rank; symmetric memory over CUDA VMM or host shared memory), a torch.distributed process group
-    or an mpi4py communicator (wrapped in a `ProcessWorld` on this process's CUDA device, else the
-    CPU), an `a2a.SimulatedWorld` (N ranks in one process) or None for a single rank. Instances
+    rank; symmetric memory over CUDA VMM or host shared memory), a torch.distributed process group,
+    an mpi4py communicator or a FlashInfer-style CommBackend (wrapped in a `ProcessWorld` on this
+    process's CUDA device, else the CPU), an `a2a.SimulatedWorld` (N ranks in one process) or None
+    for a single rank. FlashInfer's `mnnvl_config=MnnvlConfig(comm_backend=comm)` is the same as
+    `world=comm`. Instances
     with the same (workspace size, max_num_tokens)
     in one world share one workspace (e.g. one instance per layer); their rounds must not interleave.
     """
@@ -73,8 +151,11 @@ class MoeAlltoAll:
         num_experts: int,
         workspace_size_per_rank: int | None = None,
         hidden_size: int | None = None,
-        mnnvl_config=None,
+        mnnvl_config: object = None,
+        eplb_stats_num_experts: int = 0,
+        enable_rank_mask: bool = False,
         *,
+        backend: str = "trtllm",
         world: World | object | None = None,
     ):
         self.ep_size = int(mapping.moe_ep_size)
@@ -84,13 +165,20 @@ class MoeAlltoAll:
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         validation.check_geometry(self.ep_size, self.ep_rank, top_k, num_experts)
+        validation.check_backend(backend)
+        if not isinstance(enable_rank_mask, bool):
+            raise TypeError(f"enable_rank_mask must be a bool, got {type(enable_rank_mask).__name__}")
         if mnnvl_config is not None:
-            raise ValueError("mnnvl_config is not supported; pass world= to choose where the workspace lives")
+            if not hasattr(mnnvl_config, "comm_backend"):
+                raise TypeError(f"mnnvl_config must have a comm_backend (an MnnvlConfig), got {type(mnnvl_config).__name__}")
+            if world is not None:
+                raise ValueError("pass either world= or mnnvl_config=, not both")
+            world = mnnvl_config.comm_backend
         if workspace_size_per_rank is None:
             if hidden_size is None:
                 raise ValueError("hidden_size is required when workspace_size_per_rank is not given")
             workspace_size_per_rank = self.get_moe_workspace_size_per_rank(
-                self.ep_size, top_k, max_num_tokens, hidden_size
+                self.ep_size, top_k, max_num_tokens, hidden_size, 0, eplb_stats_num_experts
             )
         if world is not None and not isinstance(world, World):
             # A torch.distributed process group, an mpi4py communicator or a Bootstrap: one process
@@ -109,13 +197,15 @@ class MoeAlltoAll:
         self.top_k = top_k
         self.num_experts = num_experts
         self.workspace_size_per_rank = workspace_size_per_rank
-        self.layout = WorkspaceLayout.compute(self.ep_size, max_num_tokens)
+        self.layout = WorkspaceLayout.compute(self.ep_size, max_num_tokens, eplb_stats_num_experts)
         validation.check_fits("the aux region", self.layout.aux_size, workspace_size_per_rank)
-        self._workspace_key = ("moe_alltoall", workspace_size_per_rank, max_num_tokens)
+        self.enable_rank_mask = enable_rank_mask
+        self._workspace_key = ("moe_alltoall", workspace_size_per_rank, max_num_tokens, eplb_stats_num_experts)
         self.workspace = world.workspace(self._workspace_key, workspace_size_per_rank)
         self._context = context_of(self.workspace, self.layout, self.ep_rank)  # held: no lookup per call
         self.metainfo = self.layout.to_metainfo()
         self.active_rank_mask: int | None = None  # None: every rank takes part (see set_active_ranks)
+        self._eplb_gathered_stats: torch.Tensor | None = None
         self._state = _RoundState()
 
     def set_active_ranks(self, ranks: Sequence[int] | None) -> None:
@@ -136,11 +226,30 @@ class MoeAlltoAll:
 
     @staticmethod
     def get_moe_workspace_size_per_rank(
-        ep_size: int, top_k: int, max_num_tokens: int, hidden_size: int, extra_payload_bytes_per_token: int = 0
+        ep_size: int, top_k: int, max_num_tokens: int, hidden_size: int, extra_payload_bytes_per_token: int = 0,
+        eplb_stats_num_experts: int = 0,
     ) -> int:
         """Size for 16-bit hidden states + int32 ids + fp32 weights dispatched, 16-bit combine."""
         dispatch = 2 * hidden_size + 4 * top_k + 4 * top_k + extra_payload_bytes_per_token
-        return moe_a2a_get_workspace_size_per_rank(ep_size, max_num_tokens, dispatch, 2 * hidden_size)
+        return moe_a2a_get_workspace_size_per_rank(ep_size, max_num_tokens, dispatch, 2 * hidden_size,
+                                                   eplb_stats_num_experts)  # fmt: skip
+
+    @property
+    def eplb_gathered_stats(self) -> torch.Tensor | None:
+        """`[ep_size, eplb_stats_num_experts]` int32 view of every rank's statistics from the last
+        dispatch given `eplb_local_stats` (None before one); valid like the receive views."""
+        return self._eplb_gathered_stats
+
+    def checkpoint_prepare(self) -> None:
+        """FlashInfer: keep the workspace's virtual addresses across a process-group rebuild. Not
+        implemented in a2a (a rebuilt group needs new instances); raises NotImplementedError."""
+        raise NotImplementedError("MoeAlltoAll.checkpoint_prepare: keeping the workspace across a process-group "
+                                  "rebuild is not implemented; build new instances on the new group")  # fmt: skip
+
+    def checkpoint_restore(self, comm_backend: object = None) -> None:
+        """See checkpoint_prepare: not implemented."""
+        raise NotImplementedError("MoeAlltoAll.checkpoint_restore: keeping the workspace across a process-group "
+                                  "rebuild is not implemented; build new instances on the new group")  # fmt: skip
 
     def _ready_to_launch(self) -> None:
         """In SimulatedWorld.run_ranks: wait until every rank has planned this call (see there)."""
@@ -162,10 +271,16 @@ class MoeAlltoAll:
         runtime_max_tokens_per_rank: int,
         invalid_token_expert_id: int | None = None,
         expert_id_payload_index: int | None = None,
+        eplb_local_stats: torch.Tensor | None = None,
+        active_rank_mask: torch.Tensor | None = None,
         *,
         token_count: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
         """Dispatch this rank's tokens; returns `[ep_size, rt, W_p]` receive views (see moe_a2a_dispatch).
+
+        `eplb_local_stats`: see moe_a2a_dispatch; the gathered statistics are `eplb_gathered_stats`.
+        `active_rank_mask` (FlashInfer's form, an instance made with `enable_rank_mask=True`): this
+        round's mask as a `moe_a2a_active_rank_mask` tensor, else the one of `set_active_ranks`.
 
         With `invalid_token_expert_id`, the receive plane `input_payloads[expert_id_payload_index]`
         (an int32 `[num_tokens, top_k]` expert-id payload) is sanitized: stale rows get that id.
@@ -178,9 +293,10 @@ class MoeAlltoAll:
             raise PhaseError(f"dispatch called in phase {self._state.phase!r}: dispatch called twice without combine")
         rank_workspace.check_no_live_round("MoeAlltoAll.dispatch", id(self))
         # Everything is checked before anything is launched: a call that raises has changed nothing.
+        mask = self._round_mask(active_rank_mask)
         plan, num_tokens = dispatch_plan(rank_workspace, token_selected_experts, input_payloads, token_count,
                                          runtime_max_tokens_per_rank, self.ep_size, self.top_k, self.num_experts,
-                                         self.active_rank_mask)  # fmt: skip
+                                         mask, eplb_local_stats)  # fmt: skip
         sanitize = None
         if invalid_token_expert_id is not None:
             if expert_id_payload_index is None:
@@ -189,13 +305,24 @@ class MoeAlltoAll:
             sanitize = sanitize_plan(rank_workspace, plan.recv[expert_id_payload_index], invalid_token_expert_id)
         self._ready_to_launch()
         with self._on_rank_stream():
-            plan.launch(token_selected_experts, input_payloads, token_count, num_tokens)
+            plan.launch(token_selected_experts, input_payloads, token_count, num_tokens, eplb_local_stats)
             if sanitize is not None:
                 sanitize()
         rank_workspace.begin_round(self._owner_name, id(self), num_tokens, runtime_max_tokens_per_rank,
                                    plan.combine_offset, plan.active_rank_mask)  # fmt: skip
-        self._state = _RoundState("dispatched", num_tokens, runtime_max_tokens_per_rank, plan.combine_offset)
+        self._state = _RoundState("dispatched", num_tokens, runtime_max_tokens_per_rank, plan.combine_offset,
+                                  plan.active_rank_mask)  # fmt: skip
+        if plan.gathered_stats is not None:
+            self._eplb_gathered_stats = plan.gathered_stats
         return plan.recv
+
+    def _round_mask(self, active_rank_mask: object) -> int | None:
+        """This round's mask: FlashInfer's per-call tensor (needs enable_rank_mask), else set_active_ranks'."""
+        if active_rank_mask is None:
+            return self.active_rank_mask
+        if not self.enable_rank_mask:
+            raise ValueError("active_rank_mask needs an instance made with enable_rank_mask=True (as in FlashInfer)")
+        return validation.rank_mask_argument(active_rank_mask, True, self.ep_size)
 
     @property
     def _owner_name(self) -> str:
@@ -225,22 +352,40 @@ class MoeAlltoAll:
         payload: torch.Tensor,
         runtime_max_tokens_per_rank: int,
         payload_in_workspace: bool = False,
-        *,
+        output_dtype: torch.dtype | None = None,
+        output_scales: torch.Tensor | None = None,
+        output_scalar_scale: float = 1.0,
+        sf_layout: int = SfLayout.layout_linear,
         output: torch.Tensor | None = None,
+        *,
+        use_low_precision: bool = False,
+        active_rank_mask: torch.Tensor | None = None,
         payload_scales: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Combine this round's expert outputs `[ep_size, rt, H]`; returns `[num_local_tokens, H]`.
 
         A float8_e4m3fn payload needs `payload_scales` `[ep_size, rt, 1]` fp32 (see moe_a2a_combine);
-        in the workspace they go to `get_combine_scales_tensor_in_workspace`."""
+        in the workspace they go to `get_combine_scales_tensor_in_workspace`. FlashInfer's
+        arguments (`output_dtype`, `output_scales`, `output_scalar_scale`, `sf_layout`,
+        `use_low_precision`) as in moe_a2a_combine; `active_rank_mask` must be the dispatch's."""
+        validation.check_combine_output_format(output_dtype, output_scales, sf_layout)
+        if not isinstance(use_low_precision, bool):
+            raise TypeError(f"use_low_precision must be a bool, got {type(use_low_precision).__name__}")
         self._check_dispatched("combine", runtime_max_tokens_per_rank)
+        if active_rank_mask is not None and self._round_mask(active_rank_mask) != self._state.active_rank_mask:
+            raise ValueError("active_rank_mask must be the one of this round's dispatch")
         rank_workspace = self._rank_workspace
         state = self._state
         check_matches_dispatch(rank_workspace.live_round_for("MoeAlltoAll.combine", id(self)), state.local_num_tokens,
                                runtime_max_tokens_per_rank, state.combine_payload_offset)  # fmt: skip
+        if use_low_precision:
+            with self._on_rank_stream():  # after the caller's expert outputs, like the combine itself
+                payload, payload_scales = quantized_payload(payload, payload_scales)
+            payload_in_workspace = False
+        output = output_of_dtype(output, output_dtype, state.local_num_tokens, payload)
         plan = combine_plan(rank_workspace, payload, payload_scales, state.local_num_tokens, runtime_max_tokens_per_rank,
                             self.ep_size, self.top_k, state.combine_payload_offset, payload_in_workspace, output,
-                            self.active_rank_mask)  # fmt: skip
+                            state.active_rank_mask)  # fmt: skip
         self._ready_to_launch()
         with self._on_rank_stream():
             if output is None:

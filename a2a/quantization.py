@@ -63,6 +63,16 @@ _E2M1_TIES_UP = (0.75, 1.75, 3.5)  # lower neighbours: codes 1, 3, 5
 _INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+class SfLayout(enum.IntEnum):
+    """Layouts of the scale factors of a quantized output, FlashInfer's names and values (its own
+    `SfLayout` is accepted too: IntEnums compare by value). a2a's combine writes unquantized
+    outputs, which take `layout_linear` (the default)."""
+
+    layout_128x4 = 0
+    layout_8x4 = 1
+    layout_linear = 2
+
+
 class QuantFormat(enum.Enum):
     """How a quantized activation is encoded (see the module docstring for shapes)."""
 

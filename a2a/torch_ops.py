@@ -97,7 +97,7 @@ def _dispatch_op(
             f"got {input_payloads[expert_id_payload_index].dtype}"
         )
     metainfo = _metainfo_of(ep_size, max_num_tokens)
-    recv, _ = moe_a2a_dispatch(
+    recv, _, _ = moe_a2a_dispatch(
         token_selected_experts, input_payloads, workspace, metainfo, runtime_max_tokens_per_rank, ep_rank, ep_size,
         top_k, num_experts,
     )  # fmt: skip

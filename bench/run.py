@@ -86,7 +86,7 @@ def measure(world, tokens: int, shape: str, payloads: str, iterations: int, flus
         for r, moe in enumerate(round_.ranks):
             with world.stream(r).activate():
                 begin = time.perf_counter()
-                _, offset = a2a.moe_a2a_dispatch(round_.experts[r], round_.payloads[r], moe.workspace, moe.metainfo,
+                _, offset, _ = a2a.moe_a2a_dispatch(round_.experts[r], round_.payloads[r], moe.workspace, moe.metainfo,
                                                  tokens, r, ep, moe.top_k, moe.num_experts)  # fmt: skip
                 functional["dispatch"].append((time.perf_counter() - begin) * 1e6)
             offsets.append(offset)

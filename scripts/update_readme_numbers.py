@@ -60,6 +60,7 @@ def _aux_rules() -> dict[str, tuple[str, int]]:
         "topk_local_slots": topk,
         "block_counts": (f"4 × blocks × ep_size = 4 × {blocks} × {ep}", 4 * blocks * ep),
         "block_invalid": (f"4 × blocks = 4 × {blocks}", 4 * blocks),
+        "eplb_stats": ("4 × ep_size × eplb_stats_num_experts (0 here)", 0),
     }
 
 
@@ -98,8 +99,11 @@ def workspace_example() -> str:
         if align_up(raw, REGION_ALIGN) != padded:
             raise SystemExit(f"size rule for {name} gives {raw} bytes, the layout reserves {padded}: fix _aux_rules()")
         lines.append(f"| `{name}` | {rule} | {_n(raw)} | {_n(offset)} | {_n(padded)} |")
-    aux = a2a.moe_a2a_get_aux_data_size(ep, tokens)
-    lines.append(f"| aux region | `moe_a2a_get_aux_data_size({ep}, {tokens})` | | | **{_n(aux)}** |")
+    aux = layout.payload_offset
+    reserve = layout_module.ALIGNMENT_RESERVE
+    lines.append(f"| aux region | the fields above: where the payload begins | | | **{_n(aux)}** |")
+    lines.append(f"| aux data size | `moe_a2a_get_aux_data_size({ep}, {tokens})`: the aux region + {reserve} bytes "
+                 f"the planes' alignment may use | | | {_n(a2a.moe_a2a_get_aux_data_size(ep, tokens))} |")
 
     row_bytes = [b for _, b in DISPATCH_PAYLOADS]
     round_layout = layout.round_layout(tokens, row_bytes)
@@ -129,8 +133,9 @@ def workspace_example() -> str:
         f"{sum(row_bytes)}, {COMBINE_ROW_BYTES})` | | {_n(summed)} |",
         "",
         f"That is {exact / 2**20:.1f} MiB a rank, {ep * exact / 2**30:.2f} GiB over the {ep} ranks.",
-        f"The summed form is {summed - exact} bytes larger: it reserves 16 bytes of alignment for each of",
-        f"up to {layout_module.MAX_PAYLOADS} planes.",
+        f"The summed form is {summed - exact} bytes larger: it is FlashInfer's formula, `aux data size` + the",
+        "summed planes + the combine plane, each rounded up to 128, and the aux data size counts the",
+        f"{reserve} bytes the alignment of up to {layout_module.MAX_PAYLOADS} planes may use.",
     ]
     return "\n".join(lines)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import a2a
-from a2a.layout import REGION_ALIGN, WorkspaceLayout, align_up
+from a2a.layout import ALIGNMENT_RESERVE, REGION_ALIGN, WorkspaceLayout, align_up
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -83,15 +83,17 @@ def test_aux_region_fields_offsets_and_sizes_match_the_layout(example):
     ends = [offset for offset, _ in offsets[1:]] + [layout.payload_offset]
     rows = dict(example["aux_rows"])
     total_row = rows.pop("aux region")
+    size_row = rows.pop("aux data size")
     assert list(rows) == [name for _, name in offsets], f"README aux fields differ from a2a.layout: {REGENERATE}"
     for (offset, name), end in zip(offsets, ends):
         _, _, raw, readme_offset, padded = rows[name]
         assert number(readme_offset) == offset, f"{name} offset: {REGENERATE}"
         assert number(padded) == end - offset, f"{name} size: {REGENERATE}"
         assert align_up(number(raw), REGION_ALIGN) == number(padded), f"{name}: its size rule disagrees with the layout"
-    args = call_arguments(total_row[1], "moe_a2a_get_aux_data_size")
+    assert number(total_row[-1]) == layout.payload_offset, REGENERATE
+    args = call_arguments(size_row[1], "moe_a2a_get_aux_data_size")
     assert args == (example["ep_size"], example["max_num_tokens"])
-    assert number(total_row[-1]) == a2a.moe_a2a_get_aux_data_size(*args) == layout.payload_offset, REGENERATE
+    assert number(size_row[-1]) == a2a.moe_a2a_get_aux_data_size(*args) == layout.payload_offset + ALIGNMENT_RESERVE
 
 
 def test_payload_planes_and_total_match_the_code(example):
@@ -102,7 +104,7 @@ def test_payload_planes_and_total_match_the_code(example):
     round_layout = layout.round_layout(max_num_tokens, row_bytes)
     total = a2a.moe_a2a_get_workspace_size_per_rank(ep_size, max_num_tokens, row_bytes, combine_bytes)
 
-    assert number(rows["aux region"][-1]) == a2a.moe_a2a_get_aux_data_size(ep_size, max_num_tokens), REGENERATE
+    assert number(rows["aux region"][-1]) == layout.payload_offset, REGENERATE
     planes = [cells for key, cells in rows.items() if key.startswith("receive plane")]
     assert len(planes) == len(row_bytes), "one README row per dispatch payload"
     for index, cells in enumerate(planes):

@@ -21,7 +21,7 @@ from a2a.layout import (
 )
 
 # Every offset field, in layout order (the metainfo lists ep_size and max_num_tokens first).
-REGION_ORDER = list(METAINFO_FIELDS[2:])
+REGION_ORDER = [name for name in METAINFO_FIELDS[2:] if name.endswith("_offset")]
 
 
 def region_sizes(layout: WorkspaceLayout) -> dict[str, int]:
@@ -40,12 +40,13 @@ def region_sizes(layout: WorkspaceLayout) -> dict[str, int]:
         "topk_local_slots_offset": topk,
         "block_counts_offset": 4 * blocks * ep,
         "block_invalid_offset": 4 * blocks,
+        "eplb_stats_offset": 4 * ep * layout.eplb_stats_num_experts,
     }
 
 
-@given(ep_size=st.integers(1, 64), max_num_tokens=st.integers(1, 70000))
-def test_regions_are_aligned_ordered_and_disjoint(ep_size, max_num_tokens):
-    layout = WorkspaceLayout.compute(ep_size, max_num_tokens)
+@given(ep_size=st.integers(1, 64), max_num_tokens=st.integers(1, 70000), eplb=st.sampled_from([0, 1, 257]))
+def test_regions_are_aligned_ordered_and_disjoint(ep_size, max_num_tokens, eplb):
+    layout = WorkspaceLayout.compute(ep_size, max_num_tokens, eplb)
     sizes = region_sizes(layout)
     for name, following in zip(REGION_ORDER, REGION_ORDER[1:]):
         start = getattr(layout, name)
@@ -81,10 +82,11 @@ def test_round_planes_are_16_byte_aligned_and_fit_the_advertised_size(
 def test_size_formula_matches_the_reference_shape():
     ep, tokens, hidden, top_k = 8, 10, 128, 2
     aux = a2a.moe_a2a_get_aux_data_size(ep, tokens)
+    assert a2a.moe_a2a_get_workspace_size_per_rank(ep, tokens, 0, 0) == aux  # FlashInfer's rule: no payloads, aux
     exact = a2a.moe_a2a_get_workspace_size_per_rank(ep, tokens, [], 0)
-    assert exact == aux  # no payloads: the aux region alone
+    assert exact == WorkspaceLayout.compute(ep, tokens).aux_size  # the exact form: the aux region alone
     grown = a2a.moe_a2a_get_workspace_size_per_rank(ep, tokens, [hidden * 2], hidden * 2)
-    assert grown - aux == 2 * hidden * 2 * ep * tokens
+    assert grown - exact == 2 * hidden * 2 * ep * tokens
     helper = a2a.MoeAlltoAll.get_moe_workspace_size_per_rank(ep, top_k, tokens, hidden)
     assert helper == a2a.moe_a2a_get_workspace_size_per_rank(ep, tokens, 2 * hidden + 8 * top_k, 2 * hidden)
 

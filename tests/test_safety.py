@@ -377,7 +377,7 @@ def functional_world(device: str, ep_size: int = 1):
 
 
 def functional_dispatch(world, workspace, metainfo, inputs: RoundInputs, rt: int, rank: int = 0, ep_size: int = 1):
-    """Rank `rank`'s functional dispatch of `inputs` on its stream; returns (views, combine offset)."""
+    """Rank `rank`'s functional dispatch of `inputs` on its stream; returns (views, combine offset, None)."""
     with world.stream(rank).activate():
         return a2a.moe_a2a_dispatch(inputs.experts[rank].to(world.device), inputs.payloads(rank, world.device),
                                     workspace, metainfo, rt, rank, ep_size, TOP_K, NUM_EXPERTS)  # fmt: skip
@@ -388,7 +388,7 @@ def test_functional_combine_refuses_another_geometry_than_its_dispatch(device, w
     world, workspace, metainfo = functional_world(device)
     inputs = RoundInputs.draw([3], 4, seed=22)
     with world.stream(0).activate():
-        _, offset = a2a.moe_a2a_dispatch(inputs.experts[0].to(world.device), inputs.payloads(0, world.device),
+        _, offset, _ = a2a.moe_a2a_dispatch(inputs.experts[0].to(world.device), inputs.payloads(0, world.device),
                                          workspace, metainfo, 4, 0, 1, TOP_K, NUM_EXPERTS)  # fmt: skip
         args = dict(local_num_tokens=3, runtime_max_tokens_per_rank=4, combine_payload_offset=offset)
         args[wrong] += 16 if wrong == "combine_payload_offset" else 1
@@ -408,7 +408,7 @@ def test_combine_on_a_copy_the_host_never_saw_is_checked_on_the_device(device):
     record; the gather compares the combine with the dispatch recorded in the workspace itself."""
     world, workspace, metainfo = functional_world(device)
     inputs = RoundInputs.draw([3], 4, seed=23)
-    _, offset = functional_dispatch(world, workspace, metainfo, inputs, 4)
+    _, offset, _ = functional_dispatch(world, workspace, metainfo, inputs, 4)
     world.synchronize()
     copy = workspace.clone()  # holds the dispatch's record (rows 3, rt 4) in its round state
     with world.stream(0).activate():
@@ -454,10 +454,11 @@ def test_interleaving_two_instances_on_one_workspace_raises_naming_the_other(dev
 # --- Smaller rules ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("args", [(2, 2), (2, -1), (0, 0), (4, 1, 3)])
-def test_mapping_rejects_ranks_outside_the_world(args):
+@pytest.mark.parametrize("args, kwargs", [((2, 2), {}), ((2, -1), {}), ((0, 0), {}),
+                                          ((4, 1), dict(tp_size=4, moe_ep_size=3))])  # fmt: skip
+def test_mapping_rejects_ranks_outside_the_world(args, kwargs):
     with pytest.raises((ValueError, TypeError)):
-        a2a.Mapping(*args)
+        a2a.Mapping(*args, **kwargs)
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "nan"])

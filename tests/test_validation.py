@@ -87,7 +87,7 @@ DISPATCH_RULES: list[tuple[str, Mutation, type, str]] = [
     ("workspace dtype", lambda a: a.update(workspace=a["workspace"].view(torch.int8)), TypeError, "workspace must be uint8"),
     ("workspace 1-D", lambda a: a.update(workspace=a["workspace"][0]), ValueError, "workspace must be 2-D"),
     ("workspace rows != ep_size", lambda a: a.update(workspace=a["workspace"][:1]), ValueError, "workspace first dim must equal ep_size=2"),
-    ("workspace too small", lambda a: a.update(workspace=a["workspace"][:, : a2a.moe_a2a_get_aux_data_size(EP, CAPACITY) + 8]), ValueError, "workspace size per rank insufficient for the dispatch receive planes"),
+    ("workspace too small", lambda a: a.update(workspace=a["workspace"][:, : a2a.WorkspaceLayout.compute(EP, CAPACITY).aux_size + 8]), ValueError, "workspace size per rank insufficient for the dispatch receive planes"),
     ("metainfo not a tensor", lambda a: a.update(metainfo=[0] * 13), TypeError, "metainfo must be a torch.Tensor"),
     ("metainfo wrong shape", lambda a: a.update(metainfo=torch.zeros(9, dtype=torch.int64)), ValueError, "metainfo must be a CPU int64 tensor"),
 ]
@@ -164,7 +164,8 @@ CLASS_RULES: list[tuple[str, Callable[[], object], type, str]] = [
     ("no world", lambda: a2a.MoeAlltoAll(a2a.Mapping(2, 0), 4, 2, 4, hidden_size=8), ValueError, "needs a world"),
     ("world size mismatch", lambda: a2a.MoeAlltoAll(a2a.Mapping(2, 0), 4, 2, 4, hidden_size=8, world=world_of(3)), ValueError, "world has 3 ranks"),
     ("workspace too small", lambda: a2a.MoeAlltoAll(a2a.Mapping(2, 0), 4, 2, 4, workspace_size_per_rank=64, world=world_of(2)), ValueError, "insufficient for the aux region"),
-    ("mnnvl_config", lambda: a2a.MoeAlltoAll(a2a.Mapping(2, 0), 4, 2, 4, hidden_size=8, mnnvl_config=object(), world=world_of(2)), ValueError, "mnnvl_config is not supported"),
+    ("mnnvl_config without comm_backend", lambda: a2a.MoeAlltoAll(a2a.Mapping(2, 0), 4, 2, 4, hidden_size=8, mnnvl_config=object()), TypeError, "must have a comm_backend"),
+    ("mnnvl_config and world", lambda: a2a.MoeAlltoAll(a2a.Mapping(2, 0), 4, 2, 4, hidden_size=8, mnnvl_config=a2a.MnnvlConfig(), world=world_of(2)), ValueError, "either world= or mnnvl_config="),
 ]
 
 

@@ -144,3 +144,36 @@ def _dispatch_copy_kernel(
         _phase_barrier(flag_value_ptr, flags_ptr, signatures_ptr, own_signature_ptr, stride_rank, fault_record_ptr,
                        host_record_ptr, timeout_ns, timeout_ms, active_low, active_high, ep_rank, PHASE, FLAG_ROW,
                        EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE, SIGNATURE_WORDS, WAIT, HAS_HOST_RECORD)
+
+
+@triton.jit(do_not_specialize=["stride_rank", "ep_rank", "active_low", "active_high"],
+            do_not_specialize_on_alignment=["local_stats_ptr"])
+def _share_stats_kernel(
+    local_stats_ptr,  # [NUM_STATS] int32: this rank's EPLB statistics
+    gathered_ptr,  # [EP_SIZE, NUM_STATS] int32 region of segment 0; segment t at + t * stride_rank
+    stride_rank,  # int32 elements between two segments
+    fault_record_ptr,  # [FAULT_RECORD_WORDS] int32, own segment
+    active_low,  # active-rank mask, bits 0..31 (int32)
+    active_high,  # bits 32..63
+    ep_rank,
+    NUM_STATS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Program t: this rank's statistics into row `ep_rank` of active rank t's gathered region
+    (nothing remote after a recorded fault); for an inactive t, zeros into this rank's row t.
+    Launched after the routing kernel (which waited for the previous round's gathers) and before
+    the copy kernel, whose barrier publishes these stores with the rows."""
+    target = tl.program_id(0)
+    word = tl.where(target < 32, active_low, active_high)
+    active = ((word >> (target & 31)) & 1) != 0
+    own = gathered_ptr + ep_rank.to(tl.int64) * stride_rank + target * NUM_STATS
+    remote = gathered_ptr + target.to(tl.int64) * stride_rank + ep_rank * NUM_STATS
+    for start in tl.static_range(0, NUM_STATS, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        in_row = cols < NUM_STATS
+        if active:
+            values = tl.load(local_stats_ptr + cols, mask=in_row)
+            healthy = tl.load(fault_record_ptr + cols * 0) == 0  # a tensor, for the mask
+            tl.store(remote + cols, values, mask=in_row & healthy)
+        else:
+            tl.store(own + cols, tl.zeros([BLOCK], dtype=tl.int32), mask=in_row)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from a2a.ops import configs, validation
+from a2a.quantization import SfLayout, quantize_fp8_per_token
 from a2a.ops.barrier import combine_barrier_launch, combine_signature, protocol_constexprs, signature_tensor
 from a2a.kernels import _combine_kernel, _stage_combine_kernel
 from a2a.ops.launch import KernelLaunch
@@ -30,9 +31,17 @@ def moe_a2a_combine(
     top_k: int,
     combine_payload_offset: int,
     payload_in_workspace: bool = False,
-    *,
+    output_dtype: torch.dtype | None = None,
+    output_scales: torch.Tensor | None = None,
+    output_scalar_scale: float = 1.0,
+    sf_layout: int = SfLayout.layout_linear,
     output: torch.Tensor | None = None,
-    active_rank_mask: int | None = None,
+    *,
+    use_low_precision: bool = False,
+    enable_pdl: bool | None = None,
+    enable_rank_mask: bool = False,
+    active_rank_mask: torch.Tensor | int | None = None,
+    backend: str = "trtllm",
     payload_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Return every local token's sum over its top-k expert outputs, gathered from the peers.
@@ -54,12 +63,29 @@ def moe_a2a_combine(
     rank, and the output is bf16 (or `output`'s fp16 / bf16 / fp32). In the workspace, the scales
     live in `MoeAlltoAll.get_combine_scales_tensor_in_workspace`. Raises the `A2AFaultError` an
     earlier wait of this rank recorded.
+
+    FlashInfer's arguments: `output_dtype` bf16 / fp16 / fp32 (the fp32 sum is cast to it; the
+    quantized outputs fp8 / packed fp4 raise `NotImplementedError`, as do `output_scales` and an
+    `sf_layout` other than linear); `output_scalar_scale` only scales NVFP4 outputs, so it changes
+    nothing here; `use_low_precision=True` quantizes the bf16 / fp16 payload to fp8 e4m3 per row
+    (`a2a.quantization.quantize_fp8_per_token`) and runs the low-precision combine above (bf16
+    output). `enable_rank_mask` / `active_rank_mask`, `enable_pdl`, `backend`: as in dispatch.
     """
+    validation.check_backend(backend)
+    validation.check_enable_pdl(enable_pdl)
+    validation.check_combine_output_format(output_dtype, output_scales, sf_layout)
+    active_rank_mask = validation.rank_mask_argument(active_rank_mask, enable_rank_mask, ep_size)
+    if not isinstance(use_low_precision, bool):
+        raise TypeError(f"use_low_precision must be a bool, got {type(use_low_precision).__name__}")
     rank_workspace = resolve_context(workspace, metainfo, ep_rank)
     rank_workspace.raise_if_faulted()
     live = rank_workspace.live_round_for("moe_a2a_combine", 0)
     if live is not None:
         check_matches_dispatch(live, local_num_tokens, runtime_max_tokens_per_rank, combine_payload_offset)
+    if use_low_precision:
+        payload, payload_scales = quantized_payload(payload, payload_scales)
+        payload_in_workspace = False  # the fp8 rows are staged into the combine plane (over the bf16 ones)
+    output = output_of_dtype(output, output_dtype, local_num_tokens, payload)
     plan = combine_plan(rank_workspace, payload, payload_scales, local_num_tokens, runtime_max_tokens_per_rank, ep_size,
                         top_k, combine_payload_offset, payload_in_workspace, output, active_rank_mask)  # fmt: skip
     if output is None:
@@ -67,6 +93,27 @@ def moe_a2a_combine(
     plan.launch(payload, payload_scales, local_num_tokens, output)
     rank_workspace.end_round()
     return output
+
+
+def output_of_dtype(output: object, output_dtype: torch.dtype | None, local_num_tokens: object, payload: object) -> object:
+    """FlashInfer's `output_dtype` as an output tensor to write (`output` itself when given or no
+    dtype asked; a bad payload is left for the plan's checks to report)."""
+    if output is not None or output_dtype is None or not isinstance(payload, torch.Tensor) or payload.dim() != 3 \
+            or not isinstance(local_num_tokens, int) or local_num_tokens < 0:
+        return output
+    return torch.empty((local_num_tokens, payload.shape[2]), dtype=output_dtype, device=payload.device)
+
+
+def quantized_payload(payload: object, payload_scales: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """FlashInfer's `use_low_precision`: the payload as fp8 e4m3 rows with one fp32 scale each, on
+    the current stream (only new tensors are written)."""
+    if payload_scales is not None:
+        raise ValueError("use_low_precision quantizes the payload itself: pass a bf16 / fp16 payload, no payload_scales")
+    if not isinstance(payload, torch.Tensor) or payload.dim() != 3 or payload.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError("use_low_precision needs a bf16 or fp16 payload [ep_size, rt, H], got "
+                         f"{getattr(payload, 'dtype', type(payload).__name__)} {list(getattr(payload, 'shape', []))}")
+    quantized = quantize_fp8_per_token(payload.reshape(-1, payload.shape[2]))
+    return quantized.values.view(payload.shape), quantized.scales.view(payload.shape[0], payload.shape[1], 1)
 
 
 def check_matches_dispatch(live, local_num_tokens: object, runtime_max_tokens: object, combine_offset: object) -> None:

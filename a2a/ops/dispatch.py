@@ -9,7 +9,7 @@ import torch
 from a2a.ops import configs, validation
 from a2a.ops.barrier import barrier_args, dispatch_signature, protocol_constexprs, signature_tensor
 from a2a.expert_partition import ExpertPartition
-from a2a.kernels import _dispatch_copy_kernel, _route_kernel
+from a2a.kernels import _dispatch_copy_kernel, _route_kernel, _share_stats_kernel
 from a2a.ops.launch import KernelLaunch
 from a2a.layout import MAX_TOP_K, ROUTE_BLOCK_TOKENS, RoundLayout, RoundState, num_route_blocks
 from a2a.runtime.protocol import FlagArray, Phase, mask_halves
@@ -30,10 +30,15 @@ def moe_a2a_dispatch(
     ep_size: int,
     top_k: int,
     num_experts: int,
+    enable_pdl: bool | None = None,
+    eplb_local_stats: torch.Tensor | None = None,
+    enable_rank_mask: bool = False,
+    active_rank_mask: torch.Tensor | int | None = None,
     *,
+    backend: str = "trtllm",
+    recv_view_cache: dict | None = None,
     token_count: torch.Tensor | None = None,
-    active_rank_mask: int | None = None,
-) -> tuple[list[torch.Tensor], int]:
+) -> tuple[list[torch.Tensor], int, torch.Tensor | None]:
     """Send every local token's payload rows to the ranks that own its experts.
 
     token_selected_experts: `[num_tokens, top_k]` int32 global expert ids (ids outside
@@ -41,14 +46,25 @@ def moe_a2a_dispatch(
     any dtype. Runs on the current stream (or the activated rank stream) and returns, without
     waiting, one `[ep_size, runtime_max_tokens_per_rank, W_p]` view per payload into this rank's
     receive planes (row `[s][j]`: the j-th token source s sent here; rows `j >= recv_counters[s]`
-    are stale) and the rank-local byte offset of the combine plane for this round.
+    are stale), the rank-local byte offset of the combine plane for this round, and the gathered
+    EPLB statistics (None without `eplb_local_stats`).
+
+    eplb_local_stats: an int32 `[eplb_stats_num_experts]` tensor (the length given to
+    `moe_a2a_initialize`) of this rank's statistics; every active rank's lands in row r of the
+    returned `[ep_size, eplb_stats_num_experts]` int32 view (rows of inactive ranks are zero),
+    valid like the receive views. Every rank passes stats, or none does (checked at the barrier).
+
+    enable_rank_mask / active_rank_mask (FlashInfer's form): with `enable_rank_mask=True`, a CPU
+    uint64 `[1]` tensor (`moe_a2a_active_rank_mask`) or None (every rank).
+    enable_pdl, backend, recv_view_cache: accepted as in FlashInfer; they change no result (the
+    receive views are cached per call signature anyway).
 
     token_count (a2a addition): an int32 `[1]` tensor on the workspace's device holding how many
     leading rows are real tokens this call (clamped to [0, num_tokens]); the rest are padding,
     never sent, and combine returns zero rows for them. The count is read on the device, so one
     captured CUDA graph serves every count up to the tensors' rows.
 
-    active_rank_mask (a2a addition): bit r set if rank r takes part (default: all). Experts of
+    active_rank_mask as an int (a2a's form): bit r set if rank r takes part (default: all). Experts of
     inactive ranks are not sent to (their top-k entries become -1), inactive ranks are neither
     signalled nor waited for, and their rows here count as empty. Every active rank must pass the
     same mask, including itself, in dispatch and the matching combine; inactive ranks run nothing.
@@ -60,28 +76,34 @@ def moe_a2a_dispatch(
     end of this op, every active peer's rows have landed. The views stay valid until this rank's
     next combine starts. Raises the `A2AFaultError` an earlier wait of this rank recorded.
     """
+    validation.check_backend(backend)
+    validation.check_enable_pdl(enable_pdl)
+    mask = validation.rank_mask_argument(active_rank_mask, enable_rank_mask, ep_size)
     rank_workspace = resolve_context(workspace, metainfo, ep_rank)
     rank_workspace.raise_if_faulted()
     rank_workspace.check_no_live_round("moe_a2a_dispatch", 0)
     plan, num_tokens = dispatch_plan(rank_workspace, token_selected_experts, input_payloads, token_count,
-                                     runtime_max_tokens_per_rank, ep_size, top_k, num_experts, active_rank_mask)  # fmt: skip
-    plan.launch(token_selected_experts, input_payloads, token_count, num_tokens)
+                                     runtime_max_tokens_per_rank, ep_size, top_k, num_experts, mask,
+                                     eplb_local_stats)  # fmt: skip
+    plan.launch(token_selected_experts, input_payloads, token_count, num_tokens, eplb_local_stats)
     rank_workspace.begin_round("moe_a2a_dispatch", 0, num_tokens, runtime_max_tokens_per_rank, plan.combine_offset,
                                plan.active_rank_mask)  # fmt: skip
-    return plan.recv, plan.combine_offset
+    return plan.recv, plan.combine_offset, plan.gathered_stats
 
 
 def dispatch_plan(rank_workspace: RankWorkspace, token_selected_experts, input_payloads, token_count,
-                  runtime_max_tokens_per_rank, ep_size, top_k, num_experts, active_rank_mask) -> tuple[_DispatchPlan, int]:  # fmt: skip
+                  runtime_max_tokens_per_rank, ep_size, top_k, num_experts, active_rank_mask,
+                  eplb_local_stats=None) -> tuple[_DispatchPlan, int]:  # fmt: skip
     """The validated plan of this call and its token count (rows); launches nothing, so a call
     that fails here has changed nothing."""
     key = _plan_key(token_selected_experts, input_payloads, token_count, runtime_max_tokens_per_rank, ep_size, top_k,
-                    num_experts, active_rank_mask)  # fmt: skip
+                    num_experts, active_rank_mask, eplb_local_stats)  # fmt: skip
     plan = rank_workspace.find_plan(key)
     num_tokens = _token_count(token_selected_experts, input_payloads, runtime_max_tokens_per_rank) if plan else None
     if num_tokens is None:  # a new call signature, or a count the plan's checks did not cover
         plan = _DispatchPlan.build(token_selected_experts, input_payloads, token_count, rank_workspace,
-                                   runtime_max_tokens_per_rank, ep_size, top_k, num_experts, active_rank_mask)  # fmt: skip
+                                   runtime_max_tokens_per_rank, ep_size, top_k, num_experts, active_rank_mask,
+                                   eplb_local_stats)  # fmt: skip
         rank_workspace.remember_plan(key, plan)
         num_tokens = token_selected_experts.shape[0]
     rank_workspace.check_returning_ranks(plan.active_rank_mask)
@@ -89,11 +111,11 @@ def dispatch_plan(rank_workspace: RankWorkspace, token_selected_experts, input_p
 
 
 def _plan_key(experts: object, payloads: object, token_count: object, rt: object, ep_size: object, top_k: object,
-              num_experts: object, active_rank_mask: object) -> object:  # fmt: skip
+              num_experts: object, active_rank_mask: object, eplb_local_stats: object) -> object:  # fmt: skip
     """Dispatch's call signature (a2a.ops.context.plan_key); the token count (rows) is not part of it."""
     return plan_key("dispatch", lambda: (tensor_key(experts, rows=False), type(payloads),
                                          tuple(tensor_key(p, rows=False) for p in payloads),  # type: ignore[attr-defined]
-                                         tensor_key(token_count, rows=False)),
+                                         tensor_key(token_count, rows=False), tensor_key(eplb_local_stats)),
                     (rt, ep_size, top_k, num_experts, active_rank_mask))  # fmt: skip
 
 
@@ -114,7 +136,7 @@ class _DispatchPlan:
     @classmethod
     def build(cls, token_selected_experts, input_payloads, token_count, rank_workspace: RankWorkspace,
               runtime_max_tokens_per_rank: int, ep_size: int, top_k: int, num_experts: int,
-              active_rank_mask: int | None) -> _DispatchPlan:  # fmt: skip
+              active_rank_mask: int | None, eplb_local_stats: torch.Tensor | None = None) -> _DispatchPlan:  # fmt: skip
         layout = rank_workspace.layout
         workspace = rank_workspace.workspace
         validation.check_geometry(ep_size, rank_workspace.ep_rank, top_k, num_experts)
@@ -132,21 +154,31 @@ class _DispatchPlan:
         if token_count is not None:
             validation.require_tensor("token_count", token_count, dtypes=[torch.int32], ndim=1, device=workspace.device)
             validation.require_shape("token_count", token_count, (1,), "[1]: the number of real tokens")
+        if eplb_local_stats is not None:
+            if layout.eplb_stats_num_experts == 0:
+                raise ValueError("eplb_local_stats needs a workspace initialized with eplb_stats_num_experts > 0 "
+                                 "(moe_a2a_initialize / MoeAlltoAll)")
+            validation.require_tensor("eplb_local_stats", eplb_local_stats, dtypes=[torch.int32], ndim=1,
+                                      device=workspace.device)  # fmt: skip
+            validation.require_shape("eplb_local_stats", eplb_local_stats, (layout.eplb_stats_num_experts,),
+                                     "[eplb_stats_num_experts] (the length given at initialization)")  # fmt: skip
         round_layout = layout.round_layout(runtime_max_tokens_per_rank, [_row_bytes(p) for p in payloads])
         planes_end = round_layout.recv_plane_offsets[-1] + round_layout.recv_plane_sizes[-1]
         validation.check_fits("the dispatch receive planes", planes_end, workspace.shape[1])
-        return cls(rank_workspace, experts, payloads, token_count, round_layout, top_k, num_experts, mask)
+        return cls(rank_workspace, experts, payloads, token_count, round_layout, top_k, num_experts, mask,
+                   eplb_local_stats is not None)  # fmt: skip
 
     def __init__(self, rank_workspace: RankWorkspace, experts: torch.Tensor, payloads: list[torch.Tensor],
                  token_count: torch.Tensor | None, round_layout: RoundLayout, top_k: int, num_experts: int,
-                 active_rank_mask: int):  # fmt: skip
+                 active_rank_mask: int, shares_stats: bool = False):  # fmt: skip
         self.device = rank_workspace.workspace.device
         self.wait_in_kernel = self.device.type == "cuda"  # the CPU path waits on the host
         self.active_rank_mask = active_rank_mask
         layout = rank_workspace.layout
         rt = round_layout.runtime_max_tokens
         self.signature = signature_tensor(
-            dispatch_signature(rt, layout.max_num_tokens, top_k, num_experts, payloads, active_rank_mask), self.device
+            dispatch_signature(rt, layout.max_num_tokens, top_k, num_experts, payloads, active_rank_mask,
+                               layout.eplb_stats_num_experts if shares_stats else 0), self.device
         )
         # Without a device count the pointer is unused; any int32 word of the own segment stands in.
         self.count_stand_in = rank_workspace.round_state
@@ -162,18 +194,25 @@ class _DispatchPlan:
         self.copy = copy.bind(dynamic=("src_ptrs", "num_tokens_ptr", "num_tokens"))
         expert_id_sanitize_launch(rank_workspace, rt, top_k).prepare()
         ep_rank, ep_size = rank_workspace.ep_rank, rank_workspace.ep_size
+        self.ep_size = ep_size
         self.recv = [
             segment_view(rank_workspace.workspace, ep_rank, offset, payload.dtype, (ep_size, rt, payload.shape[1]))
             for offset, payload in zip(round_layout.recv_plane_offsets, payloads)
         ]
         self.combine_offset = round_layout.combine_offset
+        self.share_stats = self.gathered_stats = None
+        if shares_stats:
+            share = _share_stats_launch(rank_workspace, active_rank_mask)
+            self.share_stats = share.bind(dynamic=("local_stats_ptr",))
+            self.gathered_stats = segment_view(rank_workspace.workspace, ep_rank, layout.eplb_stats_offset,
+                                               torch.int32, (ep_size, layout.eplb_stats_num_experts))  # fmt: skip
         if not self.wait_in_kernel:
             timeout_ms = timeout_of_plan()[1]
             self.ordering_wait = rank_workspace.flag_wait(Phase.ORDERING, active_rank_mask, timeout_ms)
             self.dispatch_wait = rank_workspace.flag_wait(Phase.DISPATCH, active_rank_mask, timeout_ms)
 
     def launch(self, experts: torch.Tensor, payloads: Sequence[torch.Tensor], token_count: torch.Tensor | None,
-               num_tokens: int) -> None:  # fmt: skip
+               num_tokens: int, eplb_local_stats: torch.Tensor | None = None) -> None:  # fmt: skip
         """num_tokens: the tensors' rows (with `token_count`, an upper bound of the real tokens)."""
         count = token_count if token_count is not None else self.count_stand_in
         if self.copy.fast:
@@ -190,11 +229,28 @@ class _DispatchPlan:
             # At least one token row, so a rank without tokens still runs the barrier.
             self.copy(copy_grid, sources, count, num_tokens)
 
+        steps = [route, copy]
+        if self.share_stats is not None:  # after routing's wait for the previous gathers, before the barrier
+            steps.insert(1, lambda: self.share_stats((self.ep_size,), eplb_local_stats))
         if self.wait_in_kernel:  # on the current CUDA stream: routing and the copy kernel wait themselves
-            route()
-            copy()
+            for step in steps:
+                step()
         else:
-            run_steps(current_stream(self.device), [self.ordering_wait, route, copy, self.dispatch_wait])
+            run_steps(current_stream(self.device), [self.ordering_wait, *steps, self.dispatch_wait])
+
+
+def _share_stats_launch(rank_workspace: RankWorkspace, active_rank_mask: int) -> KernelLaunch:
+    layout = rank_workspace.layout
+    num = layout.eplb_stats_num_experts
+    gathered = rank_workspace.every_rank(layout.eplb_stats_offset, 4 * rank_workspace.ep_size * num, torch.int32)
+    stand_in = rank_workspace.own(layout.eplb_stats_offset, num)  # the caller's tensor at launch
+    return KernelLaunch(
+        _share_stats_kernel,
+        (rank_workspace.ep_size,),
+        (stand_in, gathered, rank_workspace.stride_rank, rank_workspace.fault_record, *mask_halves(active_rank_mask),
+         rank_workspace.ep_rank),
+        dict(NUM_STATS=num, BLOCK=min(1024, configs.next_power_of_2(num)), num_warps=1),
+    )
 
 
 def _row_bytes(payload: torch.Tensor) -> int:

@@ -23,6 +23,9 @@ def moe_a2a_sanitize_expert_ids(
     metainfo: torch.Tensor,
     ep_rank: int,
     invalid_expert_id: int,
+    enable_pdl: bool | None = None,
+    *,
+    backend: str = "trtllm",
 ) -> None:
     """In place: rows `(s, j)` of `expert_ids` `[ep_size, rt, width]` int32 with `j >= recv_counters[s]`
     get `invalid_expert_id` in every column; valid rows keep their (global) ids.
@@ -31,6 +34,8 @@ def moe_a2a_sanitize_expert_ids(
     round's counts from the end of dispatch until this rank's combine starts. After a recorded
     fault every row counts as stale.
     """
+    validation.check_backend(backend)
+    validation.check_enable_pdl(enable_pdl)
     rank_workspace = resolve_context(workspace, metainfo, ep_rank)
     rank_workspace.raise_if_faulted()
     sanitize_plan(rank_workspace, expert_ids, invalid_expert_id)()

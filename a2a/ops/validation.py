@@ -118,3 +118,59 @@ def check_active_rank_mask(mask: object, ep_size: int, ep_rank: int) -> int:
     if not mask >> ep_rank & 1:
         raise ValueError(f"active_rank_mask must include this rank ({ep_rank}): an inactive rank takes no part, got {mask:#x}")
     return mask
+
+
+# FlashInfer 0.7's arguments that select an implementation rather than a result.
+BACKENDS = ("trtllm", "cake")
+
+
+def check_backend(backend: object) -> None:
+    """FlashInfer's `backend`: a2a has one implementation for every backend name FlashInfer knows."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} (a2a runs the same kernels for each), got {backend!r}")
+
+
+def check_enable_pdl(enable_pdl: object) -> None:
+    """FlashInfer's `enable_pdl`: None (auto) or a bool. Launches do not use programmatic dependent
+    launch yet; the flag changes no result."""
+    if enable_pdl is not None and not isinstance(enable_pdl, bool):
+        raise TypeError(f"enable_pdl must be None or a bool, got {type(enable_pdl).__name__}")
+
+
+def rank_mask_argument(active_rank_mask: object, enable_rank_mask: object, ep_size: int) -> int | None:
+    """The active-rank mask as an int (None: every rank) from FlashInfer's pair of arguments.
+
+    FlashInfer's form: `enable_rank_mask=True` with `active_rank_mask` a CPU uint64 tensor of one
+    word (`moe_a2a_active_rank_mask`) or None (every rank); with `enable_rank_mask=False` no mask
+    may be given. a2a's own form: `active_rank_mask` an int bitmask, `enable_rank_mask` left False."""
+    if not isinstance(enable_rank_mask, bool):
+        raise TypeError(f"enable_rank_mask must be a bool, got {type(enable_rank_mask).__name__}")
+    if active_rank_mask is None:
+        return ((1 << ep_size) - 1) if enable_rank_mask else None
+    if isinstance(active_rank_mask, torch.Tensor):
+        if not enable_rank_mask:
+            raise ValueError("active_rank_mask given as a tensor needs enable_rank_mask=True (as in FlashInfer)")
+        if active_rank_mask.device.type != "cpu" or active_rank_mask.dtype not in (torch.uint64, torch.int64) \
+                or active_rank_mask.shape != (1,):
+            raise ValueError("active_rank_mask must be a CPU uint64 tensor of shape [1] (moe_a2a_active_rank_mask), "
+                             f"got {active_rank_mask.device.type} {active_rank_mask.dtype} {list(active_rank_mask.shape)}")
+        return int(active_rank_mask.view(torch.int64).item()) & ((1 << 64) - 1)
+    return active_rank_mask  # type: ignore[return-value]  # an int (a2a's form), checked by check_active_rank_mask
+
+
+COMBINE_OUTPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def check_combine_output_format(output_dtype: object, output_scales: object, sf_layout: object) -> None:
+    """FlashInfer's combine output format: a2a writes unquantized outputs only; a quantized one
+    (fp8 / packed fp4 dtype, scale factors, a swizzled scale layout) raises rather than being ignored."""
+    if output_dtype is not None and output_dtype not in COMBINE_OUTPUT_DTYPES:
+        if isinstance(output_dtype, torch.dtype) and (output_dtype.is_floating_point or output_dtype == torch.uint8):
+            raise NotImplementedError(f"output_dtype={output_dtype}: quantized combine outputs (fp8, packed fp4) are not "
+                                      "implemented; combine to bf16 and quantize the result")  # fmt: skip
+        raise ValueError(f"output_dtype must be one of {COMBINE_OUTPUT_DTYPES}, got {output_dtype!r}")
+    if output_scales is not None:
+        raise NotImplementedError("output_scales: quantized combine outputs (and their scale factors) are not implemented")
+    if sf_layout is not None and (isinstance(sf_layout, bool) or not isinstance(sf_layout, int) or int(sf_layout) != 2):
+        raise NotImplementedError(f"sf_layout={sf_layout!r}: scale-factor layouts of quantized combine outputs are not "
+                                  "implemented (only the linear layout, which unquantized outputs ignore)")  # fmt: skip

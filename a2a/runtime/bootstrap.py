@@ -105,6 +105,33 @@ class MpiBootstrap(Bootstrap):
         self.comm.Barrier()
 
 
+class CommBackendBootstrap(Bootstrap):
+    """Collectives over a FlashInfer-style `CommBackend`: an object with `Get_rank()`, `Get_size()`,
+    `allgather(obj)` (a per-rank sequence) and `barrier()` (`bcast` and `Split` are not needed),
+    e.g. the communicator wrappers vLLM and SGLang pass to FlashInfer's MnnvlConfig."""
+
+    def __init__(self, comm: Any) -> None:
+        if not is_comm_backend(comm):
+            raise TypeError(f"comm must have Get_rank, Get_size, allgather and barrier, got {type(comm).__name__}")
+        self.comm = comm
+        self.rank = int(comm.Get_rank())
+        self.world_size = int(comm.Get_size())
+
+    def allgather_bytes(self, data: bytes) -> list[bytes]:
+        gathered = list(self.comm.allgather(_check_bytes(data)))
+        if len(gathered) != self.world_size:
+            raise RuntimeError(f"comm.allgather returned {len(gathered)} items for {self.world_size} ranks")
+        return [bytes(item) for item in gathered]
+
+    def barrier(self) -> None:
+        self.comm.barrier()
+
+
+def is_comm_backend(obj: Any) -> bool:
+    """Whether `obj` has the methods of FlashInfer's CommBackend that a bootstrap uses."""
+    return all(callable(getattr(obj, name, None)) for name in ("Get_rank", "Get_size", "allgather", "barrier"))
+
+
 def _is_mpi_comm(obj: Any) -> bool:
     # Never import mpi4py.MPI here: importing it initialises MPI. An mpi4py Comm exists only
     # where the caller already imported it.
@@ -122,14 +149,16 @@ def _is_process_group(obj: Any) -> bool:
 
 def bootstrap_from(obj: Any = None) -> Bootstrap:
     """A `Bootstrap` for `obj`: a Bootstrap (returned as is), a torch.distributed ProcessGroup, an
-    mpi4py Comm, or None for the default torch.distributed group."""
+    mpi4py Comm, a FlashInfer-style CommBackend, or None for the default torch.distributed group."""
     if isinstance(obj, Bootstrap):
         return obj
     if obj is None or _is_process_group(obj):
         return TorchDistributedBootstrap(obj)
     if _is_mpi_comm(obj):
         return MpiBootstrap(obj)
+    if is_comm_backend(obj):
+        return CommBackendBootstrap(obj)
     raise TypeError(
-        "bootstrap must be an a2a Bootstrap, a torch.distributed ProcessGroup, an mpi4py Comm or None "
-        f"(the default torch.distributed group), got {type(obj).__name__}"
+        "bootstrap must be an a2a Bootstrap, a torch.distributed ProcessGroup, an mpi4py Comm, a FlashInfer-style "
+        f"CommBackend or None (the default torch.distributed group), got {type(obj).__name__}"
     )

@@ -58,7 +58,7 @@ def compile_all() -> list[str]:
     import a2a
     from a2a.ops.barrier import combine_barrier_launch, signature_tensor
     from a2a.ops.combine import _gather_launch, _stage_launch
-    from a2a.ops.dispatch import _copy_launch, _route_launch
+    from a2a.ops.dispatch import _copy_launch, _route_launch, _share_stats_launch
     from a2a.layout import WorkspaceLayout
     from a2a.ops.sanitize import expert_id_sanitize_launch
     from a2a.workspace import RankWorkspace
@@ -67,9 +67,9 @@ def compile_all() -> list[str]:
     payloads = [torch.zeros(16, hidden, dtype=torch.bfloat16), torch.zeros(16, top_k, dtype=torch.int32),
                 torch.zeros(16, top_k, dtype=torch.float32)]  # fmt: skip
     row_bytes = [p.shape[1] * p.element_size() for p in payloads]
-    size = a2a.moe_a2a_get_workspace_size_per_rank(ep_size, max_tokens, row_bytes, hidden * 2)
+    size = a2a.moe_a2a_get_workspace_size_per_rank(ep_size, max_tokens, row_bytes, hidden * 2, 16)
     workspace = torch.zeros(ep_size, size, dtype=torch.uint8)
-    layout = WorkspaceLayout.compute(ep_size, max_tokens)
+    layout = WorkspaceLayout.compute(ep_size, max_tokens, 16)
     rank_workspace = RankWorkspace(workspace, layout, 1)
     round_layout = layout.round_layout(32, row_bytes)
     mask = (1 << ep_size) - 1
@@ -90,6 +90,7 @@ def compile_all() -> list[str]:
                                                     round_layout.combine_offset, output, top_k,
                                                     round_layout.combine_offset + 16 * 1024 * 1024, mask, True)),
         ("sanitize", expert_id_sanitize_launch(rank_workspace, 32, top_k)),
+        ("share EPLB stats", _share_stats_launch(rank_workspace, mask)),
     ]  # fmt: skip
     done = []
     for name, launch in launches:
