@@ -36,7 +36,8 @@ from a2a.functional import (  # noqa: E402
 )
 from a2a.layout import MAX_PAYLOADS, MAX_RANKS, MAX_TOP_K, WorkspaceLayout  # noqa: E402
 from a2a.moe_alltoall import Mapping, MnnvlConfig, MoeAlltoAll  # noqa: E402
-from a2a.quantization import SfLayout  # noqa: E402
+from a2a.quantization import QuantFormat, SfLayout  # noqa: E402
+from a2a.ep_layer import EpAlltoAll, EpDispatchResult, EpParams  # noqa: E402
 from a2a.runtime.process_world import ProcessWorld  # noqa: E402
 from a2a.runtime.simulated import SimulatedWorld  # noqa: E402
 
@@ -48,6 +49,9 @@ __all__ = [
     "A2ATimeoutError",
     "MAX_PAYLOADS",
     "MAX_RANKS",
+    "EpAlltoAll",
+    "EpDispatchResult",
+    "EpParams",
     "MAX_TOP_K",
     "MOE_A2A_RANK_MASK_WORDS",
     "Mapping",
@@ -56,6 +60,7 @@ __all__ = [
     "PhaseError",
     "ProcessWorld",
     "SimulatedWorld",
+    "QuantFormat",
     "SfLayout",
     "WorkspaceLayout",
     "moe_a2a_active_rank_mask",

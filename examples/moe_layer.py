@@ -1,13 +1,14 @@
-"""An engine-style MoE layer over a2a with fp8 dispatch, checked against a dense single-device MoE.
+"""An engine-style MoE layer over a2a's `EpAlltoAll` with fp8 dispatch, checked against a dense MoE.
 
     python -m examples.moe_layer [--ranks 4] [--device cpu|cuda]        # every rank in this process
     torchrun --nproc-per-node 2 -m examples.moe_layer --distributed [--device cpu|cuda]  # a process per rank
 
-Each rank: router (softmax over experts, top-k, renormalised) on its bf16 hidden states -> fp8 e4m3
-per-token quantization -> dispatch of [fp8 values, fp32 scales, int32 expert ids, fp32 router
-weights] -> its own experts (SwiGLU MLPs; ownership from `ExpertPartition`) on the dequantized rows,
-times the router weight, summed per row in fp32 and written into the bf16 combine plane in the
-workspace -> combine (bf16 out, one row per local token).
+Each rank: router (softmax over experts, top-k, renormalised) on its bf16 hidden states ->
+`EpAlltoAll.dispatch` (fp8 e4m3 per-token quantization, then [fp8 values, fp32 scales, int32 expert
+ids, fp32 router weights] to the ranks owning the experts; rank-major receive buffers back) -> its
+own experts (SwiGLU MLPs; ownership from `ExpertPartition`) on the dequantized rows, times the
+router weight, summed per row in fp32 and written into the bf16 combine input buffer in the
+workspace -> `EpAlltoAll.combine` (bf16 out, one row per local token).
 
 Every rank builds the same weights and the same global batch from the seed, so each computes the
 dense MoE (no communication, all experts, full batch) alone and checks its own tokens against it.
@@ -62,11 +63,13 @@ class LayerConfig:
         spread = self.max_tokens_per_rank // 2 + 1
         return [self.max_tokens_per_rank - (7 * rank) % spread for rank in range(ep_size)]
 
-    def dispatch_bytes_per_token(self) -> list[int]:
-        """Row bytes of the dispatch payloads: fp8 values, fp32 scale, int32 ids, fp32 weights."""
-        from a2a.quantization import QuantFormat
+    def ep_params(self):
+        """The group's `a2a.EpParams`: fp8 per-token dispatch, bf16 expert outputs."""
+        import a2a
 
-        return [*QuantFormat.FP8_PER_TOKEN.payload_bytes_per_token(self.hidden_size), 4 * self.top_k, 4 * self.top_k]
+        return a2a.EpParams(self.num_experts, self.top_k, self.max_tokens_per_rank, self.hidden_size,
+                            dtype=torch.bfloat16, dispatch_format=a2a.QuantFormat.FP8_PER_TOKEN,
+                            invalid_expert_id=INVALID_EXPERT_ID)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -138,58 +141,44 @@ def apply_experts(
 
 
 class RankLayer:
-    """One rank of the MoE layer: its `MoeAlltoAll` and its experts; call the steps in order."""
+    """One rank of the MoE layer: its `EpAlltoAll` and its experts; call the steps in order."""
 
-    def __init__(self, moe, weights: MoeWeights, config: LayerConfig):
+    def __init__(self, ep, weights: MoeWeights, config: LayerConfig):
         from a2a.expert_partition import ExpertPartition
 
-        self.moe, self.weights, self.config = moe, weights, config
-        self.experts = ExpertPartition(config.num_experts, moe.ep_size).experts_of(moe.ep_rank)
+        self.ep, self.weights, self.config = ep, weights, config
+        self.experts = ExpertPartition(config.num_experts, ep.ep_size).experts_of(ep.ep_rank)
 
-    def prepare(self, hidden: torch.Tensor) -> list[torch.Tensor]:
-        """Route and quantize the local tokens: the dispatch payloads [values, scales, ids, weights]."""
-        from a2a.quantization import quantize_fp8_per_token
-
+    def prepare(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Route the local tokens: (hidden states, int32 expert ids, fp32 router weights)."""
         expert_ids, router_weights = route(hidden, self.weights, self.config.top_k)
-        return [*quantize_fp8_per_token(hidden).payloads(), expert_ids, router_weights]
+        return hidden, expert_ids, router_weights
 
-    def dispatch(self, payloads: list[torch.Tensor], runtime_max_tokens: int) -> list[torch.Tensor]:
-        """Receive views `[ep_size, rt, W]`; stale rows' expert ids become INVALID_EXPERT_ID."""
-        return self.moe.dispatch(
-            payloads[2], payloads, runtime_max_tokens,
-            invalid_token_expert_id=INVALID_EXPERT_ID, expert_id_payload_index=2,
-        )  # fmt: skip
+    def dispatch(self, prepared: tuple[torch.Tensor, torch.Tensor, torch.Tensor], runtime_max_tokens: int):
+        """Rank-major receive buffers (an `a2a.EpDispatchResult`); stale rows' ids are INVALID_EXPERT_ID."""
+        hidden, expert_ids, router_weights = prepared
+        return self.ep.dispatch(hidden, expert_ids, router_weights, runtime_max_tokens_per_rank=runtime_max_tokens)
 
-    def run_experts(self, recv: list[torch.Tensor], runtime_max_tokens: int) -> torch.Tensor:
-        """This rank's experts on every received row, written into the bf16 combine plane."""
-        from a2a.quantization import QuantFormat, QuantizedActivation
-
-        ep_size, top_k, hidden = self.moe.ep_size, self.config.top_k, self.config.hidden_size
-        tokens = QuantizedActivation.from_payloads(QuantFormat.FP8_PER_TOKEN, recv[:2])
-        expert_ids = recv[2].reshape(-1, top_k)  # row source * rt + slot; stale rows hold -1 only
-        router_weights = recv[3].reshape(-1, top_k)
+    def run_experts(self, received, runtime_max_tokens: int) -> torch.Tensor:
+        """This rank's experts on every received row, written into the bf16 combine input buffer."""
+        tokens = received.quantized()  # fp8 values + per-token scales, [ep_size * rt, ...]
         out, _ = apply_experts(
-            lambda rows: tokens.gather_rows(rows).dequantize(), expert_ids, router_weights, self.weights,
-            self.experts, ep_size * runtime_max_tokens,
+            lambda rows: tokens.gather_rows(rows).dequantize(), received.topk_ids, received.topk_weights,
+            self.weights, self.experts, self.ep.ep_size * runtime_max_tokens,
         )  # fmt: skip
-        plane = self.moe.get_combine_payload_tensor_in_workspace(runtime_max_tokens, hidden, torch.bfloat16)
-        plane.copy_(out.view(ep_size, runtime_max_tokens, hidden))  # one bf16 rounding of the partial sum
-        return plane
+        buffer = self.ep.get_combine_input_buffer()
+        buffer.copy_(out)  # one bf16 rounding of the partial sum
+        return buffer
 
-    def combine(self, plane: torch.Tensor, runtime_max_tokens: int) -> torch.Tensor:
-        return self.moe.combine(plane, runtime_max_tokens, payload_in_workspace=True)
+    def combine(self, buffer: torch.Tensor, runtime_max_tokens: int) -> torch.Tensor:
+        return self.ep.combine(buffer)
 
 
-def make_moe(mapping, world, config: LayerConfig):
-    """A `MoeAlltoAll` whose workspace fits exactly this layer's payloads (fp8, not bf16, hidden)."""
+def make_ep(mapping, world, config: LayerConfig):
+    """The group's `EpAlltoAll` (its workspace sized exactly for this layer's payloads)."""
     import a2a
 
-    size = a2a.moe_a2a_get_workspace_size_per_rank(
-        mapping.moe_ep_size, config.max_tokens_per_rank, config.dispatch_bytes_per_token(), 2 * config.hidden_size
-    )
-    return a2a.MoeAlltoAll(
-        mapping, config.max_tokens_per_rank, config.top_k, config.num_experts, size, world=world
-    )
+    return a2a.EpAlltoAll(config.ep_params(), mapping, world=world)
 
 
 @dataclass(frozen=True)
@@ -283,7 +272,7 @@ def run_simulated(config: LayerConfig, num_ranks: int, device: str) -> bool:
     weights = MoeWeights.create(config, world.device)
     batch = global_batch(config, counts, world.device)
     runtime_max_tokens = max(max(counts), 1)
-    layers = [RankLayer(make_moe(a2a.Mapping(num_ranks, r), world, config), weights, config) for r in range(num_ranks)]
+    layers = [RankLayer(make_ep(a2a.Mapping(num_ranks, r), world, config), weights, config) for r in range(num_ranks)]
 
     start = time.perf_counter()
     payloads = []
@@ -306,7 +295,7 @@ def run_simulated(config: LayerConfig, num_ranks: int, device: str) -> bool:
 
     dense = DenseReference.compute(batch, weights, config)
     reports = [
-        check_rank(r, slice(starts[r], starts[r + 1]), outputs[r], payloads[r][2], recv[r][2], dense, elapsed_ms)
+        check_rank(r, slice(starts[r], starts[r + 1]), outputs[r], payloads[r][1], recv[r].topk_ids, dense, elapsed_ms)
         for r in range(num_ranks)
     ]
     return print_reports(reports, f"moe_layer: {num_ranks} ranks simulated in one process on {world.device}", config)
@@ -342,7 +331,7 @@ def run_distributed(config: LayerConfig, device_type: str) -> bool:
             local_count = torch.tensor([hidden.shape[0]], device=device)
             dist.all_reduce(local_count, op=dist.ReduceOp.MAX)
             runtime_max_tokens = max(int(local_count.item()), 1)
-            layer = RankLayer(make_moe(a2a.Mapping(ep_size, rank), world, config), weights, config)
+            layer = RankLayer(make_ep(a2a.Mapping(ep_size, rank), world, config), weights, config)
 
             start = time.perf_counter()
             payloads = layer.prepare(hidden)
@@ -352,7 +341,7 @@ def run_distributed(config: LayerConfig, device_type: str) -> bool:
             elapsed_ms = (time.perf_counter() - start) * 1e3
 
             dense = DenseReference.compute(batch, weights, config)
-            report = check_rank(rank, tokens, output, payloads[2], recv[2], dense, elapsed_ms)
+            report = check_rank(rank, tokens, output, payloads[1], recv.topk_ids, dense, elapsed_ms)
             reports: list[RankReport | None] = [None] * ep_size
             dist.all_gather_object(reports, report)
             del layer, recv, output

@@ -55,7 +55,7 @@ def test_a_corrupted_expert_output_fails_the_layer(device, capsys, monkeypatch):
 
     def run_experts_two_percent_high(self, recv, runtime_max_tokens):
         plane = original(self, recv, runtime_max_tokens)
-        if self.moe.ep_rank == 1:
+        if self.ep.ep_rank == 1:
             plane.mul_(1.02)
         return plane
 

@@ -218,7 +218,7 @@ class _DispatchPlan:
         if self.copy.fast:
             sources = tuple(payloads)  # only the addresses matter
         else:
-            sources = tuple(p.view(torch.uint8).view(dtype) for p, dtype in zip(payloads, self.unit_dtypes))
+            sources = tuple(_as_bytes(p).view(dtype) for p, dtype in zip(payloads, self.unit_dtypes))
         num_blocks = num_route_blocks(num_tokens)
         route_grid, copy_grid = (num_blocks,), (max(1, num_tokens), self.num_tiles)
 
@@ -251,6 +251,14 @@ def _share_stats_launch(rank_workspace: RankWorkspace, active_rank_mask: int) ->
          rank_workspace.ep_rank),
         dict(NUM_STATS=num, BLOCK=min(1024, configs.next_power_of_2(num)), num_warps=1),
     )
+
+
+def _as_bytes(payload: torch.Tensor) -> torch.Tensor:
+    """The payload's bytes `[rows, row_bytes]` uint8. A payload without rows may carry any strides
+    (torch calls `[0, 1]` with strides (1, 0) contiguous); nothing is read from it."""
+    if payload.shape[0] == 0 and payload.stride(-1) != 1:
+        payload = payload.as_strided(payload.shape, (payload.shape[1], 1))
+    return payload.view(torch.uint8)
 
 
 def _row_bytes(payload: torch.Tensor) -> int:
@@ -298,7 +306,7 @@ def _copy_launch(
         unit = configs.copy_unit(
             _row_bytes(payload), payload.data_ptr(), workspace.data_ptr() + offset, rank_workspace.segment_stride
         )
-        sources.append(payload.view(torch.uint8).view(unit.dtype))
+        sources.append(_as_bytes(payload).view(unit.dtype))
         plane = rank_workspace.every_rank(offset, size, unit.dtype)
         planes.append(plane)
         strides.append(plane.stride(0))
