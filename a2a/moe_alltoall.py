@@ -12,7 +12,7 @@ from a2a.ops import validation
 from a2a.ops.combine import check_matches_dispatch, combine_plan, output_of_dtype, quantized_payload
 from a2a.ops.dispatch import dispatch_plan
 from a2a.errors import PhaseError
-from a2a.functional import moe_a2a_get_workspace_size_per_rank
+from a2a.functional import moe_a2a_get_workspace_size_per_rank, moe_a2a_initialize
 from a2a.layout import RoundState, WorkspaceLayout, combine_scales_offset, metainfo_index_pairs
 from a2a.runtime.process_world import process_world_for
 from a2a.runtime.simulated import SimulatedWorld
@@ -183,13 +183,13 @@ class MoeAlltoAll:
         if world is not None and not isinstance(world, World):
             # A torch.distributed process group, an mpi4py communicator or a Bootstrap: one process
             # per rank, one ProcessWorld per group, so instances share workspaces.
-            world = process_world_for(world, "cuda" if torch.cuda.is_available() else "cpu")
+            world = process_world_for(world, _default_device())
         if world is None:
             if self.ep_size != 1:
                 raise ValueError(
                     f"ep_size={self.ep_size} needs a world (a2a.ProcessWorld or a2a.SimulatedWorld) to reach the peers"
                 )
-            world = SimulatedWorld(1, "cuda" if torch.cuda.is_available() else "cpu")
+            world = SimulatedWorld(1, _default_device())
         if world.ep_size != self.ep_size:
             raise ValueError(f"world has {world.ep_size} ranks but mapping.moe_ep_size is {self.ep_size}")
         self.world = world
@@ -233,6 +233,37 @@ class MoeAlltoAll:
         dispatch = 2 * hidden_size + 4 * top_k + 4 * top_k + extra_payload_bytes_per_token
         return moe_a2a_get_workspace_size_per_rank(ep_size, max_num_tokens, dispatch, 2 * hidden_size,
                                                    eplb_stats_num_experts)  # fmt: skip
+
+    _WORKSPACE_CACHE: dict[tuple, dict] = {}
+
+    @classmethod
+    def get_workspace(cls, workspace_size_per_rank: int, ep_rank: int, ep_size: int, max_num_tokens: int,
+                      mapping: object, eplb_stats_num_experts: int = 0, *, backend: str = "trtllm",
+                      world: object = None) -> dict:  # fmt: skip
+        """FlashInfer's workspace cache: a dict with `workspace` (`[ep_size, size]` uint8, this
+        rank's row zeroed), `metainfo` and the arguments, made once per arguments (collective: every
+        rank calls it). `world` as for `MoeAlltoAll` (default: the default torch.distributed group
+        for ep_size > 1, a one-rank world otherwise); FlashInfer takes it from `mapping`."""
+        validation.check_backend(backend)
+        if world is None:
+            world = process_world_for(None, _default_device()) if ep_size > 1 else SimulatedWorld(1, _default_device())
+        elif not isinstance(world, World):
+            world = process_world_for(world, _default_device())
+        key = (workspace_size_per_rank, ep_rank, ep_size, max_num_tokens, eplb_stats_num_experts, backend, id(world))
+        entry = cls._WORKSPACE_CACHE.get(key)
+        if entry is None or entry["world"] is not world:
+            if world.ep_size != ep_size:
+                raise ValueError(f"world has {world.ep_size} ranks, ep_size is {ep_size}")
+            workspace = world.workspace(("get_workspace", workspace_size_per_rank, max_num_tokens,
+                                         eplb_stats_num_experts), workspace_size_per_rank)  # fmt: skip
+            with world.stream(ep_rank).activate():
+                metainfo = moe_a2a_initialize(workspace, ep_rank, ep_size, max_num_tokens, eplb_stats_num_experts)
+            world.barrier()  # no peer dispatches into this rank's row before it is zeroed
+            entry = cls._WORKSPACE_CACHE[key] = dict(
+                workspace_size_per_rank=workspace_size_per_rank, max_num_tokens=max_num_tokens, ep_rank=ep_rank,
+                ep_size=ep_size, eplb_stats_num_experts=eplb_stats_num_experts, workspace=workspace,
+                metainfo=metainfo, world=world)  # fmt: skip
+        return entry
 
     @property
     def eplb_gathered_stats(self) -> torch.Tensor | None:
@@ -449,3 +480,7 @@ class MoeAlltoAll:
         """Test helper: drop this geometry's shared workspace and retire the instance."""
         self.world.release_workspace(self._workspace_key)
         self._state = _RoundState("deleted")
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"

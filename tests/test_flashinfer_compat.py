@@ -245,6 +245,33 @@ def test_class_forms_with_mnnvl_config_and_comm_backend():
     moe.world.close()
 
 
+def test_get_workspace_cache(device):
+    """MoeAlltoAll.get_workspace as FlashInfer documents it: one dict per arguments, holding the
+    workspace and its metainfo; a functional round runs on it."""
+    world = a2a.SimulatedWorld(EP, device)
+    size = a2a.moe_a2a_get_workspace_size_per_rank(EP, RT, 2 * HIDDEN, 2 * HIDDEN)
+    entries = [a2a.MoeAlltoAll.get_workspace(size, r, EP, RT, a2a.Mapping(EP, r), 0, backend="trtllm", world=world)
+               for r in range(EP)]  # fmt: skip
+    assert all(e["workspace"] is entries[0]["workspace"] for e in entries)
+    assert a2a.MoeAlltoAll.get_workspace(size, 1, EP, RT, a2a.Mapping(EP, 1), world=world) is entries[1]
+    assert entries[2]["ep_rank"] == 2 and entries[2]["workspace"].shape == (EP, size)
+    experts, hiddens = draw([2, 3, 1], seed=4)
+    results = []
+    for r, entry in enumerate(entries):
+        with world.stream(r).activate():
+            results.append(a2a.moe_a2a_dispatch(experts[r].to(world.device), [hiddens[r].to(world.device)],
+                                                entry["workspace"], entry["metainfo"], RT, r, EP, TOP_K, NUM_EXPERTS))
+    world.synchronize()
+    expected = reference.dispatch(experts, [[h] for h in hiddens], NUM_EXPERTS, RT)
+    for r, (recv, _, _) in enumerate(results):
+        valid = expected.valid_rows(r)
+        assert torch.equal(as_bytes(recv[0].cpu()[valid]), as_bytes(expected.recv_payloads[r][0][valid]))
+        with world.stream(r).activate():
+            a2a.moe_a2a_combine(recv[0].clone(), [2, 3, 1][r], entries[r]["workspace"], entries[r]["metainfo"], RT, r,
+                                EP, TOP_K, results[r][1])  # fmt: skip
+    world.synchronize()
+
+
 @pytest.mark.parametrize("args, kwargs, ep_rank, ep_size", [
     ((8, 5), dict(), 5, 8),  # a2a's short form
     ((8, 5, 8), dict(tp_size=8, moe_ep_size=8), 5, 8),

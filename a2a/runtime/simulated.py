@@ -138,6 +138,9 @@ class SimulatedWorld:
             return []
         return self._streams[rank].blocking_peers()  # type: ignore[attr-defined]
 
+    def barrier(self) -> None:
+        """Nothing to wait for: every rank's host calls run in this process, in program order."""
+
     def synchronize(self) -> None:
         """Block until every rank's stream has run everything submitted (raises on a deadlock)."""
         if not self._streams:

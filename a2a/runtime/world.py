@@ -56,3 +56,7 @@ class World(Protocol):
     def synchronize(self) -> None:
         """Block until the work of this process's ranks has run."""
         ...
+
+    def barrier(self) -> None:
+        """Host barrier of every rank (collective); nothing to wait for in a one-process world."""
+        ...
