@@ -83,7 +83,7 @@ class EpDispatchResult:
     tokens_per_rank: int
     hidden_states_scale: torch.Tensor | None = None  # quantized dispatch: the scales
     hidden_states_global_scale: torch.Tensor | None = None  # nvfp4: one fp32 per row
-    eplb_gathered_stats: torch.Tensor | None = None
+    eplb_gathered_stats: torch.Tensor | None = None  # read or copy it before the combine
     dispatch_format: QuantFormat | None = None
 
     def quantized(self) -> QuantizedActivation:

@@ -268,7 +268,8 @@ class MoeAlltoAll:
     @property
     def eplb_gathered_stats(self) -> torch.Tensor | None:
         """`[ep_size, eplb_stats_num_experts]` int32 view of every rank's statistics from the last
-        dispatch given `eplb_local_stats` (None before one); valid like the receive views."""
+        dispatch given `eplb_local_stats` (None before one). The same memory every round: read or
+        copy it before this rank's combine."""
         return self._eplb_gathered_stats
 
     def checkpoint_prepare(self) -> None:

@@ -183,7 +183,27 @@ def test_ranks_that_disagree_on_eplb_stats_raise():
                                                 NUM_EXPERTS, None, stats)[1])  # fmt: skip
     world.synchronize()
     for r in range(EP):
-        with world.stream(r).activate(), pytest.raises(a2a.A2AMismatchError, match="eplb_local_stats length"):
+        with world.stream(r).activate(), pytest.raises(a2a.A2AMismatchError, match="eplb_local_stats given"):
+            a2a.moe_a2a_combine(torch.ones(EP, RT, HIDDEN, dtype=torch.bfloat16), 1, workspace, metainfo[r], RT, r, EP,
+                                TOP_K, offsets[r])  # fmt: skip
+
+
+def test_workspaces_of_different_eplb_lengths_raise():
+    """Rank 1 initialized its workspace for 3 statistics, its peers for 7 (so its payload planes
+    start elsewhere): the ranks find it at the dispatch barrier, though no rank passes statistics."""
+    world = a2a.SimulatedWorld(EP, "cpu")
+    size = a2a.moe_a2a_get_workspace_size_per_rank(EP, RT, 2 * HIDDEN, 2 * HIDDEN, EPLB)
+    workspace = torch.empty(EP, size, dtype=torch.uint8)
+    metainfo = [a2a.moe_a2a_initialize(workspace, r, EP, RT, 3 if r == 1 else EPLB) for r in range(EP)]
+    experts, hiddens = draw([1, 1, 1])
+    offsets = []
+    for r in range(EP):
+        with world.stream(r).activate():
+            offsets.append(a2a.moe_a2a_dispatch(experts[r], [hiddens[r]], workspace, metainfo[r], RT, r, EP, TOP_K,
+                                                NUM_EXPERTS)[1])  # fmt: skip
+    world.synchronize()
+    for r in range(EP):
+        with world.stream(r).activate(), pytest.raises(a2a.A2AMismatchError, match="eplb_stats_num_experts"):
             a2a.moe_a2a_combine(torch.ones(EP, RT, HIDDEN, dtype=torch.bfloat16), 1, workspace, metainfo[r], RT, r, EP,
                                 TOP_K, offsets[r])  # fmt: skip
 

@@ -122,7 +122,9 @@ def _combine_kernel(
         tl.store(out_ptr + token * HIDDEN + cols, result, mask=col_mask)
 
     # Every program but the last adds itself to the counter with a relaxed reduction it does not
-    # wait for (its loads are done: their values are in the stores issued before the barrier). The
+    # wait for. Its loads are done: every loaded value feeds the output store issued before the
+    # barrier, and ptxas moves no memory operation across bar.sync. (The PTX model alone does not
+    # order a load before a later relaxed red; a release red would, at the cost measured below.) The
     # last program waits for the others, then signals. An acq_rel election in every program (a
     # fence waiting for its stores, a returned atomic) cost 869 -> 799 us at 4096 tokens per rank
     # (bench/profile/combine_variants.py, 8 ranks on one H200). The last program is scheduled last

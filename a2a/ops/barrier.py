@@ -42,12 +42,14 @@ def _word(value: int) -> int:
 
 
 def dispatch_signature(runtime_max_tokens: int, max_num_tokens: int, top_k: int, num_experts: int,
-                       payloads: Sequence[torch.Tensor], active_rank_mask: int, num_stats: int = 0) -> list[int]:  # fmt: skip
+                       payloads: Sequence[torch.Tensor], active_rank_mask: int, eplb_stats_num_experts: int = 0,
+                       shares_stats: bool = False) -> list[int]:  # fmt: skip
     """The words of protocol.DISPATCH_SIGNATURE_FIELDS for this rank's round."""
     row_bytes = [p.shape[1] * p.element_size() for p in payloads] + [0] * (MAX_SIGNATURE_PAYLOADS - len(payloads))
     dtypes = [_code(p.dtype) for p in payloads] + [0] * (MAX_SIGNATURE_PAYLOADS - len(payloads))
     words = [_word(w) for w in (runtime_max_tokens, max_num_tokens, top_k, num_experts, len(payloads))]
-    words += [*mask_halves(active_rank_mask), *(_word(w) for w in row_bytes + dtypes), _word(num_stats)]
+    words += [*mask_halves(active_rank_mask), *(_word(w) for w in row_bytes + dtypes), _word(eplb_stats_num_experts),
+              int(shares_stats)]  # fmt: skip
     assert len(words) == len(DISPATCH_SIGNATURE_FIELDS)
     return words
 

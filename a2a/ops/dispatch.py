@@ -51,8 +51,10 @@ def moe_a2a_dispatch(
 
     eplb_local_stats: an int32 `[eplb_stats_num_experts]` tensor (the length given to
     `moe_a2a_initialize`) of this rank's statistics; every active rank's lands in row r of the
-    returned `[ep_size, eplb_stats_num_experts]` int32 view (rows of inactive ranks are zero),
-    valid like the receive views. Every rank passes stats, or none does (checked at the barrier).
+    returned `[ep_size, eplb_stats_num_experts]` int32 view (rows of inactive ranks are zero).
+    The view is the same memory every round: read or copy it before this rank's combine (a peer's
+    next dispatch may rewrite it after that). Every rank passes stats, or none does, on workspaces
+    of the same eplb_stats_num_experts (both checked at the barrier).
 
     enable_rank_mask / active_rank_mask (FlashInfer's form): with `enable_rank_mask=True`, a CPU
     uint64 `[1]` tensor (`moe_a2a_active_rank_mask`) or None (every rank).
@@ -178,7 +180,7 @@ class _DispatchPlan:
         rt = round_layout.runtime_max_tokens
         self.signature = signature_tensor(
             dispatch_signature(rt, layout.max_num_tokens, top_k, num_experts, payloads, active_rank_mask,
-                               layout.eplb_stats_num_experts if shares_stats else 0), self.device
+                               layout.eplb_stats_num_experts, shares_stats), self.device
         )
         # Without a device count the pointer is unused; any int32 word of the own segment stands in.
         self.count_stand_in = rank_workspace.round_state

@@ -91,7 +91,8 @@ DISPATCH_SIGNATURE_FIELDS: tuple[str, ...] = (
     "active_rank_mask (ranks 32..63)",
     *(f"input_payloads[{p}] bytes per token" for p in range(MAX_SIGNATURE_PAYLOADS)),
     *(f"input_payloads[{p}] dtype" for p in range(MAX_SIGNATURE_PAYLOADS)),
-    "eplb_local_stats length (0: none)",
+    "eplb_stats_num_experts (of the workspace)",
+    "eplb_local_stats given (0 or 1)",
 )
 COMBINE_SIGNATURE_FIELDS: tuple[str, ...] = (
     "runtime_max_tokens_per_rank",
