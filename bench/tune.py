@@ -25,7 +25,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 import a2a  # noqa: E402
-from a2a import configs  # noqa: E402
+from a2a.ops import configs  # noqa: E402
 from a2a.ops.combine import _gather_launch  # noqa: E402
 from a2a.ops.dispatch import _copy_launch, _row_bytes  # noqa: E402
 from a2a.ops.barrier import signature_tensor  # noqa: E402

@@ -19,7 +19,7 @@ from bench.harness import RankGraphs, Round, capture_graph  # noqa: E402
 tokens = int(sys.argv[1]) if len(sys.argv) > 1 else 16
 for arg in sys.argv[2:]:
     if arg.startswith("route-warps="):  # try another routing CTA size (a2a.ops.configs.ROUTE_NUM_WARPS)
-        from a2a import configs
+        from a2a.ops import configs
 
         configs.ROUTE_NUM_WARPS = int(arg.split("=")[1])
 world = a2a.SimulatedWorld(8, "cuda")
