@@ -35,7 +35,8 @@ from a2a.functional import (  # noqa: E402
     moe_a2a_wrap_payload_tensor_in_workspace,
 )
 from a2a.layout import MAX_PAYLOADS, MAX_RANKS, MAX_TOP_K, WorkspaceLayout  # noqa: E402
-from a2a.moe_alltoall import Mapping, MnnvlConfig, MoeAlltoAll  # noqa: E402
+from a2a.mapping import Mapping, MnnvlConfig  # noqa: E402
+from a2a.moe_alltoall import MoeAlltoAll  # noqa: E402
 from a2a.quantization import QuantFormat, SfLayout  # noqa: E402
 from a2a.ep_layer import EpAlltoAll, EpDispatchResult, EpParams  # noqa: E402
 from a2a.runtime.process_world import ProcessWorld  # noqa: E402

@@ -14,7 +14,7 @@ FLOORS = {
     "envs": 0, "kernels": 0, "runtime": 0,
     "layout": 1, "expert_partition": 1, "errors": 1, "workspace": 1, "quantization": 1,
     "ops": 2,
-    "moe_alltoall": 3, "functional": 3, "torch_ops": 3, "reference": 3, "ep_layer": 3,
+    "moe_alltoall": 3, "functional": 3, "torch_ops": 3, "reference": 3, "ep_layer": 3, "mapping": 3,
     "__init__": 3,
 }  # fmt: skip
 # Floor 0 is three independent parts: each imports only itself (runtime may read a2a.envs).
