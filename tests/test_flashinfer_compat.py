@@ -34,6 +34,17 @@ def functional_world(device, eplb=EPLB):
     return world, workspace, metainfo
 
 
+def dispatch_hiddens(world, workspace, metainfo, experts, hiddens):
+    """Every rank's functional dispatch of its hidden states alone; returns the combine offsets."""
+    offsets = []
+    for r in range(EP):
+        with world.stream(r).activate():
+            offsets.append(a2a.moe_a2a_dispatch(experts[r], [hiddens[r]], workspace, metainfo[r], RT, r, EP, TOP_K,
+                                                NUM_EXPERTS)[1])  # fmt: skip
+    world.synchronize()
+    return offsets
+
+
 def test_workspace_size_follows_flashinfer_formula():
     pad = lambda x: (x + 127) // 128 * 128  # noqa: E731
     for ep, tokens, dispatch, combine, eplb in [(8, 10, 0, 0, 0), (8, 4096, 14400, 14336, 0), (4, 3, 37, 6, 5)]:
@@ -139,12 +150,7 @@ def test_combine_refuses_what_it_does_not_implement(kwargs, error):
     """Refused before anything runs: the corrected call then works."""
     world, workspace, metainfo = functional_world("cpu", eplb=0)
     experts, hiddens = draw([2, 2, 2], seed=5)
-    offsets = []
-    for r in range(EP):
-        with world.stream(r).activate():
-            offsets.append(a2a.moe_a2a_dispatch(experts[r], [hiddens[r]], workspace, metainfo[r], RT, r, EP, TOP_K,
-                                                NUM_EXPERTS)[1])  # fmt: skip
-    world.synchronize()
+    offsets = dispatch_hiddens(world, workspace, metainfo, experts, hiddens)
     payload = torch.ones(EP, RT, HIDDEN, dtype=torch.bfloat16)
     with world.stream(0).activate(), pytest.raises(error):
         a2a.moe_a2a_combine(payload, 2, workspace, metainfo[0], RT, 0, EP, TOP_K, offsets[0], **kwargs)
@@ -196,12 +202,7 @@ def test_workspaces_of_different_eplb_lengths_raise():
     workspace = torch.empty(EP, size, dtype=torch.uint8)
     metainfo = [a2a.moe_a2a_initialize(workspace, r, EP, RT, 3 if r == 1 else EPLB) for r in range(EP)]
     experts, hiddens = draw([1, 1, 1])
-    offsets = []
-    for r in range(EP):
-        with world.stream(r).activate():
-            offsets.append(a2a.moe_a2a_dispatch(experts[r], [hiddens[r]], workspace, metainfo[r], RT, r, EP, TOP_K,
-                                                NUM_EXPERTS)[1])  # fmt: skip
-    world.synchronize()
+    offsets = dispatch_hiddens(world, workspace, metainfo, experts, hiddens)
     for r in range(EP):
         with world.stream(r).activate(), pytest.raises(a2a.A2AMismatchError, match="eplb_stats_num_experts"):
             a2a.moe_a2a_combine(torch.ones(EP, RT, HIDDEN, dtype=torch.bfloat16), 1, workspace, metainfo[r], RT, r, EP,
