@@ -7,7 +7,7 @@ import torch
 
 from a2a.ops import barrier
 from a2a.errors import A2AMismatchError, A2APeerFailedError, A2ATimeoutError, fault_error
-from a2a.kernels import signal
+from a2a.kernels import combine, signal
 from a2a.runtime import protocol
 from a2a.runtime.protocol import FaultKind, FaultRecord, FlagArray, Phase
 
@@ -15,6 +15,7 @@ from a2a.runtime.protocol import FaultKind, FaultRecord, FlagArray, Phase
 def test_the_kernels_use_the_protocols_numbers():
     assert signal.FLAG_EPOCH_MASK.value == protocol.FLAG_EPOCH_MASK
     assert signal.FLAG_POISON.value == protocol.FLAG_POISON
+    assert combine.TOPK_TARGET_LOST.value == protocol.TOPK_TARGET_LOST
     assert signal.FLAG_ROW_GATHER.value == FlagArray.GATHER
     assert signal.NUM_FLAG_ARRAYS.value == len(FlagArray)
     assert signal.PHASE_ORDERING.value == Phase.ORDERING and signal.PHASE_COMBINE.value == Phase.COMBINE

@@ -8,18 +8,27 @@ caller's `[EP_SIZE, rt, ROW_UNITS]` payload into this rank's combine plane when
 sum over k = 0..TOP_K-1 (in that order) of segment `t_k`'s combine plane row `[ep_rank][slot_k]`,
 accumulated in fp32 and cast to the output dtype; a k with target -1 adds an exact zero. With
 HAS_SCALES the plane holds quantized (fp8) rows and each row is multiplied by its fp32 scale from
-the scales plane of the same segment before it is added. A rank that has recorded a fault reads
-no peer and writes NaN rows (a2a.runtime.protocol); so does a combine whose token rows or rt differ
-from this rank's last dispatch (recorded in the workspace by the dispatch copy), which records the
-fault. Every other program then counts itself done; the last program of the grid waits for them
-and tells every peer that this rank's gather is done (its gather flag), which the peers' next
-dispatch waits for before writing (a2a.kernels.signal._await_previous_gathers).
+the scales plane of the same segment before it is added. A k with target TOPK_TARGET_LOST makes
+the row NaN. Every program but the last then counts itself done; the last program of the grid waits
+for them and tells every peer that this rank's gather is done (its gather flag), which the peers'
+next dispatch waits for before writing (a2a.kernels.signal._await_previous_gathers).
+
+`_combine_barrier_kernel`, one program before the gather: signal "my combine plane is ready", wait
+for the peers' signals and compare their signatures (a2a.kernels.signal._phase_barrier), then gate
+the gather once for all its programs: after a recorded fault, or when the combine's token rows or
+rt differ from this rank's last dispatch (recorded in the workspace by the dispatch copy; that is
+recorded as a fault here), every top-k entry of the combine's rows becomes TOPK_TARGET_LOST, so
+the gather reads no peer row and writes NaN rows (a2a.runtime.protocol). Gating here, not in
+every gather program, keeps the gather's loads free of a dependent check.
 """
 
 import triton
 import triton.language as tl
 
-from a2a.kernels.signal import _record_round_mismatch, _signal_gathered
+from a2a.kernels.signal import _is_faulted, _phase_barrier, _record_round_mismatch, _signal_gathered
+
+# a2a.runtime.protocol.TOPK_TARGET_LOST
+TOPK_TARGET_LOST = tl.constexpr(-2)
 
 
 @triton.jit
@@ -57,7 +66,7 @@ def _stage_combine_kernel(
 
 
 @triton.jit(do_not_specialize=["runtime_max_tokens", "ep_rank", "stride_scales_rank", "num_tokens", "stride_rank",
-                               "active_low", "active_high", "host_record_ptr"])
+                               "active_low", "active_high"])
 def _combine_kernel(
     plane_ptr,  # combine plane of segment 0, [EP_SIZE, runtime_max_tokens, HIDDEN], payload dtype
     stride_plane_rank,  # elements between the combine planes of two consecutive segments
@@ -75,9 +84,6 @@ def _combine_kernel(
     flags_ptr,  # [3, EP_SIZE] int32 flag block of segment 0; segment t at + t * stride_rank
     stride_rank,  # int32 elements between two segments
     fault_record_ptr,  # [FAULT_RECORD_WORDS] int32, own segment
-    host_record_ptr,  # int64 address of its host-mapped copy (0 without one)
-    dispatch_rows_ptr,  # [1] int32, own segment: token rows of the last dispatch
-    dispatch_rt_ptr,  # [1] int32, own segment: its runtime_max_tokens_per_rank
     active_low,  # active-rank mask, bits 0..31 (int32)
     active_high,  # bits 32..63
     HIDDEN: tl.constexpr,
@@ -87,34 +93,30 @@ def _combine_kernel(
     EP_SIZE: tl.constexpr,
     EP_PAD: tl.constexpr,
     FLAG_ARRAY_STRIDE: tl.constexpr,
-    HAS_HOST_RECORD: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
-    dispatch_rows = tl.load(dispatch_rows_ptr)
-    dispatch_rt = tl.load(dispatch_rt_ptr)
-    matches_dispatch = (dispatch_rows == num_tokens) & (dispatch_rt == runtime_max_tokens)
     if token < num_tokens:
         cols = tile * TILE + tl.arange(0, TILE)
         col_mask = cols < HIDDEN
         acc = tl.zeros([TILE], dtype=tl.float32)
-        if (tl.load(fault_record_ptr) == 0) & matches_dispatch:
-            first_row = ep_rank.to(tl.int64) * runtime_max_tokens
-            # Unrolled so the TOP_K independent row loads are in flight together.
-            for k in tl.static_range(TOP_K):
-                target = tl.load(topk_target_ranks_ptr + token * TOP_K + k)
-                slot = tl.load(topk_send_indices_ptr + token * TOP_K + k)
-                sends = target >= 0
-                row = first_row + tl.where(sends, slot, 0)
-                src = plane_ptr + tl.where(sends, target, 0).to(tl.int64) * stride_plane_rank + row * HIDDEN
-                mask = col_mask & (cols * 0 + target >= 0)  # a tensor mask: Triton 3.9's interpreter rejects scalar & tensor
-                values = tl.load(src + cols, mask=mask, other=0.0).to(tl.float32)
-                if HAS_SCALES:
-                    scale = tl.load(scales_ptr + tl.where(sends, target, 0).to(tl.int64) * stride_scales_rank + row)
-                    values = values * tl.where(sends, scale, 0.0)
-                acc += values
-        else:  # this round is lost: never hand back numbers that look valid
-            acc += float("nan")
+        lost = 0.0  # NaN once an entry is marked lost (the barrier marked every entry of a lost round)
+        first_row = ep_rank.to(tl.int64) * runtime_max_tokens
+        # Unrolled so the TOP_K independent row loads are in flight together.
+        for k in tl.static_range(TOP_K):
+            target = tl.load(topk_target_ranks_ptr + token * TOP_K + k)
+            slot = tl.load(topk_send_indices_ptr + token * TOP_K + k)
+            sends = target >= 0
+            row = first_row + tl.where(sends, slot, 0)
+            src = plane_ptr + tl.where(sends, target, 0).to(tl.int64) * stride_plane_rank + row * HIDDEN
+            mask = col_mask & (cols * 0 + target >= 0)  # a tensor mask: Triton 3.9's interpreter rejects scalar & tensor
+            values = tl.load(src + cols, mask=mask, other=0.0).to(tl.float32)
+            if HAS_SCALES:
+                scale = tl.load(scales_ptr + tl.where(sends, target, 0).to(tl.int64) * stride_scales_rank + row)
+                values = values * tl.where(sends, scale, 0.0)
+            acc += values
+            lost += tl.where(target == TOPK_TARGET_LOST, float("nan"), 0.0)
+        acc += lost  # a lost round: never hand back numbers that look valid
         if out_ptr.dtype.element_ty == tl.bfloat16:
             result = _round_to_bf16(acc)
         else:
@@ -127,7 +129,7 @@ def _combine_kernel(
     # order a load before a later relaxed red; a release red would, at the cost measured below.) The
     # last program waits for the others, then signals. An acq_rel election in every program (a
     # fence waiting for its stores, a returned atomic) cost 869 -> 799 us at 4096 tokens per rank
-    # (bench/profile/combine_variants.py, 8 ranks on one H200). The last program is scheduled last
+    # (bench/profile/combine_variants.py of commit 1930370, 8 ranks on one H200). The last program is scheduled last
     # or holds one slot while the others run: they never wait, so the wait ends.
     tl.debug_barrier()
     others = tl.num_programs(0) * tl.num_programs(1) - 1
@@ -135,11 +137,79 @@ def _combine_kernel(
         while tl.load(election_ptr, volatile=True) < others:
             pass
         tl.atomic_xchg(election_ptr, 0, sem="acq_rel", scope="gpu")  # the next launch counts from zero
-        if (tl.load(fault_record_ptr, volatile=True) == 0) & (~matches_dispatch):
-            _record_round_mismatch(dispatch_rows, dispatch_rt, num_tokens, runtime_max_tokens, flags_ptr, stride_rank,
-                                   fault_record_ptr, host_record_ptr, active_low, active_high, ep_rank, EP_SIZE, EP_PAD,
-                                   FLAG_ARRAY_STRIDE, HAS_HOST_RECORD)
         _signal_gathered(gather_count_ptr, gathered_mask_ptr, flags_ptr, stride_rank, fault_record_ptr, active_low,
                          active_high, ep_rank, EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE)
     else:
         tl.atomic_add(election_ptr, 1, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _gate_gather(topk_target_ranks_ptr, dispatch_rows_ptr, dispatch_rt_ptr, num_tokens, runtime_max_tokens, flags_ptr,
+                 stride_rank, fault_record_ptr, host_record_ptr, active_low, active_high, ep_rank,
+                 TOP_K: tl.constexpr, BLOCK: tl.constexpr, EP_SIZE: tl.constexpr, EP_PAD: tl.constexpr,
+                 FLAG_ARRAY_STRIDE: tl.constexpr, HAS_HOST_RECORD: tl.constexpr):
+    """Decide, once per combine and before its gather, whether the gather may read: not after a
+    recorded fault (this rank's, or one the barrier just recorded), and not when the combine's
+    token rows or rt differ from this rank's last dispatch (then record that fault). A lost round
+    gets TOPK_TARGET_LOST in every top-k entry of its rows, so the gather loads no peer row and
+    writes NaN; a healthy round costs the gather nothing."""
+    dispatch_rows = tl.load(dispatch_rows_ptr)
+    dispatch_rt = tl.load(dispatch_rt_ptr)
+    matches_dispatch = (dispatch_rows == num_tokens) & (dispatch_rt == runtime_max_tokens)
+    if (~_is_faulted(fault_record_ptr)) & (~matches_dispatch):
+        _record_round_mismatch(dispatch_rows, dispatch_rt, num_tokens, runtime_max_tokens, flags_ptr, stride_rank,
+                               fault_record_ptr, host_record_ptr, active_low, active_high, ep_rank, EP_SIZE, EP_PAD,
+                               FLAG_ARRAY_STRIDE, HAS_HOST_RECORD)
+    if _is_faulted(fault_record_ptr):
+        entries = num_tokens * TOP_K  # <= max_num_tokens * MAX_TOP_K: rt <= max_num_tokens (host-checked)
+        lost = tl.zeros([BLOCK], dtype=tl.int32) + TOPK_TARGET_LOST
+        for start in range(0, entries, BLOCK):
+            index = start + tl.arange(0, BLOCK)
+            tl.store(topk_target_ranks_ptr + index, lost, mask=index < entries)
+
+
+@triton.jit(do_not_specialize=["ep_rank", "stride_rank", "host_record_ptr", "timeout_ns", "timeout_ms", "active_low",
+                               "active_high", "num_tokens", "runtime_max_tokens"])
+def _combine_barrier_kernel(
+    flag_value_ptr,  # [1] int32, own segment: this rank's epoch counter
+    flags_ptr,  # [3, EP_SIZE] int32 flag block of segment 0; segment t at + t * stride_rank
+    signatures_ptr,  # [EP_SIZE, SIGNATURE_WORDS] int32: the combine signatures of segment 0
+    own_signature_ptr,  # [SIGNATURE_WORDS] int32: this rank's signature of the round
+    stride_rank,  # int32 elements between two segments
+    fault_record_ptr,  # [FAULT_RECORD_WORDS] int32, own segment
+    host_record_ptr,  # int64 address of the host-mapped copy of the record (0 without one)
+    timeout_ns,
+    timeout_ms,
+    active_low,  # active-rank mask, bits 0..31 (int32)
+    active_high,  # bits 32..63
+    ep_rank,
+    topk_target_ranks_ptr,  # [num_tokens, TOP_K] int32, own segment (marked lost by the gate)
+    dispatch_rows_ptr,  # [1] int32, own segment: token rows of the last dispatch
+    dispatch_rt_ptr,  # [1] int32, own segment: its runtime_max_tokens_per_rank
+    num_tokens,  # the combine's token rows
+    runtime_max_tokens,  # the combine's rt
+    PHASE: tl.constexpr,  # a2a.runtime.protocol.Phase.COMBINE
+    FLAG_ROW: tl.constexpr,  # protocol.FlagArray.COMBINE
+    EP_SIZE: tl.constexpr,
+    EP_PAD: tl.constexpr,
+    FLAG_ARRAY_STRIDE: tl.constexpr,  # int32 elements between two flag arrays of a segment
+    SIGNATURE_WORDS: tl.constexpr,
+    TOP_K: tl.constexpr,
+    GATE_BLOCK: tl.constexpr,
+    SIGNAL: tl.constexpr,  # signal this rank's combine plane ready (and, with WAIT, wait for the peers')
+    WAIT: tl.constexpr,  # CUDA; on the CPU the host waits between a SIGNAL launch and a GATE launch
+    GATE: tl.constexpr,  # then decide whether the gather may read (_gate_gather)
+    HAS_HOST_RECORD: tl.constexpr,
+):
+    """One program between staging and gather: everything this rank's stream did before is visible
+    to every peer, then (WAIT) every peer's signal for the combine has arrived and its signature
+    matches (or a fault is recorded), then (GATE) the gather is let through or marked lost."""
+    if SIGNAL:
+        _phase_barrier(flag_value_ptr, flags_ptr, signatures_ptr, own_signature_ptr, stride_rank, fault_record_ptr,
+                       host_record_ptr, timeout_ns, timeout_ms, active_low, active_high, ep_rank, PHASE, FLAG_ROW,
+                       EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE, SIGNATURE_WORDS, WAIT, HAS_HOST_RECORD)
+        tl.debug_barrier()  # a record one thread wrote above is read by every thread below
+    if GATE:
+        _gate_gather(topk_target_ranks_ptr, dispatch_rows_ptr, dispatch_rt_ptr, num_tokens, runtime_max_tokens,
+                     flags_ptr, stride_rank, fault_record_ptr, host_record_ptr, active_low, active_high, ep_rank, TOP_K,
+                     GATE_BLOCK, EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE, HAS_HOST_RECORD)

@@ -331,35 +331,3 @@ def _signal_gathered(gather_count_ptr, gathered_mask_ptr, flags_ptr, stride_rank
         rank_mask = (ranks < EP_SIZE) & _rank_is_active(ranks, active_low, active_high)
         targets = flags_ptr + FLAG_ROW_GATHER * FLAG_ARRAY_STRIDE + ranks.to(tl.int64) * stride_rank + ep_rank
         tl.atomic_xchg(targets, tl.zeros([EP_PAD], dtype=tl.int32) + count, mask=rank_mask, sem="release", scope="sys")
-
-
-@triton.jit(do_not_specialize=["ep_rank", "stride_rank", "host_record_ptr", "timeout_ns", "timeout_ms", "active_low",
-                               "active_high"])
-def _barrier_kernel(
-    flag_value_ptr,  # [1] int32, own segment: this rank's epoch counter
-    flags_ptr,  # [3, EP_SIZE] int32 flag block of segment 0; segment t at + t * stride_rank
-    signatures_ptr,  # [EP_SIZE, SIGNATURE_WORDS] int32: this phase's signatures of segment 0
-    own_signature_ptr,  # [SIGNATURE_WORDS] int32: this rank's signature of the round
-    stride_rank,  # int32 elements between two segments
-    fault_record_ptr,  # [FAULT_RECORD_WORDS] int32, own segment
-    host_record_ptr,  # int64 address of the host-mapped copy of the record (0 without one)
-    timeout_ns,
-    timeout_ms,
-    active_low,  # active-rank mask, bits 0..31 (int32)
-    active_high,  # bits 32..63
-    ep_rank,
-    PHASE: tl.constexpr,  # a2a.runtime.protocol.Phase of this barrier
-    FLAG_ROW: tl.constexpr,  # its flag array (protocol.FlagArray)
-    EP_SIZE: tl.constexpr,
-    EP_PAD: tl.constexpr,
-    FLAG_ARRAY_STRIDE: tl.constexpr,  # int32 elements between two flag arrays of a segment
-    SIGNATURE_WORDS: tl.constexpr,
-    WAIT: tl.constexpr,
-    HAS_HOST_RECORD: tl.constexpr,
-):
-    """One program: everything this rank's stream did before is visible to every peer, then (WAIT)
-    every peer's signal for the same phase has arrived and its signature matches (or a fault is
-    recorded)."""
-    _phase_barrier(flag_value_ptr, flags_ptr, signatures_ptr, own_signature_ptr, stride_rank, fault_record_ptr,
-                   host_record_ptr, timeout_ns, timeout_ms, active_low, active_high, ep_rank, PHASE, FLAG_ROW, EP_SIZE,
-                   EP_PAD, FLAG_ARRAY_STRIDE, SIGNATURE_WORDS, WAIT, HAS_HOST_RECORD)

@@ -14,15 +14,12 @@ from typing import Any
 import torch
 
 from a2a.ops import configs
-from a2a.kernels import _barrier_kernel
-from a2a.ops.launch import KernelLaunch
 from a2a.layout import RoundState
 from a2a.runtime.protocol import (
     COMBINE_SIGNATURE_FIELDS,
     DISPATCH_SIGNATURE_FIELDS,
     MAX_SIGNATURE_PAYLOADS,
     SIGNATURE_WORDS,
-    FlagArray,
     Phase,
     dtype_code,
     mask_halves,
@@ -101,16 +98,3 @@ def barrier_args(rank_workspace: RankWorkspace, phase: Phase, own_signature: tor
             rank_workspace.signatures_every_rank(phase), own_signature, rank_workspace.stride_rank,
             rank_workspace.fault_record, rank_workspace.host_record_address, timeout_ns, timeout_ms,
             *mask_halves(active_rank_mask))  # fmt: skip
-
-
-def combine_barrier_launch(rank_workspace: RankWorkspace, own_signature: torch.Tensor, active_rank_mask: int,
-                           wait_in_kernel: bool) -> KernelLaunch:  # fmt: skip
-    """One program: signal "my combine plane is ready" (with the round's signature) to every peer,
-    then (on CUDA) wait for theirs and compare signatures."""
-    return KernelLaunch(
-        _barrier_kernel,
-        (1,),
-        (*barrier_args(rank_workspace, Phase.COMBINE, own_signature, active_rank_mask), rank_workspace.ep_rank),
-        dict(PHASE=int(Phase.COMBINE), FLAG_ROW=int(FlagArray.COMBINE), num_warps=1,
-             **protocol_constexprs(rank_workspace, wait_in_kernel)),
-    )

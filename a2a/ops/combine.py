@@ -6,11 +6,11 @@ import torch
 
 from a2a.ops import configs, validation
 from a2a.quantization import SfLayout, quantize_fp8_per_token
-from a2a.ops.barrier import combine_barrier_launch, combine_signature, protocol_constexprs, signature_tensor
-from a2a.kernels import _combine_kernel, _stage_combine_kernel
+from a2a.ops.barrier import barrier_args, combine_signature, protocol_constexprs, signature_tensor
+from a2a.kernels import _combine_barrier_kernel, _combine_kernel, _stage_combine_kernel
 from a2a.ops.launch import KernelLaunch
 from a2a.layout import MAX_TOP_K, PLANE_ALIGN, RoundState, combine_scales_offset
-from a2a.runtime.protocol import Phase, mask_halves
+from a2a.runtime.protocol import FlagArray, Phase, mask_halves
 from a2a.runtime.scheduler import run_steps
 from a2a.runtime.current_stream import current_stream
 from a2a.ops.context import plan_key, resolve_context, tensor_key, timeout_of_plan
@@ -245,11 +245,15 @@ class _CombinePlan:
             self.stage_scales_grid = stage_scales.grid
             self.stage_scales = stage_scales.bind(dynamic=("src_ptr",))
             self.stage_scales_unit = stage_scales.args[0].dtype
-        self.barrier = combine_barrier_launch(rank_workspace, self.signature, active_rank_mask,
-                                              self.wait_in_kernel).bind(dynamic=())  # fmt: skip
+        # CUDA: one launch signals, waits and gates. CPU: a signal launch, the host's wait, a gate launch.
+        barrier = barrier_launch(rank_workspace, self.signature, active_rank_mask, rt, top_k, self.wait_in_kernel,
+                                 gate=self.wait_in_kernel)  # fmt: skip
+        self.barrier = barrier.bind(dynamic=("num_tokens",))
         self.gather = gather.bind(dynamic=("out_ptr", "num_tokens"))
         if not self.wait_in_kernel:
             self.combine_wait = rank_workspace.flag_wait(Phase.COMBINE, active_rank_mask, timeout_of_plan()[1])
+            self.gate = barrier_launch(rank_workspace, self.signature, active_rank_mask, rt, top_k, False, gate=True,
+                                       signal=False).bind(dynamic=("num_tokens",))  # fmt: skip
 
     def accepts(self, payload: torch.Tensor, payload_scales: torch.Tensor | None, local_num_tokens: object,
                 output: torch.Tensor | None) -> bool:  # fmt: skip
@@ -277,14 +281,15 @@ class _CombinePlan:
         def gather() -> None:
             self.gather(gather_grid, output, local_num_tokens)
 
-        if self.wait_in_kernel:  # on the current CUDA stream: the barrier kernel waits
+        if self.wait_in_kernel:  # on the current CUDA stream: the barrier kernel waits and gates
             if not self.in_workspace:
                 stage()
-            self.barrier((1,))
+            self.barrier((1,), local_num_tokens)
             gather()
             return
         steps = [] if self.in_workspace else [stage]
-        run_steps(current_stream(self.device), [*steps, lambda: self.barrier((1,)), self.combine_wait, gather])
+        run_steps(current_stream(self.device), [*steps, lambda: self.barrier((1,), local_num_tokens), self.combine_wait,
+                                                lambda: self.gate((1,), local_num_tokens), gather])  # fmt: skip
 
 
 def _stage_launch(rank_workspace: RankWorkspace, payload: torch.Tensor, combine_offset: int) -> KernelLaunch:
@@ -326,11 +331,31 @@ def _gather_launch(
         (planes, planes.stride(0), scales, scales.stride(0), output, targets, send_indices, rt, rank_workspace.ep_rank,
          output.shape[0], rank_workspace.round_word(RoundState.GATHER_ELECTION),
          rank_workspace.round_word(RoundState.GATHER_COUNT), rank_workspace.round_words(RoundState.GATHERED_MASK, 2),
-         rank_workspace.flag_block_every_rank,
-         rank_workspace.stride_rank, rank_workspace.fault_record, rank_workspace.host_record_address,
-         rank_workspace.round_word(RoundState.DISPATCH_ROWS), rank_workspace.round_word(RoundState.DISPATCH_RT),
+         rank_workspace.flag_block_every_rank, rank_workspace.stride_rank, rank_workspace.fault_record,
          *mask_halves(active_rank_mask)),
         dict(HIDDEN=hidden, TOP_K=top_k, TILE=config.tile, HAS_SCALES=scales_offset is not None,
              EP_SIZE=ep_size, EP_PAD=protocol["EP_PAD"], FLAG_ARRAY_STRIDE=protocol["FLAG_ARRAY_STRIDE"],
-             HAS_HOST_RECORD=protocol["HAS_HOST_RECORD"], num_warps=config.num_warps),
+             num_warps=config.num_warps),
+    )
+
+
+# The gate marks up to max_num_tokens * MAX_TOP_K entries of a lost round, this many per step.
+GATE_BLOCK = 1024
+
+
+def barrier_launch(rank_workspace: RankWorkspace, own_signature: torch.Tensor, active_rank_mask: int, rt: int,
+                   top_k: int, wait_in_kernel: bool, gate: bool, signal: bool = True) -> KernelLaunch:  # fmt: skip
+    """One program: (signal) "my combine plane is ready", with the round's signature, to every peer;
+    (wait_in_kernel) wait for theirs and compare signatures; (gate) let the gather read, or mark
+    the combine's top-k entries lost after a fault or a combine that differs from its dispatch."""
+    layout = rank_workspace.layout
+    targets = rank_workspace.own(layout.topk_target_ranks_offset, layout.max_num_tokens * MAX_TOP_K)
+    return KernelLaunch(
+        _combine_barrier_kernel,
+        (1,),
+        (*barrier_args(rank_workspace, Phase.COMBINE, own_signature, active_rank_mask), rank_workspace.ep_rank,
+         targets, rank_workspace.round_word(RoundState.DISPATCH_ROWS), rank_workspace.round_word(RoundState.DISPATCH_RT),
+         0, rt),
+        dict(PHASE=int(Phase.COMBINE), FLAG_ROW=int(FlagArray.COMBINE), TOP_K=top_k, GATE_BLOCK=GATE_BLOCK,
+             SIGNAL=signal, GATE=gate, num_warps=1, **protocol_constexprs(rank_workspace, wait_in_kernel)),
     )

@@ -26,6 +26,9 @@ import enum
 
 FLAG_EPOCH_MASK = 0x7FFFFFFF
 FLAG_POISON = -1
+# A top-k entry of a lost round: the combine barrier writes it into every entry of the combine's
+# rows after a fault, so the gather loads no peer row and writes NaN (-1 is "not sent").
+TOPK_TARGET_LOST = -2
 
 
 class FlagArray(enum.IntEnum):

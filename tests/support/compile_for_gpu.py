@@ -56,8 +56,8 @@ def _gpu_variant(launch):
 def compile_all() -> list[str]:
     driver.set_active(_TargetOnlyDriver())
     import a2a
-    from a2a.ops.barrier import combine_barrier_launch, signature_tensor
-    from a2a.ops.combine import _gather_launch, _stage_launch
+    from a2a.ops.barrier import signature_tensor
+    from a2a.ops.combine import _gather_launch, _stage_launch, barrier_launch
     from a2a.ops.dispatch import _copy_launch, _route_launch, _share_stats_launch
     from a2a.layout import WorkspaceLayout
     from a2a.ops.sanitize import expert_id_sanitize_launch
@@ -83,7 +83,7 @@ def compile_all() -> list[str]:
         ("route (device count)", _route_launch(rank_workspace, experts, count, True, top_k, num_experts, mask, True)),
         ("dispatch copy", _copy_launch(rank_workspace, payloads, count, False, round_layout, top_k, signature, mask,
                                        True)[0]),
-        ("combine barrier", combine_barrier_launch(rank_workspace, signature, mask, True)),
+        ("combine barrier", barrier_launch(rank_workspace, signature, mask, 32, top_k, True, gate=True)),
         ("stage", _stage_launch(rank_workspace, plane, round_layout.combine_offset)),
         ("gather", _gather_launch(rank_workspace, plane, round_layout.combine_offset, output, top_k, None, mask, True)),
         ("gather (fp8 with scales)", _gather_launch(rank_workspace, plane.to(torch.float8_e4m3fn),

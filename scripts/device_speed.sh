@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Before / after speed on the lent GPU, in one call (device tool: bash scripts/device_speed.sh):
+# the benchmark sweep of the base tree in .base/ (git archive of the base commit, carried) and of
+# this tree, interleaved base / this / base / this, then each tree's per-kernel durations of one
+# round (bench/profile/round_timeline.py, summarised per kernel). Results and logs go to $OUT.
+#   BASE_COMMIT (default 544fef1) TOKENS (16,128,1024,4096) TIMELINE_TOKENS (16 1024) PASSES (1)
+set -u
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/a2a-out}; mkdir -p "$OUT"
+BASE_COMMIT=${BASE_COMMIT:-544fef1}
+HEAD_COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo worktree)
+TOKENS=${TOKENS:-16,128,1024,4096}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+
+summarise() {  # kernel name -> median duration over the ranks of one replay
+  python3 -c '
+import collections, statistics, sys
+durations = collections.defaultdict(list)
+for line in sys.stdin:
+    parts = line.split()
+    if len(parts) >= 4 and parts[0].replace(".", "").replace("-", "").isdigit():
+        durations[parts[3]].append(float(parts[2]))
+    elif "round span" in line:
+        print(line.strip())
+for name, values in durations.items():
+    print(f"  {name:40s} x{len(values):2d} median {statistics.median(values):7.1f} us")'
+}
+
+for pass in $(seq 1 "${PASSES:-1}"); do
+  echo "== pass $pass: base $BASE_COMMIT"
+  (cd .base && PYTHONPATH=$PWD timeout 280 python3 -m bench.run --ranks 8 --tokens "$TOKENS" --iterations 20 \
+    --commit "$BASE_COMMIT" --out "$OUT/base$pass") 2>&1 | grep -v Warning | tail -30
+  echo "== pass $pass: this tree $HEAD_COMMIT"
+  PYTHONPATH=$PWD timeout 280 python3 -m bench.run --ranks 8 --tokens "$TOKENS" --iterations 20 --commit "$HEAD_COMMIT" \
+    --out "$OUT/new$pass" 2>&1 | grep -v Warning | tail -30
+done
+for tokens in ${TIMELINE_TOKENS:-16 1024}; do
+  echo "== timeline $tokens tokens, base"
+  (cd .base && PYTHONPATH=$PWD timeout 100 python3 scripts/round_timeline.py "$tokens") 2>&1 | tee "$OUT/timeline_base_$tokens.txt" | summarise
+  echo "== timeline $tokens tokens, this tree"
+  PYTHONPATH=$PWD timeout 100 python3 -m bench.profile.round_timeline "$tokens" 2>&1 | tee "$OUT/timeline_new_$tokens.txt" | summarise
+done
