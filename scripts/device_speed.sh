@@ -8,7 +8,7 @@ set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/a2a-out}; mkdir -p "$OUT"
 BASE_COMMIT=${BASE_COMMIT:-544fef1}
-HEAD_COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo worktree)
+HEAD_COMMIT=${HEAD_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo worktree)}
 TOKENS=${TOKENS:-16,128,1024,4096}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 
@@ -18,10 +18,10 @@ import collections, statistics, sys
 durations = collections.defaultdict(list)
 for line in sys.stdin:
     parts = line.split()
-    if len(parts) >= 4 and parts[0].replace(".", "").replace("-", "").isdigit():
-        durations[parts[3]].append(float(parts[2]))
-    elif "round span" in line:
+    if "round span" in line:
         print(line.strip())
+    elif len(parts) >= 4 and parts[0].replace(".", "").replace("-", "").isdigit():
+        durations[parts[3]].append(float(parts[2]))
 for name, values in durations.items():
     print(f"  {name:40s} x{len(values):2d} median {statistics.median(values):7.1f} us")'
 }

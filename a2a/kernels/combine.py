@@ -25,7 +25,7 @@ every gather program, keeps the gather's loads free of a dependent check.
 import triton
 import triton.language as tl
 
-from a2a.kernels.signal import _is_faulted, _phase_barrier, _record_round_mismatch, _signal_gathered
+from a2a.kernels.signal import FLAG_EPOCH_MASK, _is_faulted, _phase_barrier, _record_round_mismatch, _signal_gathered
 
 # a2a.runtime.protocol.TOPK_TARGET_LOST
 TOPK_TARGET_LOST = tl.constexpr(-2)
@@ -78,7 +78,7 @@ def _combine_kernel(
     runtime_max_tokens,
     ep_rank,
     num_tokens,  # rows of out (the grid has max(1, num_tokens) rows, so a rank without tokens signals)
-    election_ptr,  # [1] int32, own segment: gather programs finished (reset by the last program)
+    election_ptr,  # [ELECTION_LANES * (LANE_STRIDE + 1)] int32, own segment: counters, then the last launch's totals
     gather_count_ptr,  # [1] int32, own segment: gathers this rank finished
     gathered_mask_ptr,  # [2] int32, own segment: the active-rank mask of its last gather (written here)
     flags_ptr,  # [3, EP_SIZE] int32 flag block of segment 0; segment t at + t * stride_rank
@@ -93,9 +93,20 @@ def _combine_kernel(
     EP_SIZE: tl.constexpr,
     EP_PAD: tl.constexpr,
     FLAG_ARRAY_STRIDE: tl.constexpr,
+    ELECTION_LANES: tl.constexpr,
+    LANE_STRIDE: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
+    program = tl.program_id(0) * tl.num_programs(1) + tile
+    last = tl.num_programs(0) * tl.num_programs(1) - 1  # the program that signals; the others count
+    is_last = program == last
+    # The last program's own-state words, loaded now, off the signal's path. Nothing writes them
+    # during a gather (a fault is recorded before it, by the barrier program).
+    lanes = tl.arange(0, ELECTION_LANES)
+    bases = tl.load(election_ptr + ELECTION_LANES * LANE_STRIDE + lanes, mask=(lanes * 0 + program) == last, other=0)
+    new_count = (tl.load(gather_count_ptr, mask=is_last, other=0) + 1) & FLAG_EPOCH_MASK
+    faulted = tl.load(fault_record_ptr, mask=is_last, other=0) != 0
     if token < num_tokens:
         cols = tile * TILE + tl.arange(0, TILE)
         col_mask = cols < HIDDEN
@@ -123,44 +134,46 @@ def _combine_kernel(
             result = acc.to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + token * HIDDEN + cols, result, mask=col_mask)
 
-    # Every program but the last adds itself to the counter with a relaxed reduction it does not
-    # wait for. Its loads are done: every loaded value feeds the output store issued before the
-    # barrier, and ptxas moves no memory operation across bar.sync. (The PTX model alone does not
-    # order a load before a later relaxed red; a release red would, at the cost measured below.) The
-    # last program waits for the others, then signals. An acq_rel election in every program (a
-    # fence waiting for its stores, a returned atomic) cost 869 -> 799 us at 4096 tokens per rank
-    # (bench/profile/combine_variants.py of commit 1930370, 8 ranks on one H200). The last program is scheduled last
-    # or holds one slot while the others run: they never wait, so the wait ends.
+    # Every program but the last adds itself to counter `program % ELECTION_LANES` with a relaxed
+    # reduction it does not wait for. Its loads are done: every loaded value feeds the output store
+    # issued before the barrier, and ptxas moves no memory operation across bar.sync. (The PTX model
+    # alone does not order a load before a later relaxed red; a release red would, at the cost
+    # measured below.) The last program waits until every counter has grown by its share since the
+    # last launch (counters are never reset: no atomic round trip on the signal's path), then
+    # signals. An acq_rel election in every program (a fence waiting for its stores, a returned
+    # atomic) cost 869 -> 799 us at 4096 tokens per rank (bench/profile/combine_variants.py of
+    # commit 1930370, 8 ranks on one H200). The last program is scheduled last or holds one slot
+    # while the others run: they never wait, so the wait ends.
     tl.debug_barrier()
-    others = tl.num_programs(0) * tl.num_programs(1) - 1
-    if (tl.program_id(0) == tl.num_programs(0) - 1) & (tl.program_id(1) == tl.num_programs(1) - 1):
-        while tl.load(election_ptr, volatile=True) < others:
+    if is_last:
+        targets = bases + last // ELECTION_LANES + (lanes < last % ELECTION_LANES).to(tl.int32)  # int32, wraps
+        counters = election_ptr + lanes * LANE_STRIDE
+        while tl.sum((tl.load(counters, volatile=True) != targets).to(tl.int32), axis=0) > 0:
             pass
-        tl.atomic_xchg(election_ptr, 0, sem="acq_rel", scope="gpu")  # the next launch counts from zero
-        _signal_gathered(gather_count_ptr, gathered_mask_ptr, flags_ptr, stride_rank, fault_record_ptr, active_low,
+        tl.store(election_ptr + ELECTION_LANES * LANE_STRIDE + lanes, targets)  # read by the next launch
+        _signal_gathered(new_count, faulted, gather_count_ptr, gathered_mask_ptr, flags_ptr, stride_rank, active_low,
                          active_high, ep_rank, EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE)
     else:
-        tl.atomic_add(election_ptr, 1, sem="relaxed", scope="gpu")
+        tl.atomic_add(election_ptr + (program % ELECTION_LANES) * LANE_STRIDE, 1, sem="relaxed", scope="gpu")
 
 
 @triton.jit
-def _gate_gather(topk_target_ranks_ptr, dispatch_rows_ptr, dispatch_rt_ptr, num_tokens, runtime_max_tokens, flags_ptr,
+def _gate_gather(faulted, dispatch_rows, dispatch_rt, topk_target_ranks_ptr, num_tokens, runtime_max_tokens, flags_ptr,
                  stride_rank, fault_record_ptr, host_record_ptr, active_low, active_high, ep_rank,
                  TOP_K: tl.constexpr, BLOCK: tl.constexpr, EP_SIZE: tl.constexpr, EP_PAD: tl.constexpr,
                  FLAG_ARRAY_STRIDE: tl.constexpr, HAS_HOST_RECORD: tl.constexpr):
     """Decide, once per combine and before its gather, whether the gather may read: not after a
-    recorded fault (this rank's, or one the barrier just recorded), and not when the combine's
-    token rows or rt differ from this rank's last dispatch (then record that fault). A lost round
-    gets TOPK_TARGET_LOST in every top-k entry of its rows, so the gather loads no peer row and
-    writes NaN; a healthy round costs the gather nothing."""
-    dispatch_rows = tl.load(dispatch_rows_ptr)
-    dispatch_rt = tl.load(dispatch_rt_ptr)
+    recorded fault (`faulted`: this rank's, or one the barrier just recorded), and not when the
+    combine's token rows or rt differ from this rank's last dispatch (`dispatch_rows`,
+    `dispatch_rt`; then record that fault). A lost round gets TOPK_TARGET_LOST in every top-k entry
+    of its rows, so the gather loads no peer row and writes NaN; a healthy round costs the gather
+    nothing."""
     matches_dispatch = (dispatch_rows == num_tokens) & (dispatch_rt == runtime_max_tokens)
-    if (~_is_faulted(fault_record_ptr)) & (~matches_dispatch):
+    if (~faulted) & (~matches_dispatch):
         _record_round_mismatch(dispatch_rows, dispatch_rt, num_tokens, runtime_max_tokens, flags_ptr, stride_rank,
                                fault_record_ptr, host_record_ptr, active_low, active_high, ep_rank, EP_SIZE, EP_PAD,
                                FLAG_ARRAY_STRIDE, HAS_HOST_RECORD)
-    if _is_faulted(fault_record_ptr):
+    if faulted | (~matches_dispatch):
         entries = num_tokens * TOP_K  # <= max_num_tokens * MAX_TOP_K: rt <= max_num_tokens (host-checked)
         lost = tl.zeros([BLOCK], dtype=tl.int32) + TOPK_TARGET_LOST
         for start in range(0, entries, BLOCK):
@@ -204,12 +217,16 @@ def _combine_barrier_kernel(
     """One program between staging and gather: everything this rank's stream did before is visible
     to every peer, then (WAIT) every peer's signal for the combine has arrived and its signature
     matches (or a fault is recorded), then (GATE) the gather is let through or marked lost."""
+    # Written by this rank's dispatch copy, an earlier kernel on this stream: loaded off the wait's path.
+    dispatch_rows = tl.load(dispatch_rows_ptr)
+    dispatch_rt = tl.load(dispatch_rt_ptr)
+    faulted = _is_faulted(fault_record_ptr)  # without SIGNAL: after the host's wait, which may have recorded
     if SIGNAL:
-        _phase_barrier(flag_value_ptr, flags_ptr, signatures_ptr, own_signature_ptr, stride_rank, fault_record_ptr,
-                       host_record_ptr, timeout_ns, timeout_ms, active_low, active_high, ep_rank, PHASE, FLAG_ROW,
-                       EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE, SIGNATURE_WORDS, WAIT, HAS_HOST_RECORD)
-        tl.debug_barrier()  # a record one thread wrote above is read by every thread below
+        faulted = _phase_barrier(flag_value_ptr, flags_ptr, signatures_ptr, own_signature_ptr, stride_rank,
+                                 fault_record_ptr, host_record_ptr, timeout_ns, timeout_ms, active_low, active_high,
+                                 ep_rank, PHASE, FLAG_ROW, EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE, SIGNATURE_WORDS, WAIT,
+                                 HAS_HOST_RECORD)
     if GATE:
-        _gate_gather(topk_target_ranks_ptr, dispatch_rows_ptr, dispatch_rt_ptr, num_tokens, runtime_max_tokens,
+        _gate_gather(faulted, dispatch_rows, dispatch_rt, topk_target_ranks_ptr, num_tokens, runtime_max_tokens,
                      flags_ptr, stride_rank, fault_record_ptr, host_record_ptr, active_low, active_high, ep_rank, TOP_K,
                      GATE_BLOCK, EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE, HAS_HOST_RECORD)

@@ -107,6 +107,12 @@ def _route_kernel(
         token_mask = row_mask
     ranks = tl.arange(0, EP_PAD)
     rank_mask = ranks < EP_SIZE
+    # The own-state words the last program's wait needs, loaded now, off its path (every program:
+    # which one is last is known only at the election). Written by earlier kernels on this stream.
+    gather_count = tl.load(gather_count_ptr)
+    previous_low = tl.load(gathered_mask_ptr)
+    previous_high = tl.load(gathered_mask_ptr + 1)
+    healthy = tl.load(fault_record_ptr) == 0
 
     # All of the block's expert ids in one load: the per-k work below then has no memory access on
     # its dependency chain (a load per k made this kernel latency-bound, ~15 us for one block).
@@ -156,14 +162,16 @@ def _route_kernel(
             total_invalid += tl.sum(tl.load(block_invalid_ptr + blocks, mask=block_mask, other=0,
                                             cache_modifier=".cg"), axis=0)
         tl.store(send_counters_ptr + ranks, carry, mask=rank_mask)
+        faulted = ~healthy
         if WAIT:
-            _await_previous_gathers(gather_count_ptr, gathered_mask_ptr, flags_ptr, stride_rank, fault_record_ptr,
-                                    host_record_ptr, timeout_ns, timeout_ms, active_low, active_high, ep_rank, EP_SIZE,
-                                    EP_PAD, FLAG_ARRAY_STRIDE, HAS_HOST_RECORD)
+            faulted = _await_previous_gathers(gather_count, previous_low, previous_high, healthy, flags_ptr,
+                                              stride_rank, fault_record_ptr, host_record_ptr, timeout_ns, timeout_ms,
+                                              active_low, active_high, ep_rank, EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE,
+                                              HAS_HOST_RECORD)
         active = _rank_is_active(ranks, active_low, active_high)
-        healthy = (tl.load(fault_record_ptr + ranks * 0, volatile=True)) == 0  # a tensor, for the mask
+        healthy_ranks = (ranks * 0 + faulted.to(tl.int32)) == 0  # a tensor, for the mask
         remote = recv_counters_ptr + ranks.to(tl.int64) * stride_rank + ep_rank
-        tl.store(remote, carry, mask=rank_mask & active & healthy)
+        tl.store(remote, carry, mask=rank_mask & active & healthy_ranks)
         own = recv_counters_ptr + ep_rank.to(tl.int64) * stride_rank + ranks
         tl.store(own, tl.zeros([EP_PAD], dtype=tl.int32), mask=rank_mask & (~active))
         tl.store(invalid_count_ptr, total_invalid)

@@ -177,7 +177,7 @@ def _judge_wait(arrived, poisoned, timed_out, mismatched, fields, first_rank, fi
     """After a wait: record the first problem (a poisoned peer, else a timeout, else a signature
     mismatch) and poison this rank's flags in every peer; nothing if all is well. A mismatch
     leaves this phase's flag (`flag_row`) as signalled, so every peer still compares this rank's
-    signature and reports the disagreement itself."""
+    signature and reports the disagreement itself. Returns whether it recorded a fault."""
     any_poisoned = tl.sum(poisoned.to(tl.int32), axis=0) > 0
     any_mismatch = tl.sum(mismatched.to(tl.int32), axis=0) > 0
     missing = rank_mask & (~arrived)
@@ -194,6 +194,7 @@ def _judge_wait(arrived, poisoned, timed_out, mismatched, fields, first_rank, fi
                       tl.where(kind == FAULT_TIMEOUT, timeout_ms, 0), missing_low, missing_high, HAS_HOST_RECORD)
         _poison_peers(flags_ptr, stride_rank, ep_rank, active_low, active_high, tl.where(is_mismatch, flag_row, -1),
                       EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE)
+    return kind != 0
 
 
 @triton.jit
@@ -225,12 +226,14 @@ def _phase_barrier(flag_value_ptr, flags_ptr, signatures_ptr, own_signature_ptr,
                    FLAG_ARRAY_STRIDE: tl.constexpr, SIGNATURE_WORDS: tl.constexpr, WAIT: tl.constexpr,
                    HAS_HOST_RECORD: tl.constexpr):
     """One program: signal this phase (signature, then epoch) and, with WAIT, wait and judge.
+    Returns whether this rank has a fault recorded afterwards (from before, or by this wait).
 
     flags_ptr: the flag block `[3, EP_SIZE]` of segment 0 (rows FLAG_ARRAY_STRIDE apart; segment t
     at + t * stride_rank). signatures_ptr: this phase's `[EP_SIZE, SIGNATURE_WORDS]` signatures of
     segment 0. own_signature_ptr: this rank's `[SIGNATURE_WORDS]` signature of the round.
     """
     healthy = ~_is_faulted(fault_record_ptr)
+    recorded = healthy & (~healthy)  # false; a wait below may record a fault
     if healthy:
         value = (tl.load(flag_value_ptr, volatile=True) + 1) & FLAG_EPOCH_MASK
         tl.debug_barrier()  # every thread has read the old epoch before one thread stores the new one
@@ -253,24 +256,27 @@ def _phase_barrier(flag_value_ptr, flags_ptr, signatures_ptr, own_signature_ptr,
             own_rows = signatures_ptr + ep_rank.to(tl.int64) * stride_rank
             mismatched, fields, first_rank, first_field, own_value, peer_value = _compare_signatures(
                 own_rows, own_signature_ptr, ranks, rank_mask & arrived, SIGNATURE_WORDS)
-            _judge_wait(arrived, poisoned, timed_out, mismatched, fields, first_rank, first_field, own_value,
-                        peer_value, ranks, rank_mask, value, PHASE, FLAG_ROW, flags_ptr, stride_rank, fault_record_ptr,
-                        host_record_ptr, timeout_ms, active_low, active_high, ep_rank, EP_SIZE, EP_PAD,
-                        FLAG_ARRAY_STRIDE, HAS_HOST_RECORD)
+            recorded = _judge_wait(arrived, poisoned, timed_out, mismatched, fields, first_rank, first_field,
+                                   own_value, peer_value, ranks, rank_mask, value, PHASE, FLAG_ROW, flags_ptr,
+                                   stride_rank, fault_record_ptr, host_record_ptr, timeout_ms, active_low, active_high,
+                                   ep_rank, EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE, HAS_HOST_RECORD)
     else:
         _mirror_fault(fault_record_ptr, host_record_ptr, HAS_HOST_RECORD)
+    return (~healthy) | recorded
 
 
 @triton.jit
-def _await_previous_gathers(gather_count_ptr, gathered_mask_ptr, flags_ptr, stride_rank, fault_record_ptr,
+def _await_previous_gathers(count, previous_low, previous_high, healthy, flags_ptr, stride_rank, fault_record_ptr,
                             host_record_ptr, timeout_ns, timeout_ms, active_low, active_high, ep_rank,
                             EP_SIZE: tl.constexpr, EP_PAD: tl.constexpr, FLAG_ARRAY_STRIDE: tl.constexpr,
                             HAS_HOST_RECORD: tl.constexpr):
     """Before this rank's dispatch writes (into peers, or into its own segment afterwards): wait
-    until every rank of the previous round (the mask its gather recorded at `gathered_mask_ptr`,
-    two int32 words: ranks may since have been made inactive) has finished gathering it (its gather
-    flag here equals this rank's gather count), so no row of this round can land on a combine plane
-    a peer is still reading, whatever the two rounds' geometry.
+    until every rank of the previous round (`previous_low` / `previous_high`: the mask its gather
+    recorded; ranks may since have been made inactive) has finished gathering it (its gather flag
+    here equals this rank's gather count `count`), so no row of this round can land on a combine
+    plane a peer is still reading, whatever the two rounds' geometry. The caller loads `count`, the
+    mask and `healthy` (no fault recorded) early, off this wait's path; returns whether this rank has
+    a fault recorded afterwards.
 
     A rank that has recorded a fault still waits (a poisoned peer counting as done, a timeout
     ending it quietly): its own next writes into its own segment (sanitize, staging, the caller's
@@ -280,18 +286,16 @@ def _await_previous_gathers(gather_count_ptr, gathered_mask_ptr, flags_ptr, stri
     order (the dispatch copy's rows, later own-segment writes) is issued by a later kernel on this
     stream, after this one has completed."""
     ranks = tl.arange(0, EP_PAD)
-    previous_low = tl.load(gathered_mask_ptr, volatile=True)
-    previous_high = tl.load(gathered_mask_ptr + 1, volatile=True)
     rank_mask = (ranks < EP_SIZE) & _rank_is_active(ranks, previous_low, previous_high)
-    count = tl.load(gather_count_ptr, volatile=True)
     own_flags = flags_ptr + FLAG_ROW_GATHER * FLAG_ARRAY_STRIDE + ep_rank.to(tl.int64) * stride_rank
-    healthy = ~_is_faulted(fault_record_ptr)
     arrived, poisoned, timed_out = _await_flags(own_flags, count, ranks, rank_mask, timeout_ns, healthy)
+    recorded = healthy & (~healthy)  # false
     if healthy:
-        _judge_wait(arrived, poisoned, timed_out, ranks < 0, 0, 0, 0, 0, 0, ranks, rank_mask, count, PHASE_ORDERING,
+        recorded = _judge_wait(arrived, poisoned, timed_out, ranks < 0, 0, 0, 0, 0, 0, ranks, rank_mask, count, PHASE_ORDERING,
                     FLAG_ROW_GATHER, flags_ptr, stride_rank, fault_record_ptr, host_record_ptr, timeout_ms, active_low,
                     active_high, ep_rank, EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE, HAS_HOST_RECORD)
     tl.debug_barrier()  # the record (written by one thread) is visible to the whole program after this
+    return (~healthy) | recorded
 
 
 @triton.jit
@@ -313,20 +317,18 @@ def _record_round_mismatch(dispatch_rows, dispatch_rt, num_tokens, runtime_max_t
 
 
 @triton.jit
-def _signal_gathered(gather_count_ptr, gathered_mask_ptr, flags_ptr, stride_rank, fault_record_ptr, active_low,
+def _signal_gathered(count, faulted, gather_count_ptr, gathered_mask_ptr, flags_ptr, stride_rank, active_low,
                      active_high, ep_rank, EP_SIZE: tl.constexpr, EP_PAD: tl.constexpr,
                      FLAG_ARRAY_STRIDE: tl.constexpr):
     """After this rank's gather (every program's loads done: the calling last program saw every other
-    one count itself done):
-    bump the gather count, remember this round's active ranks (the next dispatch waits for their
-    gathers), and, unless this rank has recorded a fault, store the count into
-    `flags[GATHER][me]` of every active segment."""
-    count = (tl.load(gather_count_ptr, volatile=True) + 1) & FLAG_EPOCH_MASK
-    tl.debug_barrier()  # every thread has read the old count before one thread stores the new one
+    one count itself done): store the gather count `count` (the caller's: the old count + 1, loaded
+    early), remember this round's active ranks (the next dispatch waits for their gathers), and,
+    unless this rank has recorded a fault (`faulted`, loaded early: nothing records one during a
+    gather), store the count into `flags[GATHER][me]` of every active segment."""
     tl.store(gather_count_ptr, count)
     tl.store(gathered_mask_ptr, active_low)
     tl.store(gathered_mask_ptr + 1, active_high)
-    if not _is_faulted(fault_record_ptr):
+    if not faulted:
         ranks = tl.arange(0, EP_PAD)
         rank_mask = (ranks < EP_SIZE) & _rank_is_active(ranks, active_low, active_high)
         targets = flags_ptr + FLAG_ROW_GATHER * FLAG_ARRAY_STRIDE + ranks.to(tl.int64) * stride_rank + ep_rank
