@@ -15,7 +15,6 @@ Aux region (static for a given `(ep_size, max_num_tokens)`), each field 128-byte
 | gather_flags | i32 [ep] | peer `s` stores its gather count into `[s]` after its gather | own routing's last program, before this rank's next dispatch writes |
 | signatures | i32 [2, ep, SIGNATURE_WORDS] | peer `s` stores its round's signature into `[phase][s]` before its flag | own barrier (compared with its own) |
 | round_state | i32 [32] | own kernels | see `RoundState`: election counters (self-resetting), invalid count, epoch and gather counters, fault record |
-| gather_election | i32 [ELECTION_LANES, ELECTION_LANE_STRIDE] counters, then i32 [ELECTION_LANES] bases | own gather: program p adds 1 to counter `p % ELECTION_LANES`; the last program waits until every counter is its base + its share, then stores the new bases (never reset) | own gather (last program) |
 | topk_target_ranks | i32 [max_num_tokens * top_k] | own routing | own combine |
 | topk_send_indices | i32 [max_num_tokens * top_k] | own dispatch copy | own combine |
 | topk_local_slots | i32 [max_num_tokens * top_k] | own routing (slot inside its token block) | own dispatch copy |
@@ -57,11 +56,6 @@ MAX_PAYLOADS = 8
 ROUTE_BLOCK_TOKENS = 64
 REGION_ALIGN = 128
 PLANE_ALIGN = 16
-# The gather's programs count themselves done on this many counters, each on its own 128-byte line:
-# one counter took every program's atomic in turn (16,384 at 4096 tokens per rank) and the last
-# program waited ~17 us for them (the spin vs no-signal variants, bench/RESULTS.md).
-ELECTION_LANES = 16
-ELECTION_LANE_STRIDE = 32  # int32 words between two counters
 # Counted in `aux_data_size` though the payload begins before it: what the 16-byte alignment of up
 # to MAX_PAYLOADS receive planes and the 128-byte start of the combine plane can add to a round,
 # so FlashInfer's sizing formula (aux + payloads + combine, each padded to 128) always fits.
@@ -76,7 +70,7 @@ class RoundState:
     INVALID_COUNT = 1  # (token, k) pairs skipped in the last dispatch for an id outside [0, num_experts)
     FLAG_VALUE = 2  # epoch counter: +1 per signalled phase (dispatch, combine), 31 bits, never reset
     COPY_ELECTION = 3  # dispatch copy programs finished this round; the last one resets it to 0
-    # 4: unused (was the gather's single election counter; see the gather_election region)
+    GATHER_ELECTION = 4  # gather programs finished this round (all but the last, which resets it to 0)
     GATHER_COUNT = 5  # gathers finished by this rank (31 bits, never reset): its gather-flag epoch
     DISPATCH_ROWS = 6  # token rows of this rank's last dispatch (its combine must have as many)
     DISPATCH_RT = 7  # runtime_max_tokens_per_rank of this rank's last dispatch (its combine's too)
@@ -129,7 +123,6 @@ class WorkspaceLayout:
     gather_flags_offset: int
     signatures_offset: int
     round_state_offset: int
-    gather_election_offset: int
     topk_target_ranks_offset: int
     topk_send_indices_offset: int
     topk_local_slots_offset: int
@@ -159,7 +152,6 @@ class WorkspaceLayout:
             ("gather_flags_offset", 4 * ep_size),
             ("signatures_offset", 4 * 2 * ep_size * SIGNATURE_WORDS),
             ("round_state_offset", 4 * ROUND_STATE_LEN),
-            ("gather_election_offset", 4 * ELECTION_LANES * (ELECTION_LANE_STRIDE + 1)),
             ("topk_target_ranks_offset", topk_bytes),
             ("topk_send_indices_offset", topk_bytes),
             ("topk_local_slots_offset", topk_bytes),
@@ -240,7 +232,6 @@ METAINFO_FIELDS: tuple[str, ...] = (
     "gather_flags_offset",
     "signatures_offset",
     "round_state_offset",
-    "gather_election_offset",
     "topk_target_ranks_offset",
     "topk_send_indices_offset",
     "topk_local_slots_offset",

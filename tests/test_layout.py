@@ -10,8 +10,6 @@ from hypothesis import strategies as st
 import a2a
 from a2a.runtime.protocol import SIGNATURE_WORDS
 from a2a.layout import (
-    ELECTION_LANE_STRIDE,
-    ELECTION_LANES,
     MAX_PAYLOADS,
     MAX_TOP_K,
     METAINFO_FIELDS,
@@ -37,7 +35,6 @@ def region_sizes(layout: WorkspaceLayout) -> dict[str, int]:
         "gather_flags_offset": 4 * ep,
         "signatures_offset": 4 * 2 * ep * SIGNATURE_WORDS,
         "round_state_offset": 4 * ROUND_STATE_LEN,
-        "gather_election_offset": 4 * ELECTION_LANES * (ELECTION_LANE_STRIDE + 1),
         "topk_target_ranks_offset": topk,
         "topk_send_indices_offset": topk,
         "topk_local_slots_offset": topk,
@@ -109,7 +106,7 @@ def test_metainfo_round_trip_and_index_names():
 
 
 def test_initialize_zeroes_only_its_own_segment():
-    workspace = torch.full((3, a2a.moe_a2a_get_aux_data_size(3, 4)), 7, dtype=torch.uint8)
+    workspace = torch.full((3, 4096), 7, dtype=torch.uint8)
     metainfo = a2a.moe_a2a_initialize(workspace, 1, 3, 4)
     assert torch.equal(metainfo, WorkspaceLayout.compute(3, 4).to_metainfo())
     assert workspace[1].eq(0).all() and workspace[0].eq(7).all() and workspace[2].eq(7).all()

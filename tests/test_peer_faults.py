@@ -50,10 +50,13 @@ def test_simulated_silent_rank_times_out_naming_it(device, ep_size, monkeypatch)
     with pytest.raises(a2a.A2ATimeoutError, match=rf"\[{silent}\]"):
         moes[0].combine(plane, 4)
     assert time.monotonic() - start < 1.0
-    if world.device.type == "cuda":  # every waiting rank recorded it
-        for rank in range(silent):
-            with pytest.raises(a2a.A2ATimeoutError, match=rf"rank {rank} got no signal"):
+    if world.device.type == "cuda":  # every waiting rank recorded it: a timeout, or the poison of a
+        for rank in range(silent):   # waiter whose deadline came first, naming the silent rank as missing
+            with pytest.raises((a2a.A2ATimeoutError, a2a.A2APeerFailedError), match=rf"rank {rank}") as info:
                 moes[rank].synchronize()
+            assert info.value.missing_ranks == (silent,)
+            if isinstance(info.value, a2a.A2APeerFailedError):
+                assert silent not in info.value.failed_ranks and rank not in info.value.failed_ranks
     for moe in moes:
         moe._reset_workspace()
     del moes, world

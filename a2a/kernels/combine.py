@@ -78,7 +78,7 @@ def _combine_kernel(
     runtime_max_tokens,
     ep_rank,
     num_tokens,  # rows of out (the grid has max(1, num_tokens) rows, so a rank without tokens signals)
-    election_ptr,  # [ELECTION_LANES * (LANE_STRIDE + 1)] int32, own segment: counters, then the last launch's totals
+    election_ptr,  # [1] int32, own segment: gather programs finished (reset by the last program)
     gather_count_ptr,  # [1] int32, own segment: gathers this rank finished
     gathered_mask_ptr,  # [2] int32, own segment: the active-rank mask of its last gather (written here)
     flags_ptr,  # [3, EP_SIZE] int32 flag block of segment 0; segment t at + t * stride_rank
@@ -93,20 +93,9 @@ def _combine_kernel(
     EP_SIZE: tl.constexpr,
     EP_PAD: tl.constexpr,
     FLAG_ARRAY_STRIDE: tl.constexpr,
-    ELECTION_LANES: tl.constexpr,
-    LANE_STRIDE: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
-    program = tl.program_id(0) * tl.num_programs(1) + tile
-    last = tl.num_programs(0) * tl.num_programs(1) - 1  # the program that signals; the others count
-    is_last = program == last
-    # The last program's own-state words, loaded now, off the signal's path. Nothing writes them
-    # during a gather (a fault is recorded before it, by the barrier program).
-    lanes = tl.arange(0, ELECTION_LANES)
-    bases = tl.load(election_ptr + ELECTION_LANES * LANE_STRIDE + lanes, mask=(lanes * 0 + program) == last, other=0)
-    new_count = (tl.load(gather_count_ptr, mask=is_last, other=0) + 1) & FLAG_EPOCH_MASK
-    faulted = tl.load(fault_record_ptr, mask=is_last, other=0) != 0
     if token < num_tokens:
         cols = tile * TILE + tl.arange(0, TILE)
         col_mask = cols < HIDDEN
@@ -134,27 +123,28 @@ def _combine_kernel(
             result = acc.to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + token * HIDDEN + cols, result, mask=col_mask)
 
-    # Every program but the last adds itself to counter `program % ELECTION_LANES` with a relaxed
-    # reduction it does not wait for. Its loads are done: every loaded value feeds the output store
-    # issued before the barrier, and ptxas moves no memory operation across bar.sync. (The PTX model
-    # alone does not order a load before a later relaxed red; a release red would, at the cost
-    # measured below.) The last program waits until every counter has grown by its share since the
-    # last launch (counters are never reset: no atomic round trip on the signal's path), then
-    # signals. An acq_rel election in every program (a fence waiting for its stores, a returned
-    # atomic) cost 869 -> 799 us at 4096 tokens per rank (bench/profile/combine_variants.py of
-    # commit 1930370, 8 ranks on one H200). The last program is scheduled last or holds one slot
-    # while the others run: they never wait, so the wait ends.
+    # Every program but the last adds itself to the counter with a relaxed reduction it does not
+    # wait for. Its loads are done: every loaded value feeds the output store issued before the
+    # barrier, and ptxas moves no memory operation across bar.sync. (The PTX model alone does not
+    # order a load before a later relaxed red; a release red would, at the cost measured below.) The
+    # last program waits for the others, then signals. An acq_rel election in every program (a
+    # fence waiting for its stores, a returned atomic) cost 869 -> 799 us at 4096 tokens per rank
+    # (bench/profile/combine_variants.py of commit 1930370, 8 ranks on one H200). The last program is scheduled last
+    # or holds one slot while the others run: they never wait, so the wait ends.
     tl.debug_barrier()
-    if is_last:
-        targets = bases + last // ELECTION_LANES + (lanes < last % ELECTION_LANES).to(tl.int32)  # int32, wraps
-        counters = election_ptr + lanes * LANE_STRIDE
-        while tl.sum((tl.load(counters, volatile=True) != targets).to(tl.int32), axis=0) > 0:
+    others = tl.num_programs(0) * tl.num_programs(1) - 1
+    if (tl.program_id(0) == tl.num_programs(0) - 1) & (tl.program_id(1) == tl.num_programs(1) - 1):
+        # Own-state words nothing writes during a gather (a fault is recorded before it, by the
+        # barrier program): loaded before the wait, off the signal's path.
+        new_count = (tl.load(gather_count_ptr) + 1) & FLAG_EPOCH_MASK
+        faulted = _is_faulted(fault_record_ptr)
+        while tl.load(election_ptr, volatile=True) < others:
             pass
-        tl.store(election_ptr + ELECTION_LANES * LANE_STRIDE + lanes, targets)  # read by the next launch
+        tl.atomic_xchg(election_ptr, 0, sem="acq_rel", scope="gpu")  # the next launch counts from zero
         _signal_gathered(new_count, faulted, gather_count_ptr, gathered_mask_ptr, flags_ptr, stride_rank, active_low,
                          active_high, ep_rank, EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE)
     else:
-        tl.atomic_add(election_ptr + (program % ELECTION_LANES) * LANE_STRIDE, 1, sem="relaxed", scope="gpu")
+        tl.atomic_add(election_ptr, 1, sem="relaxed", scope="gpu")
 
 
 @triton.jit

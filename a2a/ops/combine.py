@@ -9,7 +9,7 @@ from a2a.quantization import SfLayout, quantize_fp8_per_token
 from a2a.ops.barrier import barrier_args, combine_signature, protocol_constexprs, signature_tensor
 from a2a.kernels import _combine_barrier_kernel, _combine_kernel, _stage_combine_kernel
 from a2a.ops.launch import KernelLaunch
-from a2a.layout import ELECTION_LANE_STRIDE, ELECTION_LANES, MAX_TOP_K, PLANE_ALIGN, RoundState, combine_scales_offset
+from a2a.layout import MAX_TOP_K, PLANE_ALIGN, RoundState, combine_scales_offset
 from a2a.runtime.protocol import FlagArray, Phase, mask_halves
 from a2a.runtime.scheduler import run_steps
 from a2a.runtime.current_stream import current_stream
@@ -329,13 +329,13 @@ def _gather_launch(
         _combine_kernel,
         (max(1, output.shape[0]), -(-hidden // config.tile)),
         (planes, planes.stride(0), scales, scales.stride(0), output, targets, send_indices, rt, rank_workspace.ep_rank,
-         output.shape[0], rank_workspace.own(layout.gather_election_offset, ELECTION_LANES * (ELECTION_LANE_STRIDE + 1)),
+         output.shape[0], rank_workspace.round_word(RoundState.GATHER_ELECTION),
          rank_workspace.round_word(RoundState.GATHER_COUNT), rank_workspace.round_words(RoundState.GATHERED_MASK, 2),
          rank_workspace.flag_block_every_rank, rank_workspace.stride_rank, rank_workspace.fault_record,
          *mask_halves(active_rank_mask)),
         dict(HIDDEN=hidden, TOP_K=top_k, TILE=config.tile, HAS_SCALES=scales_offset is not None,
              EP_SIZE=ep_size, EP_PAD=protocol["EP_PAD"], FLAG_ARRAY_STRIDE=protocol["FLAG_ARRAY_STRIDE"],
-             ELECTION_LANES=ELECTION_LANES, LANE_STRIDE=ELECTION_LANE_STRIDE, num_warps=config.num_warps),
+             num_warps=config.num_warps),
     )
 
 
