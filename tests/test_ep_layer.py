@@ -67,32 +67,35 @@ def test_rank_major_buffers_and_combine(device, dispatch_format):
         assert torch.equal(as_bytes(outputs[r].cpu()), as_bytes(want[r])), f"rank {r}"
 
 
-def test_staged_combine_and_low_precision():
+def test_staged_combine_and_low_precision(device):
     counts, rt = [2, 4], 4
-    world, group = make_group("cpu", 2, low_precision_combine=True)
+    world, group = make_group(device, 2, low_precision_combine=True)
     ids, hidden, weights = draw(counts, seed=9)
-    received = [ep.dispatch(hidden[r], ids[r], runtime_max_tokens_per_rank=rt) for r, ep in enumerate(group)]
+    received = [ep.dispatch(hidden[r].to(world.device), ids[r].to(world.device), runtime_max_tokens_per_rank=rt)
+                for r, ep in enumerate(group)]  # fmt: skip
     world.synchronize()
     assert received[0].topk_weights is None
     outputs = [ep.combine(got.hidden_states.view(2, rt, HIDDEN).clone()) for ep, got in zip(group, received)]
     world.synchronize()
     expected = reference.dispatch([i.to(torch.int32) for i in ids], [[h] for h in hidden], NUM_EXPERTS, rt)
-    want = reference.combine([g.hidden_states.view(2, rt, HIDDEN).float() for g in received], expected.routing, counts)
+    want = reference.combine([g.hidden_states.view(2, rt, HIDDEN).float().cpu() for g in received], expected.routing,
+                             counts)  # fmt: skip
     for r in range(2):
         bound = TOP_K * max(h.abs().max().item() for h in hidden) / 16  # fp8 e4m3 per row
-        assert (outputs[r].float() - want[r]).abs().max().item() <= bound
+        assert (outputs[r].float().cpu() - want[r]).abs().max().item() <= bound
 
 
-def test_call_order_and_arguments():
-    world, group = make_group("cpu", 1)
+def test_call_order_and_arguments(device):
+    world, group = make_group(device, 1)
     ids, hidden, weights = draw([2])
+    ids, hidden, weights = ([t.to(world.device) for t in ts] for ts in (ids, hidden, weights))
     ep = group[0]
     with pytest.raises(RuntimeError, match="before dispatch"):
         ep.combine(torch.zeros(MAX_TOKENS, HIDDEN, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="runtime_max_tokens_per_rank"):
         ep.dispatch(hidden[0], ids[0], runtime_max_tokens_per_rank=MAX_TOKENS + 1)
     with pytest.raises(ValueError, match="dispatch_format"):
-        ep.dispatch(hidden[0], ids[0], hidden_states_scale=torch.ones(2, 1))
+        ep.dispatch(hidden[0], ids[0], hidden_states_scale=torch.ones(2, 1, device=world.device))
     got = ep.dispatch(hidden[0], ids[0], weights[0])
     with pytest.raises(RuntimeError, match="twice"):
         ep.dispatch(hidden[0], ids[0], weights[0])

@@ -19,10 +19,11 @@ from tests.support.rounds import as_bytes
 EP, TOP_K, NUM_EXPERTS, HIDDEN, RT, EPLB = 3, 2, 6, 16, 5, 7
 
 
-def draw(counts, seed=0):
+def draw(counts, seed=0, device="cpu"):
     generator = torch.Generator().manual_seed(seed)
-    experts = [torch.randint(0, NUM_EXPERTS, (n, TOP_K), generator=generator, dtype=torch.int32) for n in counts]
-    hiddens = [torch.randn(n, HIDDEN, generator=generator).to(torch.bfloat16) for n in counts]
+    experts = [torch.randint(0, NUM_EXPERTS, (n, TOP_K), generator=generator, dtype=torch.int32).to(device)
+               for n in counts]  # fmt: skip
+    hiddens = [torch.randn(n, HIDDEN, generator=generator).to(torch.bfloat16).to(device) for n in counts]
     return experts, hiddens
 
 
@@ -146,12 +147,12 @@ def test_combine_output_dtype_and_low_precision(device):
     (dict(backend="nccl"), ValueError),
     (dict(enable_pdl="yes"), TypeError),
 ])
-def test_combine_refuses_what_it_does_not_implement(kwargs, error):
+def test_combine_refuses_what_it_does_not_implement(kwargs, error, device):
     """Refused before anything runs: the corrected call then works."""
-    world, workspace, metainfo = functional_world("cpu", eplb=0)
-    experts, hiddens = draw([2, 2, 2], seed=5)
+    world, workspace, metainfo = functional_world(device, eplb=0)
+    experts, hiddens = draw([2, 2, 2], seed=5, device=world.device)
     offsets = dispatch_hiddens(world, workspace, metainfo, experts, hiddens)
-    payload = torch.ones(EP, RT, HIDDEN, dtype=torch.bfloat16)
+    payload = torch.ones(EP, RT, HIDDEN, dtype=torch.bfloat16, device=world.device)
     with world.stream(0).activate(), pytest.raises(error):
         a2a.moe_a2a_combine(payload, 2, workspace, metainfo[0], RT, 0, EP, TOP_K, offsets[0], **kwargs)
     for r in range(EP):
@@ -160,9 +161,9 @@ def test_combine_refuses_what_it_does_not_implement(kwargs, error):
     world.synchronize()
 
 
-def test_dispatch_mask_rules():
-    world, workspace, metainfo = functional_world("cpu", eplb=0)
-    experts, hiddens = draw([2, 2, 2])
+def test_dispatch_mask_rules(device):
+    world, workspace, metainfo = functional_world(device, eplb=0)
+    experts, hiddens = draw([2, 2, 2], device=world.device)
     call = lambda *extra, **kw: a2a.moe_a2a_dispatch(experts[0], [hiddens[0]], workspace, metainfo[0], RT, 0, EP,  # noqa: E731
                                                      TOP_K, NUM_EXPERTS, *extra, **kw)
     with world.stream(0).activate():
@@ -176,37 +177,37 @@ def test_dispatch_mask_rules():
             call(None, torch.zeros(3, dtype=torch.int32))
 
 
-def test_ranks_that_disagree_on_eplb_stats_raise():
+def test_ranks_that_disagree_on_eplb_stats_raise(device):
     """Rank 1 passes no statistics: every rank finds the disagreement at the dispatch barrier and
     its next call raises, naming the field."""
-    world, workspace, metainfo = functional_world("cpu")
-    experts, hiddens = draw([1, 1, 1])
+    world, workspace, metainfo = functional_world(device)
+    experts, hiddens = draw([1, 1, 1], device=world.device)
     offsets = []
     for r in range(EP):
-        stats = torch.ones(EPLB, dtype=torch.int32) if r != 1 else None
+        stats = torch.ones(EPLB, dtype=torch.int32, device=world.device) if r != 1 else None
         with world.stream(r).activate():
             offsets.append(a2a.moe_a2a_dispatch(experts[r], [hiddens[r]], workspace, metainfo[r], RT, r, EP, TOP_K,
                                                 NUM_EXPERTS, None, stats)[1])  # fmt: skip
     world.synchronize()
     for r in range(EP):
         with world.stream(r).activate(), pytest.raises(a2a.A2AMismatchError, match="eplb_local_stats given"):
-            a2a.moe_a2a_combine(torch.ones(EP, RT, HIDDEN, dtype=torch.bfloat16), 1, workspace, metainfo[r], RT, r, EP,
-                                TOP_K, offsets[r])  # fmt: skip
+            a2a.moe_a2a_combine(torch.ones(EP, RT, HIDDEN, dtype=torch.bfloat16, device=world.device), 1, workspace,
+                                metainfo[r], RT, r, EP, TOP_K, offsets[r])  # fmt: skip
 
 
-def test_workspaces_of_different_eplb_lengths_raise():
+def test_workspaces_of_different_eplb_lengths_raise(device):
     """Rank 1 initialized its workspace for 3 statistics, its peers for 7 (so its payload planes
     start elsewhere): the ranks find it at the dispatch barrier, though no rank passes statistics."""
-    world = a2a.SimulatedWorld(EP, "cpu")
+    world = a2a.SimulatedWorld(EP, device)
     size = a2a.moe_a2a_get_workspace_size_per_rank(EP, RT, 2 * HIDDEN, 2 * HIDDEN, EPLB)
-    workspace = torch.empty(EP, size, dtype=torch.uint8)
+    workspace = torch.empty(EP, size, dtype=torch.uint8, device=world.device)
     metainfo = [a2a.moe_a2a_initialize(workspace, r, EP, RT, 3 if r == 1 else EPLB) for r in range(EP)]
-    experts, hiddens = draw([1, 1, 1])
+    experts, hiddens = draw([1, 1, 1], device=world.device)
     offsets = dispatch_hiddens(world, workspace, metainfo, experts, hiddens)
     for r in range(EP):
         with world.stream(r).activate(), pytest.raises(a2a.A2AMismatchError, match="eplb_stats_num_experts"):
-            a2a.moe_a2a_combine(torch.ones(EP, RT, HIDDEN, dtype=torch.bfloat16), 1, workspace, metainfo[r], RT, r, EP,
-                                TOP_K, offsets[r])  # fmt: skip
+            a2a.moe_a2a_combine(torch.ones(EP, RT, HIDDEN, dtype=torch.bfloat16, device=world.device), 1, workspace,
+                                metainfo[r], RT, r, EP, TOP_K, offsets[r])  # fmt: skip
 
 
 class FlashInferStyleMapping:

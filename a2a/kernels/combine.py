@@ -140,6 +140,10 @@ def _combine_kernel(
         faulted = _is_faulted(fault_record_ptr)
         while tl.load(election_ptr, volatile=True) < others:
             pass
+        # Each thread polls on its own and may leave the loop a poll later than another: none may
+        # reset the counter before every thread has left, or a late one polls a zero forever (a
+        # replay at 4096 tokens per rank hung this way on an H200 when the reset came sooner).
+        tl.debug_barrier()
         tl.atomic_xchg(election_ptr, 0, sem="acq_rel", scope="gpu")  # the next launch counts from zero
         _signal_gathered(new_count, faulted, gather_count_ptr, gathered_mask_ptr, flags_ptr, stride_rank, active_low,
                          active_high, ep_rank, EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE)
