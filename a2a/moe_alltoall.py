@@ -192,12 +192,21 @@ class MoeAlltoAll:
         self.world.ready_to_launch(self.ep_rank)
 
     @contextmanager
-    def _on_rank_stream(self) -> Iterator[None]:
+    def _on_rank_stream(self, *caller_tensors: object) -> Iterator[None]:
+        """Run on the rank's stream, after the caller's current work. The caller's tensors used
+        there (None and lists of tensors allowed) are recorded on that stream, so the caching
+        allocator does not hand their memory to a new tensor of the caller's stream (which could
+        overwrite it) before the rank's kernels have read or written it."""
         if not self.world.switches_streams:  # the caller's stream is the rank stream
             yield
             return
         self.world.wait_for_caller(self.ep_rank)
         with self.world.stream(self.ep_rank).activate():
+            stream = torch.cuda.current_stream() if self.world.device.type == "cuda" else None
+            for item in caller_tensors:
+                for tensor in item if isinstance(item, (list, tuple)) else (item,):
+                    if stream is not None and isinstance(tensor, torch.Tensor) and tensor.is_cuda:
+                        tensor.record_stream(stream)
             yield
 
     def dispatch(
@@ -240,7 +249,7 @@ class MoeAlltoAll:
             validation.require_int("expert_id_payload_index", expert_id_payload_index, 0, len(input_payloads) - 1)
             sanitize = sanitize_plan(rank_workspace, plan.recv[expert_id_payload_index], invalid_token_expert_id)
         self._ready_to_launch()
-        with self._on_rank_stream():
+        with self._on_rank_stream(token_selected_experts, input_payloads, token_count, eplb_local_stats):
             plan.launch(token_selected_experts, input_payloads, token_count, num_tokens, eplb_local_stats)
             if sanitize is not None:
                 sanitize()
@@ -315,7 +324,7 @@ class MoeAlltoAll:
         check_matches_dispatch(rank_workspace.live_round_for("MoeAlltoAll.combine", id(self)), state.local_num_tokens,
                                runtime_max_tokens_per_rank, state.combine_payload_offset)  # fmt: skip
         if use_low_precision:
-            with self._on_rank_stream():  # after the caller's expert outputs, like the combine itself
+            with self._on_rank_stream(payload):  # after the caller's expert outputs, like the combine itself
                 payload, payload_scales = quantized_payload(payload, payload_scales)
             payload_in_workspace = False
         output = output_of_dtype(output, output_dtype, state.local_num_tokens, payload)
@@ -323,7 +332,7 @@ class MoeAlltoAll:
                             self.ep_size, self.top_k, state.combine_payload_offset, payload_in_workspace, output,
                             state.active_rank_mask)  # fmt: skip
         self._ready_to_launch()
-        with self._on_rank_stream():
+        with self._on_rank_stream(payload, payload_scales, output):
             if output is None:
                 output = torch.empty((state.local_num_tokens, plan.hidden), dtype=plan.output_dtype, device=plan.device)
             plan.launch(payload, payload_scales, state.local_num_tokens, output)

@@ -43,7 +43,9 @@ def test_rank_major_buffers_and_combine(device, dispatch_format):
     if dispatch_format is None:
         sent = [[h, i, w] for h, i, w in zip(hidden, ids32, weights)]
     else:
-        sent = [[*a2a.quantization.quantize(h, dispatch_format).payloads(), i, w] for h, i, w in zip(hidden, ids32, weights)]
+        # Quantized on the senders' device, as the senders did (CUDA and the CPU may round a scale apart).
+        sent = [[*(p.cpu() for p in a2a.quantization.quantize(h.to(dev), dispatch_format).payloads()), i, w]
+                for h, i, w in zip(hidden, ids32, weights)]  # fmt: skip
     expected = reference.dispatch(ids32, sent, NUM_EXPERTS, rt)
     outputs, buffers = [], []
     for r, (ep, got) in enumerate(zip(group, received)):

@@ -133,3 +133,28 @@ def test_phase_machine(device):
         moe.combine(torch.zeros(1, 2, HIDDEN, device=dev), 2)
     moe.combine(torch.zeros(1, 1, HIDDEN, device=dev), 1)
     world.synchronize()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the caching allocator's cross-stream reuse is CUDA's")
+def test_inputs_the_caller_frees_at_once_are_not_reused_before_the_rank_stream_reads_them():
+    """MoeAlltoAll on a simulated world runs on the rank's stream: the caller's temporaries (payloads
+    freed right after the call) must not go back to the caller stream's pool while the rank's
+    kernels still read them. Rank streams held ~1 ms; the caller then fills fresh tensors that would
+    take the freed blocks. Before the inputs were recorded on the rank stream, rows arrived as -7."""
+    ep, tokens, hidden = 2, 64, 256
+    world = a2a.SimulatedWorld(ep, "cuda")
+    moes = [a2a.MoeAlltoAll(a2a.Mapping(ep, r), tokens, 1, ep, hidden_size=hidden, world=world) for r in range(ep)]
+    for r in range(ep):
+        with world.stream(r).activate():
+            torch.cuda._sleep(2_000_000)
+    recv = [moes[r].dispatch(torch.zeros(tokens, 1, dtype=torch.int32, device="cuda"),
+                             [torch.full((tokens, hidden), r + 1.0, dtype=torch.bfloat16, device="cuda")], tokens)
+            for r in range(ep)]  # fmt: skip
+    overwrite = [torch.full((tokens, hidden), -7.0, dtype=torch.bfloat16, device="cuda") for _ in range(4 * ep)]
+    world.synchronize()
+    for source in range(ep):
+        assert bool((recv[0][0][source].float().cpu() == source + 1.0).all()), f"rows from rank {source}"
+    del overwrite
+    for moe in moes:
+        moe.combine(torch.zeros(ep, tokens, hidden, dtype=torch.bfloat16, device="cuda"), tokens)
+    world.synchronize()
