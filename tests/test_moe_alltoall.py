@@ -144,17 +144,20 @@ def test_inputs_the_caller_frees_at_once_are_not_reused_before_the_rank_stream_r
     ep, tokens, hidden = 2, 64, 256
     world = a2a.SimulatedWorld(ep, "cuda")
     moes = [a2a.MoeAlltoAll(a2a.Mapping(ep, r), tokens, 1, ep, hidden_size=hidden, world=world) for r in range(ep)]
-    for r in range(ep):
-        with world.stream(r).activate():
-            torch.cuda._sleep(2_000_000)
-    recv = [moes[r].dispatch(torch.zeros(tokens, 1, dtype=torch.int32, device="cuda"),
-                             [torch.full((tokens, hidden), r + 1.0, dtype=torch.bfloat16, device="cuda")], tokens)
-            for r in range(ep)]  # fmt: skip
-    overwrite = [torch.full((tokens, hidden), -7.0, dtype=torch.bfloat16, device="cuda") for _ in range(4 * ep)]
-    world.synchronize()
-    for source in range(ep):
-        assert bool((recv[0][0][source].float().cpu() == source + 1.0).all()), f"rows from rank {source}"
-    del overwrite
-    for moe in moes:
-        moe.combine(torch.zeros(ep, tokens, hidden, dtype=torch.bfloat16, device="cuda"), tokens)
-    world.synchronize()
+    plane = torch.zeros(ep, tokens, hidden, dtype=torch.bfloat16, device="cuda")
+    for held in (False, True):  # the first round loads the kernels (which waits for the device)
+        if held:
+            for r in range(ep):
+                with world.stream(r).activate():
+                    torch.cuda._sleep(2_000_000)
+        recv = [moes[r].dispatch(torch.zeros(tokens, 1, dtype=torch.int32, device="cuda"),
+                                 [torch.full((tokens, hidden), r + 1.0, dtype=torch.bfloat16, device="cuda")], tokens)
+                for r in range(ep)]  # fmt: skip
+        overwrite = [torch.full((tokens, hidden), -7.0, dtype=torch.bfloat16, device="cuda") for _ in range(4 * ep)]
+        world.synchronize()
+        for source in range(ep):
+            assert bool((recv[0][0][source].float().cpu() == source + 1.0).all()), f"rows from rank {source}"
+        del overwrite, recv
+        for moe in moes:
+            moe.combine(plane, tokens)
+        world.synchronize()
