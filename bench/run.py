@@ -3,8 +3,10 @@ path moving the same rows, against the device's copy roofline measured in the sa
 
     python -m bench.run --ranks 8 --tokens 16,128,1024,4096 --shape deepseek --payloads bf16 --out bench/out
 
-Every configuration is first checked against a2a.reference (a mismatch aborts). Rows go to
-<out>/results.csv and results.json; a summary table is printed.
+Every configuration is first checked against a2a.reference (a mismatch aborts). With a baseline
+library (`--baseline`, bench/baseline.py: any module with FlashInfer's functional API, e.g.
+FlashInfer itself) the same inputs run through it too, checked, and each row gains its time and
+the ratio a2a / baseline. Rows go to <out>/results.csv and results.json; a summary table is printed.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from bench.harness import (  # noqa: E402
     dispatch_row_bytes,
     time_region,
 )
+from bench import baseline as peer  # noqa: E402
 from bench.torch_baseline import TorchBaseline  # noqa: E402
 import a2a  # noqa: E402
 
@@ -40,8 +43,31 @@ def capture(world, body) -> torch.cuda.CUDAGraph:
     return capture_graph(lambda: (body(), world.join_into_caller()))
 
 
+def measure_peer(module, round_: Round, iterations: int, flush: L2Flush) -> dict[str, float | None]:
+    """The baseline library's graph times on round_'s inputs (bench.baseline), per phase; None where
+    it cannot run (its combine on one GPU beyond MAX_CONCURRENT_COMBINE_ROWS)."""
+    world = round_.world
+    run = peer.FunctionalBaseline(module, world, round_.experts, round_.payloads, round_.tokens, round_.hidden,
+                                  round_.num_experts)  # fmt: skip
+    run.check()
+    us: dict[str, float | None] = dict.fromkeys(("dispatch", "combine_in_workspace", "round"))
+    graph = capture(world, run.dispatch)
+    us["dispatch"] = time_region(graph.replay, iterations, before=flush)
+    del graph
+    if run.combine_runs_concurrently:
+        run.dispatch()
+        planes = run.fill_planes()
+        graphs = {"combine_in_workspace": capture(world, lambda: run.combine(planes)),
+                  "round": capture(world, lambda: (run.dispatch(), run.combine(planes)))}  # fmt: skip
+        for phase, graph in graphs.items():
+            us[phase] = time_region(graph.replay, iterations, before=flush)
+        del graphs
+    world.synchronize()
+    return us
+
+
 def measure(world, tokens: int, shape: str, payloads: str, iterations: int, flush: L2Flush, roofline: float,
-            commit: str) -> list[dict]:  # fmt: skip
+            commit: str, peer_module=None) -> list[dict]:  # fmt: skip
     round_ = Round.build(world, tokens, shape, payloads)
     round_.check()
     ep = world.ep_size
@@ -117,8 +143,10 @@ def measure(world, tokens: int, shape: str, payloads: str, iterations: int, flus
     torch_us["combine_in_workspace"] = torch_us["combine_staged"] = time_region(baseline.combine, iterations, before=flush)
     torch_us["round"] = torch_us["round_rank_graphs"] = torch_us["dispatch"] + torch_us["combine_in_workspace"]
 
+    peer_us = measure_peer(peer_module, round_, iterations, flush) if peer_module is not None else {}
     common = dict(gpu=torch.cuda.get_device_name(), ranks=ep, tokens=tokens, shape=shape, payloads=payloads,
-                  commit=commit, roofline_gbps=round(roofline, 1), unique_pairs=pairs)  # fmt: skip
+                  commit=commit, roofline_gbps=round(roofline, 1), unique_pairs=pairs,
+                  baseline=getattr(peer_module, "__name__", None))  # fmt: skip
     sizes = {"dispatch": (dispatch_bytes, row_bytes), "combine_in_workspace": (combine_bytes, combine_row),
              "combine_staged": (combine_bytes, combine_row), "round": (dispatch_bytes + combine_bytes, None),
              "round_rank_graphs": (dispatch_bytes + combine_bytes, None)}  # fmt: skip
@@ -132,7 +160,9 @@ def measure(world, tokens: int, shape: str, payloads: str, iterations: int, flus
                          torch_us=round(torch_us[phase], 2), speedup_vs_torch=round(torch_us[phase] / us, 2),
                          eager_us=round(median(eager[phase]), 1) if phase in eager else None,
                          host_us_per_rank=round(median(host[phase]), 1) if phase in host else None,
-                         host_us_functional=round(median(functional[phase]), 1) if phase in functional else None))  # fmt: skip
+                         host_us_functional=round(median(functional[phase]), 1) if phase in functional else None,
+                         baseline_us=round(peer_us[phase], 2) if peer_us.get(phase) else None,
+                         ratio_to_baseline=round(us / peer_us[phase], 3) if peer_us.get(phase) else None))  # fmt: skip
     del graph_dispatch, graph_combine_ws, graph_combine_staged, graph_round
     world.synchronize()
     for moe in round_.ranks:
@@ -157,7 +187,12 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=50)
     parser.add_argument("--out", default="bench/out")
     parser.add_argument("--commit", default=None, help="commit recorded in the rows (default: git rev-parse)")
+    parser.add_argument("--baseline", default=None,
+                        help="a module with FlashInfer's functional moe_a2a_* API run on the same inputs "
+                             "(bench/baseline.py; default: flashinfer.comm if it imports; 'none': no baseline)")
     args = parser.parse_args()
+    peer_module = peer.load(args.baseline)
+    print(f"baseline: {getattr(peer_module, '__name__', 'none')}")
     os.makedirs(args.out, exist_ok=True)
     flush = L2Flush()
     roofline = copy_roofline_gbps()
@@ -169,13 +204,15 @@ def main() -> None:
             for payloads in args.payloads.split(","):
                 for tokens in [int(x) for x in args.tokens.split(",")]:
                     new = measure(world, tokens, shape, payloads, args.iterations, flush, roofline,
-                                  args.commit or git_commit())  # fmt: skip
+                                  args.commit or git_commit(), peer_module)  # fmt: skip
                     rows += new
                     for row in new:
                         print(f"ep={ep} {shape} {payloads} tokens={tokens:5d} {row['phase']:20s} graph {row['us']:8.1f} us "
                               f"{row['gbps_dedup']:7.1f} GB/s {100 * row['roofline_ratio']:5.1f}% | torch {row['torch_us']:8.1f} us "
                               f"x{row['speedup_vs_torch']:.2f} | eager {row['eager_us']} us, host/rank {row['host_us_per_rank']} us "
-                              f"(functional on the current stream {row['host_us_functional']} us)",
+                              f"(functional on the current stream {row['host_us_functional']} us)"
+                              + (f" | baseline {row['baseline_us']} us, a2a / baseline {row['ratio_to_baseline']}"
+                                 if row["baseline_us"] else ""),
                               flush=True)  # fmt: skip
     keys = sorted({k for row in rows for k in row})
     with open(os.path.join(args.out, "results.csv"), "w", newline="") as handle:
