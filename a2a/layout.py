@@ -47,6 +47,7 @@ from dataclasses import dataclass
 
 import torch
 
+from a2a.runtime.alignment import align_up
 from a2a.runtime.protocol import FAULT_RECORD_WORDS, SIGNATURE_WORDS
 
 MAX_RANKS = 64
@@ -80,10 +81,6 @@ class RoundState:
 
 ROUND_STATE_LEN = 32
 assert RoundState.FAULT_RECORD + FAULT_RECORD_WORDS <= RoundState.GATHERED_MASK <= ROUND_STATE_LEN - 2
-
-
-def align_up(value: int, alignment: int) -> int:
-    return (value + alignment - 1) // alignment * alignment
 
 
 def num_route_blocks(num_tokens: int) -> int:

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 import a2a
-from a2a.layout import ALIGNMENT_RESERVE, REGION_ALIGN, WorkspaceLayout, align_up
+from a2a.layout import ALIGNMENT_RESERVE, REGION_ALIGN, WorkspaceLayout
+from a2a.runtime.alignment import align_up
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()

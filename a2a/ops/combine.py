@@ -52,7 +52,7 @@ def moe_a2a_combine(
     (`MoeAlltoAll.get_combine_payload_tensor_in_workspace`) and no staging copy runs.
     `local_num_tokens`, `runtime_max_tokens_per_rank`, `top_k` and `combine_payload_offset` must be
     those of the matching dispatch (checked: `ValueError` on the host, or a recorded fault when the
-    gather finds a different dispatch in the workspace). Returns `[local_num_tokens, H]` of the
+    combine barrier finds a different dispatch in the workspace). Returns `[local_num_tokens, H]` of the
     payload's dtype (written into `output` when given), valid once the stream reaches the end of
     this op; NaN rows if the round failed on this rank. Every rank must agree on the combine
     payload's bytes per token and dtype, the offset and the mask (checked at the barrier).

@@ -26,20 +26,21 @@ from pathlib import Path
 import torch
 
 from a2a.runtime.bootstrap import Bootstrap
-from a2a.runtime.symmetric_memory import SymmetricMemory, agreed_size, roundup, run_on_every_rank
+from a2a.runtime.alignment import align_up
+from a2a.runtime.symmetric_memory import SymmetricMemory, agreed_size, run_on_every_rank
 
 DEFAULT_DIRECTORY = Path("/dev/shm")
 
 
 class HostSharedMemory(SymmetricMemory):
     """`world_size` host segments of `size_per_rank` bytes in one file under `directory`, mapped by
-    every rank of `bootstrap`; rows are page aligned (stride = roundup(size, page size))."""
+    every rank of `bootstrap`; rows are page aligned (stride = align_up(size, page size))."""
 
     def __init__(self, bootstrap: Bootstrap, size_per_rank: int, directory: str | Path = DEFAULT_DIRECTORY):
         super().__init__()
         self.rank, self.world_size = bootstrap.rank, bootstrap.world_size
         self.size_per_rank = agreed_size(bootstrap, size_per_rank)
-        self.stride = roundup(self.size_per_rank, mmap.PAGESIZE)
+        self.stride = align_up(self.size_per_rank, mmap.PAGESIZE)
         self._path: Path | None = None
         self._mapping: mmap.mmap | None = None
         self._undo.callback(self._unmap)

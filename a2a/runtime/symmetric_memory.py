@@ -9,7 +9,7 @@ size. After `close()`, views of `tensor` are dangling: drop them first.
 
 `CudaSymmetricMemory` (here) uses the driver's virtual memory management on one device per process:
 
-    granularity  cuMemGetAllocationGranularity(RECOMMENDED); stride = roundup(size, granularity)
+    granularity  cuMemGetAllocationGranularity(RECOMMENDED); stride = align_up(size, granularity)
     create       cuMemCreate(stride), pinned on this device, shareable as FABRIC if every rank can
                  export one (probed by trying, AND-ed across ranks), else as a POSIX fd
     exchange     FABRIC: allgather the 64-byte handles; POSIX fd: SCM_RIGHTS (a2a.runtime.fd_exchange)
@@ -35,6 +35,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from a2a.runtime.alignment import align_up
 from a2a.runtime.bootstrap import Bootstrap
 from a2a.runtime.driver import CudaDriverError, check, driver
 from a2a.runtime.fd_exchange import exchange_fds
@@ -100,10 +101,6 @@ def run_on_every_rank(bootstrap: Bootstrap, what: str, step: Callable[[], T], un
         undo.close()
         raise
     return result
-
-
-def roundup(value: int, multiple: int) -> int:
-    return (value + multiple - 1) // multiple * multiple
 
 
 def _allocation_prop(ordinal: int, handle_type: Any) -> Any:
@@ -229,7 +226,7 @@ class CudaSymmetricMemory(SymmetricMemory):
         cu = driver()
         flag = cu.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_RECOMMENDED
         self.granularity = check("cuMemGetAllocationGranularity", cu.cuMemGetAllocationGranularity(prop, flag))
-        self.stride = roundup(self.size_per_rank, self.granularity)
+        self.stride = align_up(self.size_per_rank, self.granularity)
         handle = check("cuMemCreate", cu.cuMemCreate(self.stride, prop, 0))
         self._undo.callback(lambda: check("cuMemRelease", cu.cuMemRelease(handle)))
         self._handle = handle
