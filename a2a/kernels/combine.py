@@ -129,8 +129,8 @@ def _combine_kernel(
     # order a load before a later relaxed red; a release red would, at the cost measured below.) The
     # last program waits for the others, then signals. An acq_rel election in every program (a
     # fence waiting for its stores, a returned atomic) cost 869 -> 799 us at 4096 tokens per rank
-    # (bench/profile/combine_variants.py of commit 1930370, 8 ranks on one H200). The last program is scheduled last
-    # or holds one slot while the others run: they never wait, so the wait ends.
+    # (bench/profile/combine_variants.py of commit 1930370, 8 ranks on one H200). The last program
+    # is scheduled last or holds one slot while the others run: they never wait, so the wait ends.
     tl.debug_barrier()
     others = tl.num_programs(0) * tl.num_programs(1) - 1
     if (tl.program_id(0) == tl.num_programs(0) - 1) & (tl.program_id(1) == tl.num_programs(1) - 1):

@@ -291,9 +291,10 @@ def _await_previous_gathers(count, previous_low, previous_high, healthy, flags_p
     arrived, poisoned, timed_out = _await_flags(own_flags, count, ranks, rank_mask, timeout_ns, healthy)
     recorded = healthy & (~healthy)  # false
     if healthy:
-        recorded = _judge_wait(arrived, poisoned, timed_out, ranks < 0, 0, 0, 0, 0, 0, ranks, rank_mask, count, PHASE_ORDERING,
-                    FLAG_ROW_GATHER, flags_ptr, stride_rank, fault_record_ptr, host_record_ptr, timeout_ms, active_low,
-                    active_high, ep_rank, EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE, HAS_HOST_RECORD)
+        recorded = _judge_wait(arrived, poisoned, timed_out, ranks < 0, 0, 0, 0, 0, 0, ranks, rank_mask, count,
+                               PHASE_ORDERING, FLAG_ROW_GATHER, flags_ptr, stride_rank, fault_record_ptr,
+                               host_record_ptr, timeout_ms, active_low, active_high, ep_rank, EP_SIZE, EP_PAD,
+                               FLAG_ARRAY_STRIDE, HAS_HOST_RECORD)
     tl.debug_barrier()  # the record (written by one thread) is visible to the whole program after this
     return (~healthy) | recorded
 
