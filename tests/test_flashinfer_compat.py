@@ -262,9 +262,58 @@ def test_class_forms_with_mnnvl_config_and_comm_backend():
     assert out.shape == (3, HIDDEN)
     size = a2a.MoeAlltoAll.get_moe_workspace_size_per_rank(2, TOP_K, 4, HIDDEN, 0, EPLB)
     assert size == a2a.moe_a2a_get_workspace_size_per_rank(2, 4, 2 * HIDDEN + 8 * TOP_K, 2 * HIDDEN, EPLB)
-    with pytest.raises(NotImplementedError, match="checkpoint_prepare"):
+    if moe.workspace.is_cuda:  # CUDA symmetric memory: released and mapped again at the same address
+        address = moe.workspace.data_ptr()
         moe.checkpoint_prepare()
+        moe.checkpoint_prepare()  # repeated: nothing more
+        with pytest.raises(a2a.PhaseError, match="checkpoint_restore first"):
+            moe.dispatch(experts[0].to(moe.workspace.device), [hiddens[0].to(moe.workspace.device)], 4)
+        moe.checkpoint_restore(OneRankComm())
+        assert moe.workspace.data_ptr() == address
+    else:  # host shared memory cannot be: refused before anything happens
+        with pytest.raises(NotImplementedError, match="checkpoint_prepare: host shared memory"):
+            moe.checkpoint_prepare()
+    recv = moe.dispatch(experts[0].to(moe.workspace.device), [hiddens[0].to(moe.workspace.device)], 4)
+    out = moe.combine(recv[0].clone(), 4)
+    moe.synchronize()
+    assert torch.equal(out.cpu(), hiddens[0])  # one rank: every token's rows come back once
     moe.world.close()
+
+
+def test_checkpoint_on_a_simulated_world(device):
+    """checkpoint_prepare between rounds pauses every instance (a dispatch raises, naming the way
+    out), refuses during a round, and checkpoint_restore gives a fresh workspace whose rounds are
+    exact."""
+    world = a2a.SimulatedWorld(EP, device)
+    moes = [a2a.MoeAlltoAll(a2a.Mapping(EP, r), RT, TOP_K, NUM_EXPERTS, hidden_size=HIDDEN, world=world)
+            for r in range(EP)]  # fmt: skip
+    experts, hiddens = draw([2, 3, 0], seed=4, device=world.device)
+
+    def round_() -> list[torch.Tensor]:
+        recv = [moe.dispatch(experts[r], [hiddens[r]], RT) for r, moe in enumerate(moes)]
+        outputs = [moe.combine(recv[r][0].clone(), RT) for r, moe in enumerate(moes)]
+        world.synchronize()
+        return [o.cpu() for o in outputs]
+
+    first = round_()
+    recv = moes[0].dispatch(experts[0], [hiddens[0]], RT)
+    with pytest.raises(a2a.PhaseError, match="between rounds"):
+        moes[0].checkpoint_prepare()
+    for r in range(1, EP):
+        moes[r].dispatch(experts[r], [hiddens[r]], RT)
+    zeros = torch.zeros(EP, RT, HIDDEN, dtype=torch.bfloat16, device=world.device)
+    for r, moe in enumerate(moes):
+        moe.combine(recv[0].clone() if r == 0 else zeros, RT)
+    world.synchronize()
+    for moe in moes:
+        moe.checkpoint_prepare()
+    with pytest.raises(a2a.PhaseError, match="checkpoint_restore first"):
+        moes[1].dispatch(experts[1], [hiddens[1]], RT)
+    for moe in moes:
+        moe.checkpoint_restore()
+    assert all(torch.equal(a, b) for a, b in zip(round_(), first))
+    for moe in moes:
+        moe._reset_workspace()
 
 
 def test_get_workspace_cache(device):

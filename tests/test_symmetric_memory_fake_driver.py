@@ -214,3 +214,37 @@ def test_no_fabric_anywhere_unless_every_rank_can(fake):
     peer = [b"1000", b"", b"0", b"myhost-2"]  # rank 1 cannot use fabric handles, and is elsewhere
     with pytest.raises(RuntimeError, match="needs every rank on one host"):
         symmetric_memory.CudaSymmetricMemory(ScriptedPeer(peer), 1000, "cuda:0")
+
+
+def test_release_and_restore_keep_the_addresses_and_free_the_shared_memory(fake):
+    """checkpoint_prepare / restore: the segments' handles and mappings go, the range and the head
+    granule stay; restore maps fresh segments at the same addresses and zeroes the own one."""
+    driver = fake(fabric=True)
+    peer = healthy_fabric_peer(1000) + [b"", bytes(range(64)), b"", b""]  # restore: create, handle, map, zero
+    memory = symmetric_memory.CudaSymmetricMemory(ScriptedPeer(peer), 1000, "cuda:0")
+    mapped, address, handles = sorted(driver.maps), memory.tensor.data_ptr(), len(driver.handles)
+    head = driver.maps[1 << 40]
+    memory.release_segments()
+    memory.release_segments()  # repeated: nothing more
+    assert driver.maps == {1 << 40: head} and driver.handles == {head} and len(driver.reservations) == 1
+    with pytest.raises(ValueError, match="rank / size 0 / 2"):
+        memory.restore_segments(SingleProcessBootstrap())
+    memory.restore_segments(ScriptedPeer(peer[len(healthy_fabric_peer(1000)):]))
+    memory.restore_segments(SingleProcessBootstrap())  # not released: nothing to do, no collective
+    assert sorted(driver.maps) == mapped and memory.tensor.data_ptr() == address
+    assert memory.tensor.zeroed == [0, 0] and len(driver.handles) == handles == 3  # head, own, rank 1's
+    memory.close()
+    assert not driver.handles and not driver.maps and not driver.reservations
+
+
+def test_a_failed_restore_leaves_the_segments_released(fake):
+    driver = fake(fabric=True)
+    peer = healthy_fabric_peer(1000) + [b"", bytes(range(64)), b"CudaDriverError('cuMemMap failed')"]
+    memory = symmetric_memory.CudaSymmetricMemory(ScriptedPeer(peer), 1000, "cuda:0")
+    head = driver.maps[1 << 40]
+    memory.release_segments()
+    with pytest.raises(RuntimeError, match=r"import \+ map failed on rank\(s\) \[1\]"):
+        memory.restore_segments(ScriptedPeer(peer[len(healthy_fabric_peer(1000)):]))
+    assert memory.segments_released and driver.maps == {1 << 40: head} and driver.handles == {head}
+    memory.close()
+    assert not driver.handles and not driver.maps and not driver.reservations

@@ -134,6 +134,36 @@ class ProcessWorld:
         """Host barrier across the ranks (does not synchronise streams: call `synchronize` first)."""
         self.bootstrap.barrier()
 
+    def checkpoint_prepare(self) -> None:
+        """FlashInfer's checkpoint_prepare for every workspace of this world: finish this rank's work,
+        wait for every rank, unmap and release the shared memory (the addresses stay reserved, so
+        captured CUDA graphs stay valid), wait again (collective; repeated calls do nothing). CUDA
+        only: host shared memory raises NotImplementedError, before anything happens."""
+        self._check_open()
+        if self.device.type != "cuda":
+            raise NotImplementedError("checkpoint_prepare: host shared memory (device='cpu') cannot be released and "
+                                      "mapped again at the same addresses; only CUDA workspaces can")  # fmt: skip
+        self.synchronize()
+        self.bootstrap.barrier()  # no rank still reads or writes a peer's segment
+        for memory in self._memories.values():
+            memory.release_segments()
+        self.bootstrap.barrier()  # no rank goes on while a peer still holds its handles
+
+    def checkpoint_restore(self, group: object) -> None:
+        """After checkpoint_prepare: fresh, zeroed segments at the same addresses for every
+        workspace, shared over `group` (a Bootstrap, ProcessGroup, mpi4py Comm or CommBackend of the
+        same rank and size, e.g. the rebuilt one), which this world then uses (collective)."""
+        self._check_open()
+        bootstrap = bootstrap_from(group)
+        if (bootstrap.rank, bootstrap.world_size) != (self.rank, self.ep_size):
+            raise ValueError(f"checkpoint_restore needs a group where this process is rank {self.rank} of "
+                             f"{self.ep_size}, got rank {bootstrap.rank} of {bootstrap.world_size}")  # fmt: skip
+        self.synchronize()
+        for memory in self._memories.values():
+            memory.restore_segments(bootstrap)
+        self.bootstrap = bootstrap
+        bootstrap.barrier()  # every segment is zeroed before any rank dispatches into it
+
     def close(self) -> None:
         """Finish this rank's work, wait for every rank, free every workspace (collective, idempotent)."""
         if self._closed:

@@ -141,6 +141,13 @@ class SimulatedWorld:
     def barrier(self) -> None:
         """Nothing to wait for: every rank's host calls run in this process, in program order."""
 
+    def checkpoint_prepare(self) -> None:
+        """Nothing is shared with another process: the workspaces stay as they are."""
+        self.synchronize()
+
+    def checkpoint_restore(self, group: object = None) -> None:
+        """Nothing was released (see checkpoint_prepare); `group` is not used."""
+
     def synchronize(self) -> None:
         """Block until every rank's stream has run everything submitted (raises on a deadlock)."""
         if not self._streams:

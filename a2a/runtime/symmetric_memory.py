@@ -60,6 +60,19 @@ class SymmetricMemory(ABC):
         sure no peer still accesses this rank's segment."""
         self._undo.close()
 
+    def release_segments(self) -> None:
+        """For a process checkpoint: unmap every segment and release the shared memory, keeping the
+        virtual addresses (so captured CUDA graphs stay valid after `restore_segments`). Not a
+        barrier: the caller makes sure no rank still accesses the segments."""
+        raise NotImplementedError(f"{type(self).__name__} cannot release its segments for a checkpoint "
+                                  "(only CUDA symmetric memory can)")  # fmt: skip
+
+    def restore_segments(self, bootstrap: Bootstrap) -> None:
+        """Map fresh, zeroed segments at the same addresses after `release_segments` (collective
+        over `bootstrap`, whose rank and size must be this memory's)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot restore segments after a checkpoint "
+                                  "(only CUDA symmetric memory can)")  # fmt: skip
+
     def __enter__(self) -> SymmetricMemory:
         return self
 
@@ -183,6 +196,11 @@ class CudaSymmetricMemory(SymmetricMemory):
         self.size_per_rank = agreed_size(bootstrap, size_per_rank)
         self._fds: set[int] = set()  # exported / received fds not closed yet
         self._undo.callback(self._close_fds)
+        # The shared handles and their mappings, released (and made again) on their own for a
+        # checkpoint; the address range and the head granule stay in _undo.
+        self._segments = ExitStack()
+        self._undo.callback(lambda: self._segments.close())  # a failure before the range is reserved
+        self.segments_released = False
         with torch.cuda.device(device):
             torch.cuda.synchronize(device)  # the primary context exists and is current
             self._allocate(bootstrap)
@@ -205,15 +223,18 @@ class CudaSymmetricMemory(SymmetricMemory):
                     f"CUDA symmetric memory over POSIX fds needs every rank on one host, got hosts {hosts}; "
                     "ranks on several hosts need FABRIC handles (multi-node NVLink with an IMEX channel)"
                 )
-        prop = _allocation_prop(self.device.index, self.handle_type)
-        exported = run_on_every_rank(bootstrap, "cuMemCreate + export", lambda: self._create(prop), undo)
-        if use_fabric:
-            shared: list = bootstrap.allgather_bytes(bytes(exported.data))
-        else:
-            shared = run_on_every_rank(bootstrap, "fd exchange", lambda: self._exchange_fds(bootstrap, exported), undo)
+        shared = self._share_segments(bootstrap, undo)
         run_on_every_rank(bootstrap, "import + map", lambda: self._map_every_segment(shared), undo)
         # Zero the own segment, then agree: the agreement is the barrier that keeps peers out until then.
         run_on_every_rank(bootstrap, "zeroing the own segment", self._zero_own_segment, undo)
+
+    def _share_segments(self, bootstrap: Bootstrap, undo: ExitStack) -> list:
+        """Create this rank's segment and hand every rank every segment's shareable handle."""
+        prop = _allocation_prop(self.device.index, self.handle_type)
+        exported = run_on_every_rank(bootstrap, "cuMemCreate + export", lambda: self._create(prop), undo)
+        if self.handle_type == driver().CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_FABRIC:
+            return bootstrap.allgather_bytes(bytes(exported.data))
+        return run_on_every_rank(bootstrap, "fd exchange", lambda: self._exchange_fds(bootstrap, exported), undo)
 
     def _check_device(self) -> bool:
         cu = driver()
@@ -228,7 +249,7 @@ class CudaSymmetricMemory(SymmetricMemory):
         self.granularity = check("cuMemGetAllocationGranularity", cu.cuMemGetAllocationGranularity(prop, flag))
         self.stride = align_up(self.size_per_rank, self.granularity)
         handle = check("cuMemCreate", cu.cuMemCreate(self.stride, prop, 0))
-        self._undo.callback(lambda: check("cuMemRelease", cu.cuMemRelease(handle)))
+        self._segments.callback(lambda: check("cuMemRelease", cu.cuMemRelease(handle)))
         self._handle = handle
         exported = check("cuMemExportToShareableHandle", cu.cuMemExportToShareableHandle(handle, self.handle_type, 0))
         if isinstance(exported, int):  # a POSIX fd: peers get copies; closed here once all are imported
@@ -248,26 +269,60 @@ class CudaSymmetricMemory(SymmetricMemory):
         total = (self.world_size + 1) * self.stride
         base = int(check("cuMemAddressReserve", cu.cuMemAddressReserve(total, self.granularity, 0, 0)))
         self._undo.callback(lambda: check("cuMemAddressFree", cu.cuMemAddressFree(base, total)))
-        access = cu.CUmemAccessDesc()
-        access.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
-        access.location.id = self.device.index
-        access.flags = cu.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
         head_prop = _allocation_prop(self.device.index, cu.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_NONE)
         head = check("cuMemCreate", cu.cuMemCreate(self.granularity, head_prop, 0))
         self._undo.callback(lambda: check("cuMemRelease", cu.cuMemRelease(head)))
-        mappings = [(base, self.granularity, head)]
-        for r in range(self.world_size):
-            handle = self._handle if r == self.rank else self._import(shared[r])
-            mappings.append((base + (r + 1) * self.stride, self.stride, handle))
-        for address, length, handle in mappings:
-            check("cuMemMap", cu.cuMemMap(address, length, 0, handle, 0))
-            self._undo.callback(lambda a=address, n=length: check("cuMemUnmap", cu.cuMemUnmap(a, n)))
-            check("cuMemSetAccess", cu.cuMemSetAccess(address, length, [access], 1))
-        self._close_fds()  # every handle is imported: the fds are no longer needed
+        self._map(base, self.granularity, head, self._undo)
+        self._undo.callback(lambda: self._segments.close())  # segments unmapped before the range is freed
+        self._base = base
+        self._map_segments(shared)
         whole = torch.as_tensor(_DeviceBytes(base, 1, total, total)).view(-1)
         if whole.data_ptr() != base or whole.device != self.device:
             raise RuntimeError(f"torch.as_tensor copied the workspace view (to {whole.device}) instead of wrapping it")
         self.tensor = whole.as_strided((self.world_size, self.size_per_rank), (self.stride, 1), self.stride)
+
+    def _map(self, address: int, length: int, handle: Any, undo: ExitStack) -> None:
+        cu = driver()
+        access = cu.CUmemAccessDesc()
+        access.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+        access.location.id = self.device.index
+        access.flags = cu.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
+        check("cuMemMap", cu.cuMemMap(address, length, 0, handle, 0))
+        undo.callback(lambda: check("cuMemUnmap", cu.cuMemUnmap(address, length)))
+        check("cuMemSetAccess", cu.cuMemSetAccess(address, length, [access], 1))
+
+    def _map_segments(self, shared: list) -> None:
+        """Import every peer's segment and map segment r at base + (r + 1) * stride."""
+        for r in range(self.world_size):
+            handle = self._handle if r == self.rank else self._import(shared[r])
+            self._map(self._base + (r + 1) * self.stride, self.stride, handle, self._segments)
+        self._close_fds()  # every handle is imported: the fds are no longer needed
+
+    def release_segments(self) -> None:
+        """See SymmetricMemory.release_segments; repeated calls do nothing."""
+        if self.segments_released:
+            return
+        with torch.cuda.device(self.device):
+            torch.cuda.synchronize(self.device)
+        self._segments.close()
+        self._segments = ExitStack()
+        self.segments_released = True
+
+    def restore_segments(self, bootstrap: Bootstrap) -> None:
+        """See SymmetricMemory.restore_segments; does nothing unless the segments were released. A
+        failure on any rank leaves every rank's segments released (and raises)."""
+        if not self.segments_released:
+            return
+        if (bootstrap.rank, bootstrap.world_size) != (self.rank, self.world_size):
+            raise ValueError(f"restore_segments needs this memory's rank / size {self.rank} / {self.world_size}, "
+                             f"got {bootstrap.rank} / {bootstrap.world_size}")  # fmt: skip
+        undo = self._segments
+        undo.callback(self._close_fds)
+        with torch.cuda.device(self.device):
+            shared = self._share_segments(bootstrap, undo)
+            run_on_every_rank(bootstrap, "import + map", lambda: self._map_segments(shared), undo)
+            run_on_every_rank(bootstrap, "zeroing the own segment", self._zero_own_segment, undo)
+        self.segments_released = False
 
     def _import(self, shared: Any) -> Any:
         cu = driver()
@@ -278,7 +333,7 @@ class CudaSymmetricMemory(SymmetricMemory):
             fabric.data = shared
             os_handle = fabric.getPtr()  # `fabric` stays alive until the call returns
         handle = check("cuMemImportFromShareableHandle", cu.cuMemImportFromShareableHandle(os_handle, self.handle_type))
-        self._undo.callback(lambda: check("cuMemRelease", cu.cuMemRelease(handle)))
+        self._segments.callback(lambda: check("cuMemRelease", cu.cuMemRelease(handle)))
         return handle
 
     def _zero_own_segment(self) -> None:

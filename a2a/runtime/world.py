@@ -60,3 +60,13 @@ class World(Protocol):
     def barrier(self) -> None:
         """Host barrier of every rank (collective); nothing to wait for in a one-process world."""
         ...
+
+    def checkpoint_prepare(self) -> None:
+        """Release the memory shared with other processes, keeping every workspace's addresses, so
+        the process can be checkpointed (collective; the workspaces are unusable until restore)."""
+        ...
+
+    def checkpoint_restore(self, group: object) -> None:
+        """After checkpoint_prepare: fresh, zeroed workspaces at the same addresses over `group` (a
+        rebuilt communicator of the same rank and size; collective)."""
+        ...
