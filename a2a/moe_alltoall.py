@@ -20,13 +20,12 @@ from a2a.runtime.world import World
 from a2a.ops.sanitize import sanitize_plan
 from a2a.quantization import SfLayout
 from a2a.ops.context import RankContext, context_of
-from a2a.workspace import segment_view
+from a2a.workspace import reset_rank_state, segment_view
 
 
 @dataclass
 class _RoundState:
-    phase: str = "idle"  # idle -> dispatched -> idle; "checkpointed" between checkpoint_prepare and
-    #                      checkpoint_restore; "deleted" after _reset_workspace
+    phase: str = "idle"  # idle -> dispatched -> idle; "deleted" after _reset_workspace
     local_num_tokens: int | None = None
     runtime_max_tokens: int | None = None
     combine_payload_offset: int | None = None
@@ -181,33 +180,36 @@ class MoeAlltoAll:
         """FlashInfer's checkpoint_prepare: release the memory this rank shares with its peers so the
         process can be checkpointed, keeping the workspace's addresses (captured CUDA graphs stay
         valid). Collective, between rounds (`PhaseError` during one); repeated calls do nothing.
-        Until `checkpoint_restore`, dispatch and combine raise. It acts on the world, so every
-        instance on it is paused. A simulated world shares nothing with other processes: nothing
-        is released. Host shared memory (a CPU ProcessWorld) raises NotImplementedError."""
-        if self._state.phase not in ("idle", "checkpointed"):
+        It acts on the world: every instance on it refuses to dispatch until `checkpoint_restore`.
+        A simulated world shares nothing with other processes: nothing is released. Host shared
+        memory (a CPU ProcessWorld) raises NotImplementedError."""
+        if self._state.phase != "idle":
             raise PhaseError(f"checkpoint_prepare called in phase {self._state.phase!r}: call it between rounds")
-        if self._state.phase == "checkpointed":
-            return
         self.world.checkpoint_prepare()
-        self._state = _RoundState("checkpointed")
 
     def checkpoint_restore(self, comm_backend: object = None) -> None:
         """FlashInfer's checkpoint_restore: after checkpoint_prepare, map fresh, zeroed memory at the
         same addresses over `comm_backend` (the rebuilt communicator: a CommBackend, ProcessGroup,
-        mpi4py Comm or Bootstrap of the same rank and size; None: the world's own), initialize the
-        workspace again and check its layout is unchanged. Collective; does nothing unless
-        checkpointed."""
-        if self._state.phase != "checkpointed":
+        mpi4py Comm or Bootstrap of the same rank and size; None: the world's own). Collective;
+        does nothing unless the world is checkpointed. Every instance on the world then starts
+        from a fresh workspace (its next dispatch forgets the rounds before)."""
+        if not self.world.checkpointed:
             return
         group = comm_backend if comm_backend is not None else getattr(self.world, "bootstrap", None)
         self.world.checkpoint_restore(group)
-        metainfo = moe_a2a_initialize(self.workspace, self.ep_rank, self.ep_size, self.max_num_tokens,
-                                      self.layout.eplb_stats_num_experts)  # fmt: skip
-        if not torch.equal(metainfo, self.metainfo):
-            raise RuntimeError("MoeAlltoAll.checkpoint_restore: the workspace layout changed; captured CUDA graphs "
-                               "would not be valid")  # fmt: skip
-        self.world.barrier()  # every rank's segment is zeroed before any peer dispatches into it
-        self._state = _RoundState()
+
+    def _check_not_checkpointed(self) -> None:
+        """Refuse a round while the world is checkpointed; after a restore that gave fresh, zeroed
+        segments, forget this workspace's earlier rounds (once per workspace, whichever instance
+        comes first)."""
+        if self.world.checkpointed:
+            raise PhaseError("dispatch after checkpoint_prepare: the workspace is released; call "
+                             "checkpoint_restore first")  # fmt: skip
+        generation = self.world.checkpoint_generation
+        state = self._context.state
+        if state.checkpoint_generation != generation:
+            reset_rank_state(self.workspace, self.ep_rank)
+            state.checkpoint_generation = generation
 
     def _ready_to_launch(self) -> None:
         """In SimulatedWorld.run_ranks: wait until every rank has planned this call (see there)."""
@@ -254,11 +256,9 @@ class MoeAlltoAll:
         With `token_count` (int32 `[1]` on the device) only that many leading rows are tokens; the
         combine output keeps all `num_tokens` rows, zero past the count (one CUDA graph, any count).
         """
+        self._check_not_checkpointed()  # first: a restore forgets the faults of the rounds before it
         rank_workspace = self._rank_workspace
         rank_workspace.raise_if_faulted()  # a lost round outranks a phase error
-        if self._state.phase == "checkpointed":
-            raise PhaseError("dispatch after checkpoint_prepare: the workspace is released; call "
-                             "checkpoint_restore first")
         if self._state.phase != "idle":
             raise PhaseError(f"dispatch called in phase {self._state.phase!r}: dispatch called twice without combine")
         rank_workspace.check_no_live_round("MoeAlltoAll.dispatch", id(self))

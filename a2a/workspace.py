@@ -43,6 +43,7 @@ class RankState:
     live: LiveRound | None = None
     rounds_seen: int = 0  # dispatches the host saw on this memory (0: a copy it knows nothing of)
     sat_out: int = 0  # ranks left out of an earlier round on this memory (bit r: rank r)
+    checkpoint_generation: int = 0  # the world's restores this knowledge has caught up with
 
 
 # storage -> {(byte offset of the rank's segment in it, segment stride, size): RankState}. Storage

@@ -54,6 +54,8 @@ class ProcessWorld:
         self.device = device
         self._memories: dict[tuple, SymmetricMemory] = {}
         self._closed = False
+        self.checkpointed = False  # between checkpoint_prepare and checkpoint_restore: no workspace is mapped
+        self.checkpoint_generation = 0  # restores so far: every workspace's segments are fresh and zeroed since
 
     # Ops of this rank run on the caller's current stream (CUDA) or in call order (CPU): nothing to
     # switch to or order against (see MoeAlltoAll).
@@ -140,6 +142,8 @@ class ProcessWorld:
         captured CUDA graphs stay valid), wait again (collective; repeated calls do nothing). CUDA
         only: host shared memory raises NotImplementedError, before anything happens."""
         self._check_open()
+        if self.checkpointed:
+            return
         if self.device.type != "cuda":
             raise NotImplementedError("checkpoint_prepare: host shared memory (device='cpu') cannot be released and "
                                       "mapped again at the same addresses; only CUDA workspaces can")  # fmt: skip
@@ -147,6 +151,7 @@ class ProcessWorld:
         self.bootstrap.barrier()  # no rank still reads or writes a peer's segment
         for memory in self._memories.values():
             memory.release_segments()
+        self.checkpointed = True
         self.bootstrap.barrier()  # no rank goes on while a peer still holds its handles
 
     def checkpoint_restore(self, group: object) -> None:
@@ -162,6 +167,9 @@ class ProcessWorld:
         for memory in self._memories.values():
             memory.restore_segments(bootstrap)
         self.bootstrap = bootstrap
+        if self.checkpointed:
+            self.checkpointed = False
+            self.checkpoint_generation += 1
         bootstrap.barrier()  # every segment is zeroed before any rank dispatches into it
 
     def close(self) -> None:

@@ -50,6 +50,7 @@ class SimulatedWorld:
         self.ep_size = ep_size
         self.device = torch.device(device)
         self._workspaces: dict[tuple, torch.Tensor] = {}
+        self.checkpointed = False  # between checkpoint_prepare and checkpoint_restore
         self._streams: list[SignalStream] = []
         self._thread_streams: list[SignalStream] | None = None
         self._launch_barrier: threading.Barrier | None = None
@@ -141,12 +142,18 @@ class SimulatedWorld:
     def barrier(self) -> None:
         """Nothing to wait for: every rank's host calls run in this process, in program order."""
 
+    # Nothing is shared with another process, so a checkpoint releases nothing: the workspaces stay
+    # as they are and the generation never changes; MoeAlltoAll still refuses rounds in between.
+    checkpoint_generation = 0
+
     def checkpoint_prepare(self) -> None:
-        """Nothing is shared with another process: the workspaces stay as they are."""
+        """Finish every rank's work; the workspaces stay mapped (nothing is shared with another process)."""
         self.synchronize()
+        self.checkpointed = True
 
     def checkpoint_restore(self, group: object = None) -> None:
-        """Nothing was released (see checkpoint_prepare); `group` is not used."""
+        """End the pause of checkpoint_prepare; nothing was released, `group` is not used."""
+        self.checkpointed = False
 
     def synchronize(self) -> None:
         """Block until every rank's stream has run everything submitted (raises on a deadlock)."""

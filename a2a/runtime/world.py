@@ -61,6 +61,9 @@ class World(Protocol):
         """Host barrier of every rank (collective); nothing to wait for in a one-process world."""
         ...
 
+    checkpointed: bool  # between checkpoint_prepare and checkpoint_restore: no round may run
+    checkpoint_generation: int  # restores that gave fresh, zeroed workspaces (the host forgets their rounds)
+
     def checkpoint_prepare(self) -> None:
         """Release the memory shared with other processes, keeping every workspace's addresses, so
         the process can be checkpointed (collective; the workspaces are unusable until restore)."""
