@@ -3,13 +3,17 @@
 # the benchmark sweep of the base tree in .base/ (git archive of the base commit, carried) and of
 # this tree, interleaved base / this / base / this, then each tree's per-kernel durations of one
 # round (bench/profile/round_timeline.py, summarised per kernel). Results and logs go to $OUT.
-#   BASE_COMMIT (default 544fef1) TOKENS (16,128,1024,4096) TIMELINE_TOKENS (16 1024) PASSES (1)
+#   BASE_COMMIT (default 544fef1) TOKENS (16,128,1024,4096) TIMELINE_TOKENS (16 1024) PASSES (1) BASELINE (none)
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/a2a-out}; mkdir -p "$OUT"
 BASE_COMMIT=${BASE_COMMIT:-544fef1}
 HEAD_COMMIT=${HEAD_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo worktree)}
 TOKENS=${TOKENS:-16,128,1024,4096}
+# BASELINE: a module with FlashInfer's functional API run next to this tree (bench/baseline.py);
+# fi_functional when the prebuilt FlashInfer of ../shared/fi-baseline is carried in .fi/.
+BASELINE=${BASELINE:-none}
+if [ "$BASELINE" = fi_functional ]; then source .fi/setup.sh; fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 
 summarise() {  # kernel name -> median duration over the ranks of one replay
@@ -31,8 +35,8 @@ for pass in $(seq 1 "${PASSES:-1}"); do
   (cd .base && PYTHONPATH=$PWD timeout 280 python3 -m bench.run --ranks 8 --tokens "$TOKENS" --iterations 20 \
     --commit "$BASE_COMMIT" --out "$OUT/base$pass") 2>&1 | grep -v Warning | tail -30
   echo "== pass $pass: this tree $HEAD_COMMIT"
-  PYTHONPATH=$PWD timeout 280 python3 -m bench.run --ranks 8 --tokens "$TOKENS" --iterations 20 --commit "$HEAD_COMMIT" \
-    --out "$OUT/new$pass" 2>&1 | grep -v Warning | tail -30
+  PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} timeout 280 python3 -m bench.run --ranks 8 --tokens "$TOKENS" --iterations 20 --commit "$HEAD_COMMIT" \
+    --out "$OUT/new$pass" --baseline "$BASELINE" 2>&1 | grep -v Warning | tail -30
 done
 for tokens in ${TIMELINE_TOKENS:-16 1024}; do
   echo "== timeline $tokens tokens, base"

@@ -144,7 +144,9 @@ def _combine_kernel(
         # reset the counter before every thread has left, or a late one polls a zero forever (a
         # replay at 4096 tokens per rank hung this way on an H200 when the reset came sooner).
         tl.debug_barrier()
-        tl.atomic_xchg(election_ptr, 0, sem="acq_rel", scope="gpu")  # the next launch counts from zero
+        # The next launch counts from zero; it reads the word after this kernel ends (stream
+        # order), so a plain store does, without the acq_rel exchange's fence.
+        tl.store(election_ptr, 0)
         _signal_gathered(new_count, faulted, gather_count_ptr, gathered_mask_ptr, flags_ptr, stride_rank, active_low,
                          active_high, ep_rank, EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE)
     else:

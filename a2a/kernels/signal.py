@@ -325,7 +325,12 @@ def _signal_gathered(count, faulted, gather_count_ptr, gathered_mask_ptr, flags_
     one count itself done): store the gather count `count` (the caller's: the old count + 1, loaded
     early), remember this round's active ranks (the next dispatch waits for their gathers), and,
     unless this rank has recorded a fault (`faulted`, loaded early: nothing records one during a
-    gather), store the count into `flags[GATHER][me]` of every active segment."""
+    gather), store the count into `flags[GATHER][me]` of every active segment.
+
+    Relaxed, not release: the flag publishes no data, it only says this rank's loads of the peers'
+    planes are over, and they are (every loaded value fed an output store issued before the
+    caller's bar.sync). A system-scope release fence here waits for this rank's output stores to
+    reach the whole system, which no peer needs."""
     tl.store(gather_count_ptr, count)
     tl.store(gathered_mask_ptr, active_low)
     tl.store(gathered_mask_ptr + 1, active_high)
@@ -333,4 +338,4 @@ def _signal_gathered(count, faulted, gather_count_ptr, gathered_mask_ptr, flags_
         ranks = tl.arange(0, EP_PAD)
         rank_mask = (ranks < EP_SIZE) & _rank_is_active(ranks, active_low, active_high)
         targets = flags_ptr + FLAG_ROW_GATHER * FLAG_ARRAY_STRIDE + ranks.to(tl.int64) * stride_rank + ep_rank
-        tl.atomic_xchg(targets, tl.zeros([EP_PAD], dtype=tl.int32) + count, mask=rank_mask, sem="release", scope="sys")
+        tl.atomic_xchg(targets, tl.zeros([EP_PAD], dtype=tl.int32) + count, mask=rank_mask, sem="relaxed", scope="sys")
