@@ -127,6 +127,8 @@ class FunctionalBaseline:
 
 def _row_set(rows: torch.Tensor) -> list[tuple[int, int]]:
     """A sorted fingerprint of a `[n, W]` tensor's rows, each by two weighted byte sums."""
+    if rows.shape[0] == 0:  # a source that sent this rank nothing (a 1-token round)
+        return []
     data = rows.contiguous().view(torch.uint8).reshape(rows.shape[0], -1).to(torch.int64)
     positions = torch.arange(data.shape[1], dtype=torch.int64)
     first = (data * (positions * 2654435761 % 1000003 + 1)).sum(dim=1)

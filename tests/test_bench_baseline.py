@@ -10,17 +10,18 @@ import pytest
 import torch
 
 import a2a
+from a2a import reference
 from bench.baseline import FunctionalBaseline, _row_set, load
 
 EP, TOKENS, HIDDEN, TOP_K, NUM_EXPERTS = 3, 5, 16, 2, 6
 
 
-def inputs(seed: int = 1):
+def inputs(seed: int = 1, tokens: int = TOKENS):
     generator = torch.Generator().manual_seed(seed)
-    experts = [torch.randint(0, NUM_EXPERTS, (TOKENS, TOP_K), generator=generator, dtype=torch.int32)
+    experts = [torch.randint(0, NUM_EXPERTS, (tokens, TOP_K), generator=generator, dtype=torch.int32)
                for _ in range(EP)]  # fmt: skip
-    payloads = [[torch.randn(TOKENS, HIDDEN, generator=generator).to(torch.bfloat16), ids,
-                 torch.rand(TOKENS, TOP_K, generator=generator)] for ids in experts]  # fmt: skip
+    payloads = [[torch.randn(tokens, HIDDEN, generator=generator).to(torch.bfloat16), ids,
+                 torch.rand(tokens, TOP_K, generator=generator)] for ids in experts]  # fmt: skip
     return experts, payloads
 
 
@@ -30,18 +31,28 @@ def as_module(**overrides) -> types.SimpleNamespace:
     return types.SimpleNamespace(**{**{name: getattr(a2a, name) for name in names}, **overrides})
 
 
-def baseline(module, device: str) -> FunctionalBaseline:
+def baseline(module, device: str, tokens: int = TOKENS) -> FunctionalBaseline:
     world = a2a.SimulatedWorld(EP, device)
-    experts, payloads = inputs()
+    experts, payloads = inputs(tokens=tokens)
     experts = [e.to(world.device) for e in experts]
     payloads = [[p.to(world.device) for p in ps] for ps in payloads]
-    return FunctionalBaseline(module, world, experts, payloads, TOKENS, HIDDEN, NUM_EXPERTS)
+    return FunctionalBaseline(module, world, experts, payloads, tokens, HIDDEN, NUM_EXPERTS)
 
 
 def test_a2a_as_the_baseline_passes_its_checks(device):
     run = baseline(as_module(), device)
     run.check()
     assert all(len(recv) == 3 for recv in run.recv)
+
+
+def test_sources_that_send_a_rank_nothing(device):
+    """One token per rank and top-2 of 3 ranks: some rank receives no row from some source (the
+    first H200 run with 1 token per rank failed on the empty row set)."""
+    run = baseline(as_module(), device, tokens=1)
+    expected = reference.dispatch([e.cpu() for e in run.experts], [[p.cpu() for p in ps] for ps in run.payloads],
+                                  NUM_EXPERTS, 1)  # fmt: skip
+    assert any(int(n) == 0 for counts in expected.recv_counts for n in counts)
+    run.check()
 
 
 def test_a_wrong_combine_is_caught(device):
