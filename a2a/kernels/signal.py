@@ -208,14 +208,21 @@ def _compare_signatures(own_row_ptr, own_signature_ptr, ranks, compared, SIGNATU
                    other=0, volatile=True)
     differs = (rows != mine[None, :]) & compared[:, None]
     mismatched = tl.max(differs.to(tl.int32), axis=1) > 0
-    field_hits = tl.max(differs.to(tl.int32), axis=0)
-    fields = tl.sum(field_hits << words, axis=0)
-    first_rank = tl.min(tl.where(mismatched, ranks, 1 << 30), axis=0)
-    in_first = differs & (ranks[:, None] == first_rank)
-    first_field = tl.min(tl.min(tl.where(in_first, words[None, :], 1 << 30), axis=1), axis=0)
-    own_value = tl.sum(tl.where(words == first_field, mine, 0), axis=0)
-    at_first = (ranks[:, None] == first_rank) & (words[None, :] == first_field)
-    peer_value = tl.sum(tl.sum(tl.where(at_first, rows, 0), axis=1), axis=0)
+    # The details only when some peer disagrees: six reductions off every healthy barrier's path.
+    fields = tl.sum(words * 0, axis=0)  # an int32 zero
+    first_rank = fields
+    first_field = fields
+    own_value = fields
+    peer_value = fields
+    if tl.max(mismatched.to(tl.int32), axis=0) > 0:
+        field_hits = tl.max(differs.to(tl.int32), axis=0)
+        fields = tl.sum(field_hits << words, axis=0)
+        first_rank = tl.min(tl.where(mismatched, ranks, 1 << 30), axis=0)
+        in_first = differs & (ranks[:, None] == first_rank)
+        first_field = tl.min(tl.min(tl.where(in_first, words[None, :], 1 << 30), axis=1), axis=0)
+        own_value = tl.sum(tl.where(words == first_field, mine, 0), axis=0)
+        at_first = (ranks[:, None] == first_rank) & (words[None, :] == first_field)
+        peer_value = tl.sum(tl.sum(tl.where(at_first, rows, 0), axis=1), axis=0)
     return mismatched, fields, first_rank, first_field, own_value, peer_value
 
 
@@ -232,16 +239,19 @@ def _phase_barrier(flag_value_ptr, flags_ptr, signatures_ptr, own_signature_ptr,
     at + t * stride_rank). signatures_ptr: this phase's `[EP_SIZE, SIGNATURE_WORDS]` signatures of
     segment 0. own_signature_ptr: this rank's `[SIGNATURE_WORDS]` signature of the round.
     """
+    # Three independent own-segment loads issued together: the healthy path then waits for one
+    # memory round trip before it signals, not three in a row.
     healthy = ~_is_faulted(fault_record_ptr)
+    old_value = tl.load(flag_value_ptr, volatile=True)
+    words = tl.arange(0, SIGNATURE_WORDS)
+    mine = tl.load(own_signature_ptr + words)
     recorded = healthy & (~healthy)  # false; a wait below may record a fault
     if healthy:
-        value = (tl.load(flag_value_ptr, volatile=True) + 1) & FLAG_EPOCH_MASK
+        value = (old_value + 1) & FLAG_EPOCH_MASK
         tl.debug_barrier()  # every thread has read the old epoch before one thread stores the new one
         tl.store(flag_value_ptr, value)
         ranks = tl.arange(0, EP_PAD)
         rank_mask = (ranks < EP_SIZE) & _rank_is_active(ranks, active_low, active_high)
-        words = tl.arange(0, SIGNATURE_WORDS)
-        mine = tl.load(own_signature_ptr + words)
         slots = signatures_ptr + ranks.to(tl.int64)[:, None] * stride_rank + ep_rank * SIGNATURE_WORDS + words[None, :]
         tl.store(slots, tl.broadcast_to(mine[None, :], [EP_PAD, SIGNATURE_WORDS]), mask=rank_mask[:, None])
         # Every thread's signature stores must be issued before the release below publishes them.
