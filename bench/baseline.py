@@ -70,6 +70,9 @@ class FunctionalBaseline:
 
     def dispatch(self) -> None:
         for r in range(self.ep_size):
+            # Fork the rank stream from the caller's, as a2a's own ops do: a capture that never
+            # forked into the rank streams is invalidated when it joins them (seen on an H200).
+            self.world.wait_for_caller(r)
             with self.world.stream(r).activate():
                 recv, offset, _ = self.module.moe_a2a_dispatch(
                     self.experts[r], self.payloads[r], self.workspace, self.metainfo[r], self.tokens, r, self.ep_size,
@@ -87,6 +90,7 @@ class FunctionalBaseline:
         """Identity experts: each rank's combine plane = its received hidden rows (payload 0)."""
         planes = self.planes()
         for r, plane in enumerate(planes):
+            self.world.wait_for_caller(r)
             with self.world.stream(r).activate():
                 plane.copy_(self.recv[r][0])
         return planes
@@ -94,6 +98,7 @@ class FunctionalBaseline:
     def combine(self, planes: list[torch.Tensor]) -> list[torch.Tensor]:
         outputs = []
         for r in range(self.ep_size):
+            self.world.wait_for_caller(r)
             with self.world.stream(r).activate():
                 outputs.append(self.module.moe_a2a_combine(
                     planes[r], self.tokens, self.workspace, self.metainfo[r], self.tokens, r, self.ep_size, self.top_k,

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import a2a
+from tests.conftest import requires_cuda
 from a2a import reference
 from bench.baseline import FunctionalBaseline, _row_set, load
 
@@ -86,3 +87,17 @@ def test_row_sets_ignore_order_but_not_content():
 def test_load():
     assert load("none") is None
     assert load("a2a") is a2a
+
+
+@requires_cuda
+def test_the_baseline_round_captures_into_one_graph():
+    """bench.run times the baseline from CUDA graphs forked into the rank streams; a baseline that
+    did not fork (wait for the caller) before its calls broke every capture on an H200."""
+    from bench.run import capture
+
+    run = baseline(as_module(), "cuda")
+    run.check()
+    graph = capture(run.world, run.dispatch)
+    graph.replay()
+    run.world.synchronize()
+    torch.cuda.synchronize()
