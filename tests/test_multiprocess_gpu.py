@@ -119,5 +119,79 @@ def test_vmm_cycles_leave_nothing_behind(tmp_path):
         assert result["new_maps"] < 10, (rank, result)
 
 
+def _checkpoint_rank(rank: int, world_size: int) -> dict[str, object]:
+    """FlashInfer's checkpoint across processes: an eager round, a CUDA graph of a round captured
+    and replayed, the workspace released (checkpoint_prepare) and mapped again over a rebuilt
+    gloo group (checkpoint_restore), the same graph replayed on the fresh memory, then eager
+    rounds again. Every output is checked; returns what the parent asserts on."""
+    import torch.distributed as dist
+
+    import a2a
+    from a2a.runtime.process_world import ProcessWorld
+    from tests.support.process_rounds import HIDDEN, MAX_NUM_TOKENS, NUM_EXPERTS, TOP_K, RoundInputs, run_round
+
+    torch.cuda.set_device(torch.device(GPU))
+    world = ProcessWorld(None, GPU)
+    try:
+        moe = a2a.MoeAlltoAll(a2a.Mapping(world_size, rank), MAX_NUM_TOKENS, TOP_K, NUM_EXPERTS, hidden_size=HIDDEN,
+                              world=world)  # fmt: skip
+        counts, rt = PLANS[world_size][0]
+        inputs = RoundInputs.draw(counts, rt, 0)
+        run_round(world, moe, inputs, in_workspace=True)
+        device = world.device
+        experts, hidden = inputs.experts[rank].to(device), inputs.hiddens[rank].to(device)
+        # Identity experts: each rank sends back the hidden rows it received, so every token
+        # comes back once per distinct rank its top-k reached (sums of equal bf16 values in fp32).
+        reached = (inputs.expected.routing[rank].topk_target_ranks >= 0).sum(dim=1)
+        want = (inputs.hiddens[rank].float() * reached[:, None].float()).to(torch.bfloat16)
+        out = torch.empty(counts[rank], HIDDEN, dtype=torch.bfloat16, device=device)
+
+        def round_() -> None:
+            recv = moe.dispatch(experts, [hidden], rt)
+            plane = moe.get_combine_payload_tensor_in_workspace(rt, HIDDEN, torch.bfloat16)
+            plane.copy_(recv[0])
+            moe.combine(plane, rt, payload_in_workspace=True, output=out)
+
+        def replayed(graph: torch.cuda.CUDAGraph) -> bool:
+            out.fill_(float("nan"))
+            graph.replay()
+            torch.cuda.synchronize()
+            moe.synchronize()
+            return torch.equal(out.cpu().view(torch.uint8), want.view(torch.uint8))
+
+        round_()  # the graph's signature, eagerly once (kernels loaded outside the capture)
+        world.synchronize()
+        eager_ok = torch.equal(out.cpu().view(torch.uint8), want.view(torch.uint8))
+        graph, side = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+        torch.cuda.synchronize()
+        with torch.cuda.stream(side), torch.cuda.graph(graph, stream=side):
+            round_()
+        before = replayed(graph)
+        address = moe.workspace.data_ptr()
+        moe.checkpoint_prepare()
+        group = dist.new_group(backend="gloo")  # the "rebuilt" communicator
+        moe.checkpoint_restore(group)
+        zeroed = not moe.workspace[rank].any().item()
+        after = replayed(graph)
+        for seed, (counts_after, rt_after) in enumerate(PLANS[world_size][1:3], start=1):
+            run_round(world, moe, RoundInputs.draw(counts_after, rt_after, seed), in_workspace=seed % 2 == 0)
+        same_address = moe.workspace.data_ptr() == address
+        del graph
+        moe = None  # its views of the workspace go before the world frees it
+    finally:
+        world.close()
+    return {"eager": eager_ok, "replay_before": before, "zeroed": zeroed, "replay_after": after,
+            "same_address": same_address}  # fmt: skip
+
+
+def test_checkpoint_across_processes_keeps_addresses_and_graphs(tmp_path):
+    """checkpoint_prepare / checkpoint_restore with one process per rank (VMM): same addresses,
+    fresh zeroed memory, a graph captured before replays exactly after, eager rounds go on."""
+    results = run_ranks(_checkpoint_rank, 2, tmp_path, env=GPU_CHILD_ENV, timeout_s=300)
+    for rank, result in enumerate(results):
+        assert result == {"eager": True, "replay_before": True, "zeroed": True, "replay_after": True,
+                          "same_address": True}, (rank, result)  # fmt: skip
+
+
 def test_vmm_rounds_through_mpi():
     run_mpi_round("cuda", GPU_CHILD_ENV, timeout_s=300)
