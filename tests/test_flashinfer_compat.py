@@ -9,6 +9,10 @@ compatibility section claims what this module covers.
 
 from __future__ import annotations
 
+import importlib.util
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -219,6 +223,51 @@ class FlashInferStyleMapping:
     @property
     def moe_ep_rank(self):
         return self.rank % self.tp_size % self.moe_ep_size
+
+
+def flashinfer_mapping_class():
+    """FlashInfer's own Mapping class, or None: from an installed flashinfer, else from the package
+    of ../shared/fi-baseline unpacked at $FI_PKG_DIR (default /tmp/fi; its mapping module imports
+    only torch, so it loads without the rest of flashinfer)."""
+    try:
+        from flashinfer.comm.mapping import Mapping  # type: ignore[import-not-found]
+
+        return Mapping
+    except ImportError:
+        pass
+    path = Path(os.environ.get("FI_PKG_DIR", "/tmp/fi")) / "flashinfer" / "comm" / "mapping.py"
+    if not path.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location("_flashinfer_comm_mapping", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.Mapping
+
+
+def test_flashinfer_own_mapping_object(device):
+    """MoeAlltoAll takes FlashInfer's Mapping itself (expert parallelism over the tp ranks of a
+    pipeline stage, so the ep rank is not the global rank): each rank's ep rank and size come from
+    its moe_ep_rank / moe_ep_size, and a round is
+    exact (identity experts: every token comes back once per distinct rank its top-k reached)."""
+    mapping_class = flashinfer_mapping_class()
+    if mapping_class is None:
+        pytest.skip("FlashInfer's Mapping is not installed here (flashinfer-python, or ../shared/fi-baseline "
+                    "unpacked at $FI_PKG_DIR)")  # fmt: skip
+    world = a2a.SimulatedWorld(EP, device)
+    # The second pipeline stage of 2 x EP ranks: global rank EP + r is expert-parallel rank r.
+    mappings = [mapping_class(world_size=2 * EP, rank=EP + r, tp_size=EP, pp_size=2, moe_ep_size=EP)
+                for r in range(EP)]  # fmt: skip
+    moes = [a2a.MoeAlltoAll(m, RT, TOP_K, NUM_EXPERTS, hidden_size=HIDDEN, world=world) for m in mappings]
+    assert [(moe.ep_rank, moe.ep_size) for moe in moes] == [(r, EP) for r in range(EP)]
+    experts, hiddens = draw([4, 0, 5], seed=3, device=world.device)
+    recv = [moe.dispatch(experts[r], [hiddens[r]], RT) for r, moe in enumerate(moes)]
+    outputs = [moe.combine(recv[r][0].clone(), RT) for r, moe in enumerate(moes)]
+    world.synchronize()
+    expected = reference.dispatch([e.cpu() for e in experts], [[h.cpu()] for h in hiddens], NUM_EXPERTS, RT)
+    for r, out in enumerate(outputs):
+        reached = (expected.routing[r].topk_target_ranks >= 0).sum(dim=1)
+        want = (hiddens[r].cpu().float() * reached[:, None].float()).to(torch.bfloat16)
+        assert torch.equal(as_bytes(out.cpu()), as_bytes(want)), f"rank {r}"
 
 
 class OneRankComm:
