@@ -82,6 +82,19 @@ def test_token_count_is_checked(device):
         ranks[0].dispatch(experts, [hidden], ROWS, token_count=torch.zeros(2, dtype=torch.int32, device=device))
 
 
+def test_token_count_shape_is_checked_after_a_round_with_the_same_signature(device):
+    """A plan found by call signature must not admit a [2] count where a [1] count built it (the
+    key once dropped the count tensor's only dimension as if it were the row count)."""
+    world, ranks, buffers = _build(device)
+    _fill(buffers, [3, 1, 0], seed=5)
+    _round(world, ranks, buffers)
+    world.synchronize()
+    experts, hidden, _, count = buffers[0]
+    with pytest.raises(ValueError, match=r"token_count must have shape \[1\]"):
+        ranks[0].dispatch(experts, [hidden, experts], ROWS, invalid_token_expert_id=-1, expert_id_payload_index=1,
+                          token_count=torch.zeros(2, dtype=torch.int32, device=count.device))  # fmt: skip
+
+
 def capture_round(world, ranks, buffers):
     """Warm up eagerly (every variant compiled and loaded), then capture one round into a graph."""
     _fill(buffers, [ROWS] * EP, seed=0)
