@@ -1,4 +1,5 @@
-"""Benchmark building blocks: inputs, the correctness gate, timers, byte counts, the copy roofline.
+"""Benchmark building blocks: inputs (drawn by tests/support/round_inputs.py, the drawer the tests
+use), the correctness gate, timers, byte counts, the copy roofline.
 
 All ranks are simulated on one GPU (one stream each), so every rank's traffic shares one device's
 memory system and the roofline is that device's copy bandwidth, measured in the same run.
@@ -15,6 +16,7 @@ import torch
 import a2a
 from a2a import reference
 from a2a.expert_partition import ExpertPartition
+from tests.support import round_inputs
 
 SHAPES = {  # hidden, top_k, experts
     "deepseek": (7168, 8, 256),
@@ -22,22 +24,6 @@ SHAPES = {  # hidden, top_k, experts
     "mixtral": (4096, 2, 8),
     "gptoss": (2880, 4, 128),
 }
-
-
-def payload_set(name: str, hidden: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> list[torch.Tensor]:
-    """bf16: hidden + ids + weights; fp8: e4m3 hidden + fp32 per-128 scales + ids + weights;
-    nvfp4: packed uint8 (2 values a byte) + e4m3 per-16 scales + ids + weights."""
-    n, width = hidden.shape
-    if name == "bf16":
-        return [hidden, experts, weights]
-    if name == "fp8":
-        scales = torch.rand(n, width // 128, device=hidden.device)
-        return [hidden.to(torch.float8_e4m3fn), scales, experts, weights]
-    if name == "nvfp4":
-        packed = torch.randint(0, 256, (n, width // 2), dtype=torch.uint8, device=hidden.device)
-        scales = torch.rand(n, width // 16, device=hidden.device).to(torch.float8_e4m3fn)
-        return [packed, scales, experts, weights]
-    raise ValueError(f"payload set must be bf16, fp8 or nvfp4, got {name!r}")
 
 
 @dataclass
@@ -61,12 +47,11 @@ class Round:
         dev = world.device
         experts, inputs = [], []
         for _ in range(ep):
-            scores = torch.rand(tokens, num_experts, device=dev, generator=generator)
-            ids = scores.topk(top_k, dim=1).indices.to(torch.int32)
-            x = torch.randn(tokens, hidden, device=dev, generator=generator).to(torch.bfloat16)
-            w = torch.rand(tokens, top_k, device=dev, generator=generator)
+            ids = round_inputs.expert_ids(tokens, top_k, num_experts, generator, routing="distinct", device=dev)
+            x = round_inputs.hidden_states(tokens, hidden, generator, device=dev)
+            w = round_inputs.routing_weights(tokens, top_k, generator, device=dev)
             experts.append(ids)
-            inputs.append(payload_set(payloads, x, ids, w))
+            inputs.append(round_inputs.activation_payloads(payloads, x, ids, w, generator))
         size = a2a.moe_a2a_get_workspace_size_per_rank(
             ep, tokens, [p.shape[1] * p.element_size() for p in inputs[0]], hidden * 2
         )
@@ -74,7 +59,7 @@ class Round:
             a2a.MoeAlltoAll(a2a.Mapping(ep, r), tokens, top_k, num_experts, workspace_size_per_rank=size, world=world)
             for r in range(ep)
         ]
-        outputs = [torch.randn(ep, tokens, hidden, device=dev, generator=generator).to(torch.bfloat16) for _ in range(ep)]
+        outputs = [round_inputs.expert_outputs(ep, tokens, hidden, generator, device=dev) for _ in range(ep)]
         return cls(world, ranks, experts, inputs, outputs, tokens, hidden, num_experts)
 
     def dispatch(self) -> list[list[torch.Tensor]]:

@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 import a2a
 from a2a import reference
+from tests.support import round_inputs
 
 INVALID_ID = -1
 GUARD_BYTE = 0x7F  # 0x7F7F... is NaN in fp16 / bf16 / fp32 alike
@@ -128,7 +129,7 @@ def draw_inputs(case: TrafficCase, layer: LayerSpec, counts: tuple[int, ...], rt
                 generator: torch.Generator) -> RoundInputs:  # fmt: skip
     experts, payloads = [], []
     for n in counts:
-        ids = torch.randint(0, case.num_experts, (n, case.top_k), generator=generator, dtype=torch.int32)
+        ids = round_inputs.expert_ids(n, case.top_k, case.num_experts, generator)
         if n and torch.rand(1, generator=generator).item() < 0.3:
             ids[0, -1] = case.num_experts + 3  # skipped by routing, counted as invalid
         rank_payloads = []
@@ -136,8 +137,7 @@ def draw_inputs(case: TrafficCase, layer: LayerSpec, counts: tuple[int, ...], rt
             if p == 1:
                 rank_payloads.append(ids.clone())
             else:
-                raw = torch.randint(0, 256, (n, width * dtype.itemsize), dtype=torch.uint8, generator=generator)
-                rank_payloads.append(raw.view(dtype).contiguous())
+                rank_payloads.append(round_inputs.payload_bytes(n, dtype, width, generator))
         experts.append(ids)
         payloads.append(rank_payloads)
     return RoundInputs(experts, payloads, rt)

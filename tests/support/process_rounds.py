@@ -19,6 +19,7 @@ import a2a
 from a2a import reference
 from a2a.expert_partition import ExpertPartition
 from examples import toy_moe
+from tests.support import round_inputs
 
 HIDDEN, TOP_K, NUM_EXPERTS, MAX_NUM_TOKENS = 24, 3, 10, 9  # 10 experts: uneven ownership
 INVALID_ID = -1
@@ -43,12 +44,12 @@ class RoundInputs:
     @classmethod
     def draw(cls, counts: list[int], runtime_max_tokens: int, seed: int) -> RoundInputs:
         generator = torch.Generator().manual_seed(seed)
-        experts = [torch.randint(0, NUM_EXPERTS, (n, TOP_K), generator=generator, dtype=torch.int32) for n in counts]
+        experts = [round_inputs.expert_ids(n, TOP_K, NUM_EXPERTS, generator) for n in counts]
         for rank, ids in enumerate(experts):
             if len(ids) and (seed + rank) % 2:
                 ids[0, -1] = -1 if seed % 3 else NUM_EXPERTS  # skipped by routing, counted as invalid
-        hiddens = [torch.randn(n, HIDDEN, generator=generator).to(torch.bfloat16) for n in counts]
-        weights = [torch.rand(n, TOP_K, generator=generator) for n in counts]
+        hiddens = [round_inputs.hidden_states(n, HIDDEN, generator) for n in counts]
+        weights = [round_inputs.routing_weights(n, TOP_K, generator) for n in counts]
         return cls(counts, runtime_max_tokens, experts, hiddens, weights)
 
     def payloads(self, rank: int, device: torch.device) -> list[torch.Tensor]:

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 from hypothesis import strategies as st
 
-from a2a.expert_partition import ExpertPartition
 from a2a.layout import MAX_TOP_K
+from tests.support import round_inputs
 
 PAYLOAD_DTYPES = [
     torch.bfloat16,
@@ -24,7 +24,7 @@ PAYLOAD_DTYPES = [
     torch.float8_e5m2,
 ]
 COMBINE_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
-ROUTINGS = ["random", "distinct", "one_rank", "skewed", "with_invalid"]
+ROUTINGS = list(round_inputs.ROUTINGS)
 
 
 @dataclass(frozen=True)
@@ -43,52 +43,20 @@ class RoundCase:
 
     def experts(self) -> list[torch.Tensor]:
         generator = torch.Generator().manual_seed(self.seed)
-        partition = ExpertPartition(self.num_experts, self.ep_size)
-        result = []
-        for rank, n in enumerate(self.num_tokens):
-            if self.routing == "distinct" and self.top_k <= self.num_experts:
-                scores = torch.rand(n, self.num_experts, generator=generator)
-                ids = scores.topk(self.top_k, dim=1).indices
-            elif self.routing == "one_rank":
-                owned = partition.experts_of((rank + 1) % self.ep_size)
-                ids = torch.randint(owned.start, owned.stop, (n, self.top_k), generator=generator)
-            elif self.routing == "skewed":
-                # Most picks land on the first two experts: heavy duplicates, hot ranks.
-                hot = torch.randint(0, min(2, self.num_experts), (n, self.top_k), generator=generator)
-                cold = torch.randint(0, self.num_experts, (n, self.top_k), generator=generator)
-                pick_cold = torch.rand(n, self.top_k, generator=generator) < 0.2
-                ids = torch.where(pick_cold, cold, hot)
-            else:
-                ids = torch.randint(0, self.num_experts, (n, self.top_k), generator=generator)
-            if self.routing == "with_invalid":
-                bad = torch.rand(n, self.top_k, generator=generator) < 0.3
-                bad_values = torch.tensor([-1, -7, self.num_experts, self.num_experts + 5, 2**31 - 1])
-                choice = bad_values[torch.randint(0, len(bad_values), (n, self.top_k), generator=generator)]
-                ids = torch.where(bad, choice, ids)
-            result.append(ids.to(torch.int32).contiguous())
-        return result
+        return [round_inputs.expert_ids(n, self.top_k, self.num_experts, generator, routing=self.routing, rank=rank,
+                                        ep_size=self.ep_size) for rank, n in enumerate(self.num_tokens)]  # fmt: skip
 
     def payloads(self) -> list[list[torch.Tensor]]:
         """Random bytes reinterpreted as each dtype (NaN patterns included: compared as bytes)."""
         generator = torch.Generator().manual_seed(self.seed + 1)
-        result = []
-        for n in self.num_tokens:
-            rank_payloads = []
-            for dtype, width in self.payload_specs:
-                raw = torch.randint(0, 256, (n, width * dtype.itemsize), dtype=torch.uint8, generator=generator)
-                rank_payloads.append(raw.view(dtype).contiguous())
-            result.append(rank_payloads)
-        return result
+        return [[round_inputs.payload_bytes(n, dtype, width, generator) for dtype, width in self.payload_specs]
+                for n in self.num_tokens]  # fmt: skip
 
     def expert_outputs(self, valid_rows: list[torch.Tensor]) -> list[torch.Tensor]:
         """Per rank `[ep, rt, hidden]` of combine_dtype; stale rows are NaN so reading one shows."""
         generator = torch.Generator().manual_seed(self.seed + 2)
-        outputs = []
-        for valid in valid_rows:
-            values = torch.randn(self.ep_size, self.runtime_max_tokens, self.hidden, generator=generator)
-            values[~valid] = float("nan")
-            outputs.append(values.to(self.combine_dtype))
-        return outputs
+        return [round_inputs.expert_outputs(self.ep_size, self.runtime_max_tokens, self.hidden, generator,
+                                            self.combine_dtype, stale=~valid) for valid in valid_rows]  # fmt: skip
 
 
 @st.composite
