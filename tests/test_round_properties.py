@@ -11,9 +11,10 @@ from hypothesis import strategies as st
 
 import a2a
 from a2a import reference
+from a2a.layout import ROUTE_BLOCK_TOKENS
 from tests.conftest import HAS_CUDA
 from tests.support.rounds import FunctionalRound, run_and_check
-from tests.support.strategies import round_cases
+from tests.support.strategies import RoundCase, round_cases
 
 # In CI (no CUDA) these three tests put 220 drawn rounds through the interpreted kernels. On a GPU
 # machine nearly every drawn shape is a new kernel variant to compile (seconds each), so fewer.
@@ -55,3 +56,18 @@ def test_back_to_back_rounds_reuse_the_workspace(device, first, second_seed):
     second = dataclasses.replace(first, num_tokens=counts, seed=second_seed)
     for case in (first, second):
         run_and_check(case, device, run=run)
+
+
+
+def test_rounds_across_the_single_block_boundary_reuse_one_plan(device):
+    """One workspace, one rt, token counts crossing routing's single-block limit both ways: a plan
+    built for one block must route a multi-block round with the multi-block variant (the
+    single-block one would give every block offset zero: wrong slots), and back."""
+    limit = ROUTE_BLOCK_TOKENS
+    rt = 3 * limit
+    first = RoundCase(ep_size=3, num_tokens=(5, 2, 0), top_k=4, num_experts=9, routing="random",
+                      payload_specs=((torch.bfloat16, 8), (torch.int32, 4)), runtime_max_tokens=rt,
+                      max_num_tokens=rt, hidden=8, combine_dtype=torch.bfloat16, seed=0)  # fmt: skip
+    run = FunctionalRound.create(first, device)
+    for seed, counts in enumerate([(5, 2, 0), (5, limit + 66, 0), (limit, limit + 1, rt), (rt, 1, limit), (2, 3, 1)]):
+        run_and_check(dataclasses.replace(first, num_tokens=counts, seed=seed), device, run=run)

@@ -122,3 +122,14 @@ SANITIZE_BLOCK_ROWS = 128
 ROUTE_NUM_WARPS = 8
 # Blocks scanned per step by the last routing program.
 ROUTE_SCAN_BLOCKS = 32
+# Elements of one [tokens, k, chunk] comparison tile of routing: 8192 int32 over 8 warps is 32
+# registers a thread, no spills.
+ROUTE_TILE_ELEMENTS = 8192
+
+
+def route_chunks(block_tokens: int, k_pad: int, ep_pad: int) -> dict[str, int]:
+    """Routing's K_CHUNK (earlier entries compared per de-duplication step) and RANK_CHUNK (ranks
+    per slot step): as many as keep a [block_tokens, k_pad, chunk] tile within ROUTE_TILE_ELEMENTS."""
+    widest = max(1, ROUTE_TILE_ELEMENTS // (block_tokens * k_pad))
+    return dict(K_CHUNK=min(k_pad, widest), RANK_CHUNK=min(ep_pad, widest))
+

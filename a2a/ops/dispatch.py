@@ -185,14 +185,18 @@ class _DispatchPlan:
         # Without a device count the pointer is unused; any int32 word of the own segment stands in.
         self.count_stand_in = rank_workspace.round_state
         count = token_count if token_count is not None else self.count_stand_in
-        route = _route_launch(rank_workspace, experts, count, token_count is not None, top_k, num_experts,
-                              active_rank_mask, self.wait_in_kernel)  # fmt: skip
+        # A plan serves any number of token rows: one routing variant for a single block, one for more.
+        routes = [_route_launch(rank_workspace, experts, count, token_count is not None, top_k, num_experts,
+                                active_rank_mask, self.wait_in_kernel, single_block)
+                  for single_block in (True, False)]  # fmt: skip
         copy, self.unit_dtypes, self.num_tiles = _copy_launch(rank_workspace, payloads, count, token_count is not None,
                                                               round_layout, top_k, self.signature, active_rank_mask,
                                                               self.wait_in_kernel)  # fmt: skip
         # Everything this phase (and the sanitize that usually follows it) may launch is loaded
         # before the barrier is enqueued: see a2a.ops.launch.
-        self.route = route.bind(dynamic=("expert_ids_ptr", "num_tokens_ptr", "num_rows", "num_blocks"))
+        self.route_single, self.route_blocks = (
+            route.bind(dynamic=("expert_ids_ptr", "num_tokens_ptr", "num_rows", "num_blocks")) for route in routes
+        )
         self.copy = copy.bind(dynamic=("src_ptrs", "num_tokens_ptr", "num_tokens"))
         expert_id_sanitize_launch(rank_workspace, rt, top_k).prepare()
         ep_rank, ep_size = rank_workspace.ep_rank, rank_workspace.ep_size
@@ -225,7 +229,8 @@ class _DispatchPlan:
         route_grid, copy_grid = (num_blocks,), (max(1, num_tokens), self.num_tiles)
 
         def route() -> None:
-            self.route(route_grid, experts, count, num_tokens, num_blocks)
+            (self.route_single if num_blocks == 1 else self.route_blocks)(route_grid, experts, count, num_tokens,
+                                                                          num_blocks)
 
         def copy() -> None:
             # At least one token row, so a rank without tokens still runs the barrier.
@@ -268,9 +273,10 @@ def _row_bytes(payload: torch.Tensor) -> int:
 
 
 def _route_launch(rank_workspace: RankWorkspace, experts: torch.Tensor, count: torch.Tensor, count_from_device: bool,
-                  top_k: int, num_experts: int, active_rank_mask: int, wait_in_kernel: bool) -> KernelLaunch:  # fmt: skip
+                  top_k: int, num_experts: int, active_rank_mask: int, wait_in_kernel: bool,
+                  single_block: bool) -> KernelLaunch:  # fmt: skip
     layout = rank_workspace.layout
-    num_tokens = experts.shape[0]
+    num_tokens = experts.shape[0]  # launches pass their own rows and grid (num_rows, num_blocks: unspecialised)
     partition = ExpertPartition(num_experts, layout.ep_size)
     capacity = layout.max_num_tokens * MAX_TOP_K
     targets = rank_workspace.own(layout.topk_target_ranks_offset, capacity)
@@ -290,7 +296,8 @@ def _route_launch(rank_workspace: RankWorkspace, experts: torch.Tensor, count: t
          count, num_tokens, num_blocks, num_experts, partition.base, partition.remainder, *mask_halves(active_rank_mask),
          rank_workspace.ep_rank),
         dict(TOP_K=top_k, K_PAD=configs.next_power_of_2(top_k), EP_SIZE=layout.ep_size, EP_PAD=protocol["EP_PAD"],
-             BLOCK_TOKENS=ROUTE_BLOCK_TOKENS, SCAN_BLOCKS=configs.ROUTE_SCAN_BLOCKS,
+             BLOCK_TOKENS=ROUTE_BLOCK_TOKENS, SCAN_BLOCKS=configs.ROUTE_SCAN_BLOCKS, SINGLE_BLOCK=single_block,
+             **configs.route_chunks(ROUTE_BLOCK_TOKENS, configs.next_power_of_2(top_k), protocol["EP_PAD"]),
              COUNT_FROM_DEVICE=count_from_device, FLAG_ARRAY_STRIDE=protocol["FLAG_ARRAY_STRIDE"],
              WAIT=protocol["WAIT"], HAS_HOST_RECORD=protocol["HAS_HOST_RECORD"], num_warps=configs.ROUTE_NUM_WARPS),
     )  # fmt: skip

@@ -79,8 +79,11 @@ def compile_all() -> list[str]:
     plane = torch.zeros(ep_size, 32, hidden, dtype=torch.bfloat16)
     output = torch.zeros(16, hidden, dtype=torch.bfloat16)
     launches = [
-        ("route", _route_launch(rank_workspace, experts, count, False, top_k, num_experts, mask, True)),
-        ("route (device count)", _route_launch(rank_workspace, experts, count, True, top_k, num_experts, mask, True)),
+        ("route (one block)", _route_launch(rank_workspace, experts, count, False, top_k, num_experts, mask, True,
+                                            True)),
+        ("route (blocks)", _route_launch(rank_workspace, experts, count, False, top_k, num_experts, mask, True, False)),
+        ("route (device count)", _route_launch(rank_workspace, experts, count, True, top_k, num_experts, mask, True,
+                                               False)),
         ("dispatch copy", _copy_launch(rank_workspace, payloads, count, False, round_layout, top_k, signature, mask,
                                        True)[0]),
         ("combine barrier", barrier_launch(rank_workspace, signature, mask, 32, top_k, True, gate=True)),
