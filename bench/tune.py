@@ -126,7 +126,14 @@ def main() -> None:
         world = a2a.SimulatedWorld(ep, "cuda")
         for shape in args.shapes.split(","):
             for (kernel, key), entry in tune_shape(world, shape, args.tokens).items():
-                table["configs"][arch].setdefault(kernel, {})[key] = entry
+                entries = table["configs"][arch].setdefault(kernel, {})
+                # Timings with every rank busy (bench.profile.tile_choices --record) break ties.
+                for field in ("busy_us", "busy_source"):
+                    if field in entries.get(key, {}):
+                        entry[field] = entries[key][field]
+                choice = configs.tie_break(entry)
+                entry["tile"], entry["num_warps"] = choice.tile, choice.num_warps
+                entries[key] = entry
                 print(f"{arch} {kernel:13s} {key:40s} best tile={entry['tile']},warps={entry['num_warps']} "
                       f"(heuristic {entry['heuristic']}): {entry['candidates_us']}", flush=True)
     commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,

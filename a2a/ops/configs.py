@@ -3,7 +3,8 @@
 A choice depends only on shapes every rank agrees on (row bytes, top_k, ep_size) and the GPU
 architecture, never on timing at run time, so all ranks launch the same variants: the tuned table
 (`tuned_configs.json`, written by `python -m bench.tune`, keyed by architecture, kernel,
-row-bytes bucket, top_k and ep_size), else a heuristic.
+row-bytes bucket, top_k and ep_size; ties broken by timings with every rank busy, see tie_break),
+else a heuristic.
 """
 
 from __future__ import annotations
@@ -87,6 +88,30 @@ def _tuned_table() -> dict:
     if not TUNED_TABLE.exists():
         return {}
     return json.loads(TUNED_TABLE.read_text()).get("configs", {})
+
+
+# Candidates whose one-rank timings (bench.tune) are within this fraction of the fastest tie.
+TIE_MARGIN = 0.02
+
+
+def _config_named(name: str) -> TileConfig:
+    tile, warps = (int(part.split("=")[1]) for part in name.split(","))
+    return TileConfig(tile=tile, num_warps=warps)
+
+
+def tie_break(entry: dict) -> TileConfig:
+    """A tuned entry's choice: the fastest candidate of bench.tune (one rank alone), unless
+    candidates tied with it (within TIE_MARGIN) were timed with every rank busy at the same sizes as
+    it (`busy_us`, from bench.profile.tile_choices): then the one of those with the least total busy
+    time. Where one-rank timings cannot tell candidates apart, the busy timings can (5 % apart)."""
+    alone = entry["candidates_us"]
+    fastest = min(alone, key=alone.get)
+    busy = entry.get("busy_us", {})
+    if fastest not in busy:
+        return _config_named(fastest)
+    tied = [name for name, us in alone.items()
+            if us <= alone[fastest] * (1 + TIE_MARGIN) and set(busy.get(name, {})) == set(busy[fastest])]  # fmt: skip
+    return _config_named(min(tied, key=lambda name: sum(busy[name].values())))
 
 
 def _tuned(kernel: str, row_elements: int, element_bytes: int, top_k: int, ep_size: int) -> TileConfig | None:
