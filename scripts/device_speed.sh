@@ -4,6 +4,7 @@
 # this tree, interleaved base / this / base / this, then each tree's per-kernel durations of one
 # round (bench/profile/round_timeline.py, summarised per kernel). Results and logs go to $OUT.
 #   BASE_COMMIT (default 544fef1) TOKENS (16,128,1024,4096) TIMELINE_TOKENS (16 1024) PASSES (1) BASELINE (none)
+#   HOST_TOKENS (none: e.g. "16 128" times one functional call's host cost in both trees, twice each)
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/a2a-out}; mkdir -p "$OUT"
@@ -30,6 +31,9 @@ for name, values in durations.items():
     print(f"  {name:40s} x{len(values):2d} median {statistics.median(values):7.1f} us")'
 }
 
+# A throw-away round first: on a freshly started machine the first pass's small rounds ran ~3x
+# slower on the pure-torch path too (pair 5: 29.9 vs 9.5 us at 1 token), so they compared nothing.
+PYTHONPATH=$PWD timeout 120 python3 -m bench.run --ranks 8 --tokens 16 --iterations 5 --out /tmp/warmup >/dev/null 2>&1
 for pass in $(seq 1 "${PASSES:-1}"); do
   echo "== pass $pass: base $BASE_COMMIT"
   (cd .base && PYTHONPATH=$PWD timeout 280 python3 -m bench.run --ranks 8 --tokens "$TOKENS" --iterations 20 \
@@ -38,6 +42,13 @@ for pass in $(seq 1 "${PASSES:-1}"); do
   PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} timeout 280 python3 -m bench.run --ranks 8 --tokens "$TOKENS" --iterations 20 --commit "$HEAD_COMMIT" \
     --out "$OUT/new$pass" --baseline "$BASELINE" 2>&1 | grep -v Warning | tail -30
 done
+if [ -n "${HOST_TOKENS:-}" ]; then  # host time per functional call, base then this tree (bench/profile/host_per_call.py)
+  for tree in base new base new; do
+    echo "== host per call, $tree"
+    if [ $tree = base ]; then (cd .base && PYTHONPATH=$PWD timeout 100 python3 ../bench/profile/host_per_call.py $HOST_TOKENS)
+    else PYTHONPATH=$PWD timeout 100 python3 -m bench.profile.host_per_call $HOST_TOKENS; fi 2>&1 | grep "host per"
+  done
+fi
 for tokens in ${TIMELINE_TOKENS:-16 1024}; do
   echo "== timeline $tokens tokens, base"
   (cd .base && PYTHONPATH=$PWD timeout 100 python3 scripts/round_timeline.py "$tokens") 2>&1 | tee "$OUT/timeline_base_$tokens.txt" | summarise

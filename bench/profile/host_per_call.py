@@ -1,0 +1,69 @@
+"""Host time of one functional call on the current stream, the path engines take (one rank's
+`moe_a2a_dispatch` / `moe_a2a_combine` with its stream current, every plan built): medians over
+ROUNDS rounds of 8 simulated ranks, DeepSeek bf16. Uses only the functional API and bench.harness's
+Round, so the same file measures an older tree too (run it with that tree first on PYTHONPATH):
+
+    python -m bench.profile.host_per_call [tokens ...]
+    (cd .base && PYTHONPATH=$PWD python ../bench/profile/host_per_call.py 16 128)
+
+The GPU is kept ahead of the host (a long sleep queued first) so no call waits for the device.
+"""
+
+import statistics
+import sys
+import time
+
+from a2a import envs
+
+envs.set_simulation_env()
+
+import torch  # noqa: E402
+
+import a2a  # noqa: E402
+from bench.harness import Round  # noqa: E402
+
+ROUNDS = 200
+SLEEP_CYCLES = 50_000_000  # ~25 ms: longer than a batch of rounds' host time
+
+
+def measure(tokens: int) -> tuple[float, float]:
+    world = a2a.SimulatedWorld(8, "cuda")
+    round_ = Round.build(world, tokens, "deepseek", "bf16")
+    round_.check()
+    ep = world.ep_size
+    dispatch_us, combine_us = [], []
+    for i in range(ROUNDS + 10):
+        if i % 20 == 0:
+            world.synchronize()
+            for r in range(ep):
+                with world.stream(r).activate():
+                    torch.cuda._sleep(SLEEP_CYCLES)
+        offsets = []
+        for r, moe in enumerate(round_.ranks):
+            with world.stream(r).activate():
+                begin = time.perf_counter()
+                _, offset, *_ = a2a.moe_a2a_dispatch(round_.experts[r], round_.payloads[r], moe.workspace,
+                                                     moe.metainfo, tokens, r, ep, moe.top_k, moe.num_experts)  # fmt: skip
+                if i >= 10:
+                    dispatch_us.append((time.perf_counter() - begin) * 1e6)
+            offsets.append(offset)
+        for r, moe in enumerate(round_.ranks):
+            with world.stream(r).activate():
+                begin = time.perf_counter()
+                a2a.moe_a2a_combine(round_.expert_outputs[r], tokens, moe.workspace, moe.metainfo, tokens, r, ep,
+                                    moe.top_k, offsets[r])  # fmt: skip
+                if i >= 10:
+                    combine_us.append((time.perf_counter() - begin) * 1e6)
+    world.synchronize()
+    return statistics.median(dispatch_us), statistics.median(combine_us)
+
+
+def main() -> None:
+    for tokens in [int(t) for t in sys.argv[1:]] or [16, 128]:
+        dispatch, combine = measure(tokens)
+        print(f"host per functional call, {tokens} tokens: dispatch {dispatch:.1f} us, combine {combine:.1f} us "
+              f"(medians of {ROUNDS * 8})", flush=True)
+
+
+if __name__ == "__main__":
+    main()
