@@ -58,7 +58,6 @@ def test_back_to_back_rounds_reuse_the_workspace(device, first, second_seed):
         run_and_check(case, device, run=run)
 
 
-
 def test_rounds_across_the_single_block_boundary_reuse_one_plan(device):
     """One workspace, one rt, token counts crossing routing's single-block limit both ways: a plan
     built for one block must route a multi-block round with the multi-block variant (the

@@ -157,4 +157,3 @@ def route_chunks(block_tokens: int, k_pad: int, ep_pad: int) -> dict[str, int]:
     per slot step): as many as keep a [block_tokens, k_pad, chunk] tile within ROUTE_TILE_ELEMENTS."""
     widest = max(1, ROUTE_TILE_ELEMENTS // (block_tokens * k_pad))
     return dict(K_CHUNK=min(k_pad, widest), RANK_CHUNK=min(ep_pad, widest))
-
