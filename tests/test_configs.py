@@ -22,6 +22,8 @@ def test_busy_timings_break_a_tie_of_the_one_rank_timings():
     busy = {"tile=2048,warps=8": {"16": 21.5, "4096": 777.7}, "tile=1024,warps=4": {"16": 22.5, "4096": 735.1},
             "tile=512,warps=2": {"16": 1.0, "4096": 1.0}}  # fastest busy, but not tied alone: ignored
     assert configs.tie_break(_entry(alone, busy)) == configs.TileConfig(1024, 4)
+    # Small rounds (16 tokens here) are judged on their own sizes only.
+    assert configs.tie_break(_entry(alone, busy), small_rounds=True) == configs.TileConfig(2048, 8)
 
 
 def test_busy_timings_count_only_at_the_sizes_the_fastest_alone_was_timed_at():
@@ -33,7 +35,8 @@ def test_busy_timings_count_only_at_the_sizes_the_fastest_alone_was_timed_at():
 
 
 def test_the_committed_table_holds_its_own_tie_break():
-    """Every entry's stored choice is what tie_break makes of its timings (a hand edit would not be)."""
+    """Every entry's stored choice is what tie_break makes of its timings for the larger rounds (a
+    hand edit would not be)."""
     table = json.loads(configs.TUNED_TABLE.read_text())["configs"]
     checked = 0
     for kernels in table.values():

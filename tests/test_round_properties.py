@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 import a2a
 from a2a import reference
 from a2a.layout import ROUTE_BLOCK_TOKENS
+from a2a.ops import launch as launch_module
 from tests.conftest import HAS_CUDA
 from tests.support.rounds import FunctionalRound, run_and_check
 from tests.support.strategies import RoundCase, round_cases
@@ -70,3 +71,38 @@ def test_rounds_across_the_single_block_boundary_reuse_one_plan(device):
     run = FunctionalRound.create(first, device)
     for seed, counts in enumerate([(5, 2, 0), (5, limit + 66, 0), (limit, limit + 1, rt), (rt, 1, limit), (2, 3, 1)]):
         run_and_check(dataclasses.replace(first, num_tokens=counts, seed=seed), device, run=run)
+
+
+def test_small_and_large_rounds_gather_with_their_own_tiles(device, monkeypatch):
+    """A combine plan binds the gather's small-round and larger-round configs (here forced apart:
+    16 columns per program and 32) and picks by the call's token count: rounds crossing
+    SMALL_ROUND_TOKENS both ways on one workspace, each exact."""
+    from a2a.ops import configs
+
+    small = configs.SMALL_ROUND_TOKENS
+    chosen = []
+
+    def forced(hidden, element_bytes, top_k, ep_size, small_rounds=False):
+        chosen.append(small_rounds)
+        return configs.TileConfig(16, 1) if small_rounds else configs.TileConfig(32, 2)
+
+    monkeypatch.setattr(configs, "combine_config", forced)
+    gather_tiles = []  # the column tiles of every gather launch (40 columns: 3 of 16, or 2 of 32)
+    original_call = launch_module.BoundLaunch.__call__
+
+    def recording_call(self, grid, *values):
+        if self.launch.kernel.fn.__name__ == "_combine_kernel":
+            gather_tiles.append(grid[1])
+        return original_call(self, grid, *values)
+
+    monkeypatch.setattr(launch_module.BoundLaunch, "__call__", recording_call)
+    rt = small + 40
+    first = RoundCase(ep_size=2, num_tokens=(3, 0), top_k=3, num_experts=5, routing="random",
+                      payload_specs=((torch.bfloat16, 8),), runtime_max_tokens=rt, max_num_tokens=rt, hidden=40,
+                      combine_dtype=torch.bfloat16, seed=0)  # fmt: skip
+    run = FunctionalRound.create(first, device)
+    rounds = [(3, 0), (small + 1, 7), (rt, small), (small, small + 2), (1, 2)]
+    for seed, counts in enumerate(rounds):
+        run_and_check(dataclasses.replace(first, num_tokens=counts, seed=seed), device, run=run)
+    assert set(chosen) == {True, False}
+    assert gather_tiles == [2 if n > small else 3 for counts in rounds for n in counts]

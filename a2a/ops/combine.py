@@ -233,9 +233,12 @@ class _CombinePlan:
             output = torch.empty((1, self.hidden), dtype=self.output_dtype, device=self.device)
         stage = _stage_launch(rank_workspace, payload, combine_offset)
         self.stage_grid = stage.grid
-        gather = _gather_launch(rank_workspace, payload, combine_offset, output, top_k,
-                                scales_offset if self.quantized else None, active_rank_mask, self.wait_in_kernel)  # fmt: skip
-        self.gather_tiles = gather.grid[1]
+        # The gather's tile for small rounds and for larger ones (a2a.ops.configs.SMALL_ROUND_TOKENS);
+        # often the same variant, bound once.
+        gathers = [_gather_launch(rank_workspace, payload, combine_offset, output, top_k,
+                                  scales_offset if self.quantized else None, active_rank_mask, self.wait_in_kernel,
+                                  small_rounds)
+                   for small_rounds in (True, False)]  # fmt: skip
         # Load every variant before the barrier is enqueued, also those this rank skips: see a2a.ops.launch.
         self.stage = stage.bind(dynamic=("src_ptr",))
         self.stage_unit = stage.args[0].dtype
@@ -249,7 +252,12 @@ class _CombinePlan:
         barrier = barrier_launch(rank_workspace, self.signature, active_rank_mask, rt, top_k, self.wait_in_kernel,
                                  gate=self.wait_in_kernel)  # fmt: skip
         self.barrier = barrier.bind(dynamic=("num_tokens",))
-        self.gather = gather.bind(dynamic=("out_ptr", "num_tokens"))
+        self.gathers = []  # (bound launch, column tiles): for small rounds, then for larger ones
+        for gather in gathers:
+            if self.gathers and gather.constexprs == gathers[0].constexprs:
+                self.gathers.append(self.gathers[0])
+            else:
+                self.gathers.append((gather.bind(dynamic=("out_ptr", "num_tokens")), gather.grid[1]))
         if not self.wait_in_kernel:
             self.combine_wait = rank_workspace.flag_wait(Phase.COMBINE, active_rank_mask, timeout_of_plan()[1])
             self.gate = barrier_launch(rank_workspace, self.signature, active_rank_mask, rt, top_k, False, gate=True,
@@ -269,8 +277,9 @@ class _CombinePlan:
     def launch(self, payload: torch.Tensor, payload_scales: torch.Tensor | None, local_num_tokens: int,
                output: torch.Tensor) -> None:  # fmt: skip
         source = payload if self.stage.fast else payload.view(torch.uint8).view(self.stage_unit)
+        bound_gather, gather_tiles = self.gathers[local_num_tokens > configs.SMALL_ROUND_TOKENS]
         # At least one token row, so a rank without tokens still tells its peers its gather is done.
-        gather_grid = (max(1, local_num_tokens), self.gather_tiles)
+        gather_grid = (max(1, local_num_tokens), gather_tiles)
 
         def stage() -> None:
             self.stage(self.stage_grid, source)
@@ -279,7 +288,7 @@ class _CombinePlan:
                 self.stage_scales(self.stage_scales_grid, scales)
 
         def gather() -> None:
-            self.gather(gather_grid, output, local_num_tokens)
+            bound_gather(gather_grid, output, local_num_tokens)
 
         if self.wait_in_kernel:  # on the current CUDA stream: the barrier kernel waits and gates
             if not self.in_workspace:
@@ -311,7 +320,7 @@ def _stage_launch(rank_workspace: RankWorkspace, payload: torch.Tensor, combine_
 
 def _gather_launch(
     rank_workspace: RankWorkspace, payload: torch.Tensor, combine_offset: int, output: torch.Tensor, top_k: int,
-    scales_offset: int | None, active_rank_mask: int, wait_in_kernel: bool,
+    scales_offset: int | None, active_rank_mask: int, wait_in_kernel: bool, small_rounds: bool = False,
 ) -> KernelLaunch:
     ep_size, rt, hidden = payload.shape
     layout = rank_workspace.layout
@@ -323,7 +332,7 @@ def _gather_launch(
     capacity = layout.max_num_tokens * MAX_TOP_K
     targets = rank_workspace.own(layout.topk_target_ranks_offset, capacity)
     send_indices = rank_workspace.own(layout.topk_send_indices_offset, capacity)
-    config = configs.combine_config(hidden, payload.element_size(), top_k, ep_size)
+    config = configs.combine_config(hidden, payload.element_size(), top_k, ep_size, small_rounds)
     protocol = protocol_constexprs(rank_workspace, wait_in_kernel)
     return KernelLaunch(
         _combine_kernel,

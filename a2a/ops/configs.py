@@ -99,29 +99,39 @@ def _config_named(name: str) -> TileConfig:
     return TileConfig(tile=tile, num_warps=warps)
 
 
-def tie_break(entry: dict) -> TileConfig:
-    """A tuned entry's choice: the fastest candidate of bench.tune (one rank alone), unless
-    candidates tied with it (within TIE_MARGIN) were timed with every rank busy at the same sizes as
-    it (`busy_us`, from bench.profile.tile_choices): then the one of those with the least total busy
-    time. Where one-rank timings cannot tell candidates apart, the busy timings can (5 % apart)."""
+# Rounds of at most this many tokens per rank are "small": a tuned entry's busy timings at those
+# sizes choose their config apart from the larger rounds' (the DeepSeek gather: 2048x8 is 1 us
+# faster at 16 tokens, 1024x4 5 % faster at 1024-4096; bench/results/h200_tile_choices_combine.log).
+SMALL_ROUND_TOKENS = 128
+
+
+def tie_break(entry: dict, small_rounds: bool = False) -> TileConfig:
+    """A tuned entry's choice for small rounds (<= SMALL_ROUND_TOKENS tokens per rank) or larger
+    ones: the fastest candidate of bench.tune (one rank alone), unless candidates tied with it
+    (within TIE_MARGIN) were timed with every rank busy (`busy_us`, from
+    bench.profile.tile_choices) at every size of that class it was timed at: then the one of those
+    with the least total busy time there. Where one-rank timings cannot tell candidates apart, the
+    busy timings can (5 % apart)."""
     alone = entry["candidates_us"]
     fastest = min(alone, key=alone.get)
     busy = entry.get("busy_us", {})
-    if fastest not in busy:
+    sizes = [t for t in busy.get(fastest, {}) if (int(t) <= SMALL_ROUND_TOKENS) == small_rounds]
+    if not sizes:
         return _config_named(fastest)
     tied = [name for name, us in alone.items()
-            if us <= alone[fastest] * (1 + TIE_MARGIN) and set(busy.get(name, {})) == set(busy[fastest])]  # fmt: skip
-    return _config_named(min(tied, key=lambda name: sum(busy[name].values())))
+            if us <= alone[fastest] * (1 + TIE_MARGIN) and all(t in busy.get(name, {}) for t in sizes)]  # fmt: skip
+    return _config_named(min(tied, key=lambda name: sum(busy[name][t] for t in sizes)))
 
 
-def _tuned(kernel: str, row_elements: int, element_bytes: int, top_k: int, ep_size: int) -> TileConfig | None:
+def _tuned(kernel: str, row_elements: int, element_bytes: int, top_k: int, ep_size: int,
+           small_rounds: bool = False) -> TileConfig | None:  # fmt: skip
     arch = architecture()
     if arch is None:
         return None
     entry = _tuned_table().get(arch, {}).get(kernel, {}).get(table_key(row_elements * element_bytes, top_k, ep_size))
     if entry is None:
         return None
-    return TileConfig(tile=int(entry["tile"]), num_warps=int(entry["num_warps"]))
+    return tie_break(entry, small_rounds)  # the stored tile / num_warps: tie_break(entry) (larger rounds)
 
 
 def dispatch_copy_config(max_row_units: int, unit_bytes: int, top_k: int, ep_size: int) -> TileConfig:
@@ -130,9 +140,10 @@ def dispatch_copy_config(max_row_units: int, unit_bytes: int, top_k: int, ep_siz
     return tuned or _tile_for(max_row_units, unit_bytes)
 
 
-def combine_config(hidden: int, element_bytes: int, top_k: int, ep_size: int) -> TileConfig:
-    """Tile over the hidden size (elements): tuned table, else heuristic."""
-    tuned = _tuned("combine", hidden, element_bytes, top_k, ep_size)
+def combine_config(hidden: int, element_bytes: int, top_k: int, ep_size: int, small_rounds: bool = False) -> TileConfig:
+    """Tile over the hidden size (elements) of the gather of a small round (<= SMALL_ROUND_TOKENS
+    tokens) or a larger one: tuned table, else heuristic."""
+    tuned = _tuned("combine", hidden, element_bytes, top_k, ep_size, small_rounds)
     return tuned or _tile_for(hidden, element_bytes)
 
 
