@@ -34,6 +34,7 @@ from bench.harness import (  # noqa: E402
     time_region,
 )
 from bench import baseline as peer  # noqa: E402
+from bench.profile.host_per_call import functional_round  # noqa: E402
 from bench.torch_baseline import TorchBaseline  # noqa: E402
 import a2a  # noqa: E402
 
@@ -108,20 +109,9 @@ def measure(world, tokens: int, shape: str, payloads: str, iterations: int, flus
     # stream, no stream switch): each rank's call timed with its stream already current.
     functional = {"dispatch": [], "combine_staged": []}
     for _ in range(max(5, iterations // 3)):
-        offsets = []
-        for r, moe in enumerate(round_.ranks):
-            with world.stream(r).activate():
-                begin = time.perf_counter()
-                _, offset, _ = a2a.moe_a2a_dispatch(round_.experts[r], round_.payloads[r], moe.workspace, moe.metainfo,
-                                                 tokens, r, ep, moe.top_k, moe.num_experts)  # fmt: skip
-                functional["dispatch"].append((time.perf_counter() - begin) * 1e6)
-            offsets.append(offset)
-        for r, moe in enumerate(round_.ranks):
-            with world.stream(r).activate():
-                begin = time.perf_counter()
-                a2a.moe_a2a_combine(round_.expert_outputs[r], tokens, moe.workspace, moe.metainfo, tokens, r, ep,
-                                    moe.top_k, offsets[r])  # fmt: skip
-                functional["combine_staged"].append((time.perf_counter() - begin) * 1e6)
+        dispatch_us, combine_us = functional_round(round_)
+        functional["dispatch"] += dispatch_us
+        functional["combine_staged"] += combine_us
     world.synchronize()
 
     # CUDA graphs: the GPU time of each phase with no host in the way.

@@ -26,34 +26,42 @@ ROUNDS = 200
 SLEEP_CYCLES = 50_000_000  # ~25 ms: longer than a batch of rounds' host time
 
 
+def functional_round(round_: Round) -> tuple[list[float], list[float]]:
+    """One round through the functional ops, each rank's call on its own stream (made current
+    first, so it is not counted): host us of every rank's dispatch, then of every rank's combine."""
+    world, ep, tokens = round_.world, round_.world.ep_size, round_.tokens
+    dispatch_us, combine_us, offsets = [], [], []
+    for r, moe in enumerate(round_.ranks):
+        with world.stream(r).activate():
+            begin = time.perf_counter()
+            _, offset, *_ = a2a.moe_a2a_dispatch(round_.experts[r], round_.payloads[r], moe.workspace, moe.metainfo,
+                                                 tokens, r, ep, moe.top_k, moe.num_experts)  # fmt: skip
+            dispatch_us.append((time.perf_counter() - begin) * 1e6)
+        offsets.append(offset)
+    for r, moe in enumerate(round_.ranks):
+        with world.stream(r).activate():
+            begin = time.perf_counter()
+            a2a.moe_a2a_combine(round_.expert_outputs[r], tokens, moe.workspace, moe.metainfo, tokens, r, ep,
+                                moe.top_k, offsets[r])  # fmt: skip
+            combine_us.append((time.perf_counter() - begin) * 1e6)
+    return dispatch_us, combine_us
+
+
 def measure(tokens: int) -> tuple[float, float]:
     world = a2a.SimulatedWorld(8, "cuda")
     round_ = Round.build(world, tokens, "deepseek", "bf16")
     round_.check()
-    ep = world.ep_size
     dispatch_us, combine_us = [], []
     for i in range(ROUNDS + 10):
         if i % 20 == 0:
             world.synchronize()
-            for r in range(ep):
+            for r in range(world.ep_size):
                 with world.stream(r).activate():
                     torch.cuda._sleep(SLEEP_CYCLES)
-        offsets = []
-        for r, moe in enumerate(round_.ranks):
-            with world.stream(r).activate():
-                begin = time.perf_counter()
-                _, offset, *_ = a2a.moe_a2a_dispatch(round_.experts[r], round_.payloads[r], moe.workspace,
-                                                     moe.metainfo, tokens, r, ep, moe.top_k, moe.num_experts)  # fmt: skip
-                if i >= 10:
-                    dispatch_us.append((time.perf_counter() - begin) * 1e6)
-            offsets.append(offset)
-        for r, moe in enumerate(round_.ranks):
-            with world.stream(r).activate():
-                begin = time.perf_counter()
-                a2a.moe_a2a_combine(round_.expert_outputs[r], tokens, moe.workspace, moe.metainfo, tokens, r, ep,
-                                    moe.top_k, offsets[r])  # fmt: skip
-                if i >= 10:
-                    combine_us.append((time.perf_counter() - begin) * 1e6)
+        dispatch, combine = functional_round(round_)
+        if i >= 10:  # warm-up rounds left out
+            dispatch_us += dispatch
+            combine_us += combine
     world.synchronize()
     return statistics.median(dispatch_us), statistics.median(combine_us)
 
