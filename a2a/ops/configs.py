@@ -1,10 +1,11 @@
 """Launch parameters: copy units and tile / warp choices, deterministic and identical on every rank.
 
 A choice depends only on shapes every rank agrees on (row bytes, top_k, ep_size) and the GPU
-architecture, never on timing at run time, so all ranks launch the same variants: the tuned table
-(`tuned_configs.json`, written by `python -m bench.tune`, keyed by architecture, kernel,
+architecture, never on timing at run time, so all ranks build (and load) the same variants: the
+tuned table (`tuned_configs.json`, written by `python -m bench.tune`, keyed by architecture, kernel,
 row-bytes bucket, top_k and ep_size; ties broken by timings with every rank busy, see tie_break),
-else a heuristic.
+else a heuristic. The gather has one variant for small rounds and one for larger ones; each call
+picks by its own token count (the tile changes no result).
 """
 
 from __future__ import annotations
