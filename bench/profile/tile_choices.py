@@ -9,8 +9,9 @@ ranks, DeepSeek bf16), each variant checked against the reference once, then tim
 Prints one line per (tokens, variant): the median of the passes' medians, and each pass's median (us).
 bench.tune times each kernel alone on one rank, where candidates often tie within 1 %; with every
 rank busy they can differ by 5 % (bench/RESULTS.md). `--record` reads such printed lines (a log kept
-in bench/results/) into the tuned table: the entry's `busy_us`, and as its choice the tied candidate
-(a2a.ops.configs.tie_break) with the least total time over the logged sizes.
+in bench/results/) into the tuned table: the entry's `busy_us`, and as its stored choice the tied
+candidate (a2a.ops.configs.tie_break) with the least total time over the logged sizes above
+SMALL_ROUND_TOKENS; the gather's small-round choice is made from the sizes up to it when a plan is built.
 """
 
 import json
