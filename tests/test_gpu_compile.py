@@ -21,4 +21,4 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
                           text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     compiled = [line for line in done.stdout.splitlines() if "compiled for sm_90" in line]
-    assert len(compiled) == 11, done.stdout  # every launcher's kernel variant listed in compile_for_gpu
+    assert len(compiled) == 10, done.stdout  # every launcher's kernel variant listed in compile_for_gpu

@@ -9,10 +9,9 @@ sum over k = 0..TOP_K-1 (in that order) of segment `t_k`'s combine plane row `[e
 accumulated in fp32 and cast to the output dtype; a k with target -1 adds an exact zero. With
 HAS_SCALES the plane holds quantized (fp8) rows and each row is multiplied by its fp32 scale from
 the scales plane of the same segment before it is added. A k with target TOPK_TARGET_LOST makes
-the row NaN. Then one program tells every peer that this rank's gather is done (its gather flag),
-which the peers' next dispatch waits for before writing (a2a.kernels.signal._await_previous_gathers):
-with ELECT_ON_ARRIVAL (small grids) the last program to count itself done, else the grid's last
-program, after it has seen every other one count itself done.
+the row NaN. Every program but the last then counts itself done; the last program of the grid waits
+for them and tells every peer that this rank's gather is done (its gather flag), which the peers'
+next dispatch waits for before writing (a2a.kernels.signal._await_previous_gathers).
 
 `_combine_barrier_kernel`, one program before the gather: signal "my combine plane is ready", wait
 for the peers' signals and compare their signatures (a2a.kernels.signal._phase_barrier), then gate
@@ -94,7 +93,6 @@ def _combine_kernel(
     EP_SIZE: tl.constexpr,
     EP_PAD: tl.constexpr,
     FLAG_ARRAY_STRIDE: tl.constexpr,
-    ELECT_ON_ARRIVAL: tl.constexpr,  # how the program that signals is chosen (a2a.ops.configs.gather_elects_on_arrival)
 ):
     token = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
@@ -125,38 +123,16 @@ def _combine_kernel(
             result = acc.to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + token * HIDDEN + cols, result, mask=col_mask)
 
+    # Every program but the last adds itself to the counter with a relaxed reduction it does not
+    # wait for. Its loads are done: every loaded value feeds the output store issued before the
+    # barrier, and ptxas moves no memory operation across bar.sync. (The PTX model alone does not
+    # order a load before a later relaxed red; a release red would, at the cost measured below.) The
+    # last program waits for the others, then signals. An acq_rel election in every program (a
+    # fence waiting for its stores, a returned atomic) cost 869 -> 799 us at 4096 tokens per rank
+    # (bench/profile/combine_variants.py of commit 1930370, 8 ranks on one H200). The last program
+    # is scheduled last or holds one slot while the others run: they never wait, so the wait ends.
     tl.debug_barrier()
     others = tl.num_programs(0) * tl.num_programs(1) - 1
-    if ELECT_ON_ARRIVAL:
-        # Small grids: every program counts itself done with a relaxed atomic whose old value it
-        # waits for, and the one that finds every other already counted signals. Nobody polls: the
-        # signal leaves one atomic round trip after the last program's loads. Own-state words nothing
-        # writes during a gather, loaded before the atomic, off its path.
-        new_count = (tl.load(gather_count_ptr) + 1) & FLAG_EPOCH_MASK
-        faulted = _is_faulted(fault_record_ptr)
-        if tl.atomic_add(election_ptr, 1, sem="relaxed", scope="gpu") == others:
-            tl.store(election_ptr, 0)  # every other program has counted: nothing else touches it now
-            _signal_gathered(new_count, faulted, gather_count_ptr, gathered_mask_ptr, flags_ptr, stride_rank,
-                             active_low, active_high, ep_rank, EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE)
-    else:
-        _elect_last_program(others, election_ptr, gather_count_ptr, gathered_mask_ptr, flags_ptr, stride_rank,
-                            fault_record_ptr, active_low, active_high, ep_rank, EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE)
-
-
-@triton.jit
-def _elect_last_program(others, election_ptr, gather_count_ptr, gathered_mask_ptr, flags_ptr, stride_rank,
-                        fault_record_ptr, active_low, active_high, ep_rank, EP_SIZE: tl.constexpr,
-                        EP_PAD: tl.constexpr, FLAG_ARRAY_STRIDE: tl.constexpr):
-    """Large grids: every program but the grid's last adds itself to the counter with a relaxed
-    reduction it does not wait for; the last program waits for them, then signals.
-
-    The counted programs' loads are done: every loaded value feeds the output store issued before
-    the caller's barrier, and ptxas moves no memory operation across bar.sync. (The PTX model alone
-    does not order a load before a later relaxed red; a release red would, at the cost measured
-    below.) An acq_rel election in every program (a fence waiting for its stores, a returned atomic)
-    cost 869 -> 799 us at 4096 tokens per rank (bench/profile/combine_variants.py of commit 1930370,
-    8 ranks on one H200). The last program is scheduled last or holds one slot while the others run:
-    they never wait, so the wait ends."""
     if (tl.program_id(0) == tl.num_programs(0) - 1) & (tl.program_id(1) == tl.num_programs(1) - 1):
         # Own-state words nothing writes during a gather (a fault is recorded before it, by the
         # barrier program): loaded before the wait, off the signal's path.

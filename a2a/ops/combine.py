@@ -233,8 +233,8 @@ class _CombinePlan:
             output = torch.empty((1, self.hidden), dtype=self.output_dtype, device=self.device)
         stage = _stage_launch(rank_workspace, payload, combine_offset)
         self.stage_grid = stage.grid
-        # The gather of small rounds and of larger ones (a2a.ops.configs.SMALL_ROUND_TOKENS): each
-        # class has its own tile and election; the same variant is bound once.
+        # The gather's tile for small rounds and for larger ones (a2a.ops.configs.SMALL_ROUND_TOKENS);
+        # often the same variant, bound once.
         gathers = [_gather_launch(rank_workspace, payload, combine_offset, output, top_k,
                                   scales_offset if self.quantized else None, active_rank_mask, self.wait_in_kernel,
                                   small_rounds)
@@ -344,7 +344,7 @@ def _gather_launch(
          *mask_halves(active_rank_mask)),
         dict(HIDDEN=hidden, TOP_K=top_k, TILE=config.tile, HAS_SCALES=scales_offset is not None,
              EP_SIZE=ep_size, EP_PAD=protocol["EP_PAD"], FLAG_ARRAY_STRIDE=protocol["FLAG_ARRAY_STRIDE"],
-             ELECT_ON_ARRIVAL=configs.gather_elects_on_arrival(small_rounds), num_warps=config.num_warps),
+             num_warps=config.num_warps),
     )
 
 

@@ -148,18 +148,6 @@ def combine_config(hidden: int, element_bytes: int, top_k: int, ep_size: int, sm
     return tuned or _tile_for(hidden, element_bytes)
 
 
-def gather_elects_on_arrival(small_rounds: bool) -> bool:
-    """How a gather picks the program that raises its gather flag: in small rounds the last program
-    to arrive (each program waits for one returned atomic; nobody polls), in larger ones the grid's
-    last program, polling a counter the others bump without waiting (a returned atomic in each of
-    thousands of programs holds its slot; see a2a.kernels.combine)."""
-    return GATHER_ELECTS_ON_ARRIVAL[small_rounds]
-
-
-# small_rounds -> elect on arrival (measured in bench/RESULTS.md, "Gather election").
-GATHER_ELECTS_ON_ARRIVAL = {True: True, False: False}
-
-
 def stage_config(row_units: int, unit_bytes: int) -> TileConfig:
     return _tile_for(row_units, unit_bytes)
 

@@ -4,7 +4,6 @@ ranks, DeepSeek bf16), each variant checked against the reference once, then tim
 (variant after variant, PASSES times) so drift hits all variants alike.
 
     python -m bench.profile.tile_choices dispatch|combine TOKENS[,TOKENS...] tile:warps [tile:warps ...]
-    python -m bench.profile.tile_choices combine TOKENS[,TOKENS...] tile:warps:arrival tile:warps:poll ...
     python -m bench.profile.tile_choices --record LOG [LOG ...]
 
 Prints one line per (tokens, variant): the median of the passes' medians, and each pass's median (us).
@@ -13,8 +12,6 @@ rank busy they can differ by 5 % (bench/RESULTS.md). `--record` reads such print
 in bench/results/) into the tuned table: the entry's `busy_us`, and as its stored choice the tied
 candidate (a2a.ops.configs.tie_break) with the least total time over the logged sizes above
 SMALL_ROUND_TOKENS; the gather's small-round choice is made from the sizes up to it when a plan is built.
-A combine variant with a third field also forces the gather's election (a2a.ops.configs.
-GATHER_ELECTS_ON_ARRIVAL: `arrival` or `poll`, at every size); its lines are not recordable.
 """
 
 import json
@@ -38,10 +35,8 @@ ITERATIONS = 20
 CHOOSERS = {"dispatch": "dispatch_copy_config", "combine": "combine_config"}  # read when a plan is built
 
 
-def build(phase: str, tokens: int, variant: configs.TileConfig, election: str | None = None):
+def build(phase: str, tokens: int, variant: configs.TileConfig):
     setattr(configs, CHOOSERS[phase], lambda *_: variant)
-    if election is not None:
-        configs.GATHER_ELECTS_ON_ARRIVAL = dict.fromkeys((True, False), election == "arrival")
     world = a2a.SimulatedWorld(8, "cuda")
     round_ = Round.build(world, tokens, "deepseek", "bf16")
     round_.check()
@@ -91,20 +86,16 @@ def main() -> None:
         return
     phase = sys.argv[1]
     sizes = [int(t) for t in sys.argv[2].split(",")]
-    variants = [configs.TileConfig(*(int(v) for v in arg.split(":")[:2])) for arg in sys.argv[3:]]
-    elections = [(arg.split(":") + [None])[2] for arg in sys.argv[3:]]
-    if any(e not in (None, "arrival", "poll") for e in elections) or (phase != "combine" and any(elections)):
-        raise SystemExit("an election (arrival / poll) is a combine variant's third field")
+    variants = [configs.TileConfig(*(int(v) for v in arg.split(":"))) for arg in sys.argv[3:]]
     flush = L2Flush()
     for tokens in sizes:
-        graphs = [build(phase, tokens, variant, election) for variant, election in zip(variants, elections)]
+        graphs = [build(phase, tokens, variant) for variant in variants]
         samples = [[] for _ in variants]
         for _ in range(PASSES):
             for i, (graph, _) in enumerate(graphs):
                 samples[i].append(time_region(graph.replay, ITERATIONS, before=flush))
-        for variant, election, values in zip(variants, elections, samples):
-            forced = f" election {election}" if election else ""
-            print(f"{phase} tokens {tokens:5d} tile {variant.tile:5d} warps {variant.num_warps}{forced}: "
+        for variant, values in zip(variants, samples):
+            print(f"{phase} tokens {tokens:5d} tile {variant.tile:5d} warps {variant.num_warps}: "
                   f"{statistics.median(values):8.1f} us  passes {' '.join(f'{v:.1f}' for v in values)}", flush=True)
         del graphs
         torch.cuda.empty_cache()

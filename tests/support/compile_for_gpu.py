@@ -89,8 +89,6 @@ def compile_all() -> list[str]:
         ("combine barrier", barrier_launch(rank_workspace, signature, mask, 32, top_k, True, gate=True)),
         ("stage", _stage_launch(rank_workspace, plane, round_layout.combine_offset)),
         ("gather", _gather_launch(rank_workspace, plane, round_layout.combine_offset, output, top_k, None, mask, True)),
-        ("gather (small rounds)", _gather_launch(rank_workspace, plane, round_layout.combine_offset, output, top_k,
-                                                 None, mask, True, small_rounds=True)),
         ("gather (fp8 with scales)", _gather_launch(rank_workspace, plane.to(torch.float8_e4m3fn),
                                                     round_layout.combine_offset, output, top_k,
                                                     round_layout.combine_offset + 16 * 1024 * 1024, mask, True)),
