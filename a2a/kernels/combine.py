@@ -24,6 +24,7 @@ every gather program, keeps the gather's loads free of a dependent check.
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from a2a.kernels.signal import FLAG_EPOCH_MASK, _is_faulted, _phase_barrier, _record_round_mismatch, _signal_gathered
 
@@ -50,7 +51,10 @@ def _stage_combine_kernel(
     ROW_UNITS: tl.constexpr,
     VEC_UNITS: tl.constexpr,
     TILE: tl.constexpr,
+    PDL: tl.constexpr,  # launched with programmatic dependent launch: wait for the previous kernel first
 ):
+    if PDL:
+        gdc_wait()  # the previous kernel on this stream has completed and its stores are visible
     row = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
     source = row // runtime_max_tokens
@@ -93,7 +97,10 @@ def _combine_kernel(
     EP_SIZE: tl.constexpr,
     EP_PAD: tl.constexpr,
     FLAG_ARRAY_STRIDE: tl.constexpr,
+    PDL: tl.constexpr,  # launched with programmatic dependent launch: wait for the previous kernel first
 ):
+    if PDL:
+        gdc_wait()  # the previous kernel on this stream has completed and its stores are visible
     token = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
     if token < num_tokens:
@@ -209,10 +216,17 @@ def _combine_barrier_kernel(
     WAIT: tl.constexpr,  # CUDA; on the CPU the host waits between a SIGNAL launch and a GATE launch
     GATE: tl.constexpr,  # then decide whether the gather may read (_gate_gather)
     HAS_HOST_RECORD: tl.constexpr,
+    PDL: tl.constexpr,  # launched with programmatic dependent launch: wait for the previous kernel first
 ):
     """One program between staging and gather: everything this rank's stream did before is visible
     to every peer, then (WAIT) every peer's signal for the combine has arrived and its signature
-    matches (or a fault is recorded), then (GATE) the gather is let through or marked lost."""
+    matches (or a fault is recorded), then (GATE) the gather is let through or marked lost.
+
+    With PDL the gather may launch once the wait is over (its programs then wait in
+    `griddepcontrol.wait` for this kernel to complete, gate included): never before, so no gather
+    program holds an SM while this rank still waits for a peer that may need it."""
+    if PDL:
+        gdc_wait()  # the previous kernel on this stream has completed and its stores are visible
     # Written by this rank's dispatch copy, an earlier kernel on this stream: loaded off the wait's path.
     dispatch_rows = tl.load(dispatch_rows_ptr)
     dispatch_rt = tl.load(dispatch_rt_ptr)
@@ -222,6 +236,8 @@ def _combine_barrier_kernel(
                                  fault_record_ptr, host_record_ptr, timeout_ns, timeout_ms, active_low, active_high,
                                  ep_rank, PHASE, FLAG_ROW, EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE, SIGNATURE_WORDS, WAIT,
                                  HAS_HOST_RECORD)
+    if PDL:
+        gdc_launch_dependents()
     if GATE:
         _gate_gather(faulted, dispatch_rows, dispatch_rt, topk_target_ranks_ptr, num_tokens, runtime_max_tokens,
                      flags_ptr, stride_rank, fault_record_ptr, host_record_ptr, active_low, active_high, ep_rank, TOP_K,

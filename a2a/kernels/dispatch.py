@@ -21,6 +21,7 @@ p starts on a VEC_UNITS-unit boundary, so loads and stores can be 16-byte vector
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_wait
 
 from a2a.kernels.signal import _phase_barrier
 
@@ -108,7 +109,10 @@ def _dispatch_copy_kernel(
     WAIT: tl.constexpr,  # the last program waits (CUDA; the host waits on the CPU)
     HAS_HOST_RECORD: tl.constexpr,
     COUNT_FROM_DEVICE: tl.constexpr,
+    PDL: tl.constexpr,  # launched with programmatic dependent launch: wait for the previous kernel first
 ):
+    if PDL:
+        gdc_wait()  # the previous kernel on this stream has completed and its stores are visible
     token = tl.program_id(0).to(tl.int64)
     num_rows = num_tokens
     if COUNT_FROM_DEVICE:
@@ -158,11 +162,14 @@ def _share_stats_kernel(
     ep_rank,
     NUM_STATS: tl.constexpr,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,  # launched with programmatic dependent launch: wait for the previous kernel first
 ):
     """Program t: this rank's statistics into row `ep_rank` of active rank t's gathered region
     (nothing remote after a recorded fault); for an inactive t, zeros into this rank's row t.
     Launched after the routing kernel (which waited for the previous round's gathers) and before
     the copy kernel, whose barrier publishes these stores with the rows."""
+    if PDL:
+        gdc_wait()  # the previous kernel on this stream has completed and its stores are visible
     target = tl.program_id(0)
     word = tl.where(target < 32, active_low, active_high)
     active = ((word >> (target & 31)) & 1) != 0

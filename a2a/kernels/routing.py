@@ -31,6 +31,7 @@ rewritten here, so no separate reset launch is needed.
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_wait
 
 from a2a.kernels.signal import _await_previous_gathers, _rank_is_active
 
@@ -98,7 +99,10 @@ def _route_kernel(
     FLAG_ARRAY_STRIDE: tl.constexpr,  # int32 elements between two flag arrays of a segment
     WAIT: tl.constexpr,  # wait for the previous round's gathers here (CUDA; the host waits on the CPU)
     HAS_HOST_RECORD: tl.constexpr,
+    PDL: tl.constexpr,  # launched with programmatic dependent launch: wait for the previous kernel first
 ):
+    if PDL:
+        gdc_wait()  # the previous kernel on this stream has completed and its stores are visible
     block = tl.program_id(0)
     tokens = block.to(tl.int64) * BLOCK_TOKENS + tl.arange(0, BLOCK_TOKENS)
     row_mask = tokens < num_rows

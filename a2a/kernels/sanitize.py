@@ -8,6 +8,7 @@ as stale (a2a.runtime.protocol: nothing of a lost round is handed on as valid).
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_wait
 
 
 @triton.jit(do_not_specialize=["runtime_max_tokens", "invalid_expert_id"])
@@ -21,7 +22,10 @@ def _sanitize_kernel(
     WIDTH: tl.constexpr,
     WIDTH_BLOCK: tl.constexpr,  # power of 2
     BLOCK_ROWS: tl.constexpr,
+    PDL: tl.constexpr,  # launched with programmatic dependent launch: wait for the previous kernel first
 ):
+    if PDL:
+        gdc_wait()  # the previous kernel on this stream has completed and its stores are visible
     rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     row_mask = rows < EP_SIZE * runtime_max_tokens
     source = rows // runtime_max_tokens

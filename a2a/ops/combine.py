@@ -8,7 +8,7 @@ from a2a.ops import configs, validation
 from a2a.quantization import SfLayout, quantize_fp8_per_token
 from a2a.ops.barrier import barrier_args, combine_signature, protocol_constexprs, signature_tensor
 from a2a.kernels import _combine_barrier_kernel, _combine_kernel, _stage_combine_kernel
-from a2a.ops.launch import KernelLaunch
+from a2a.ops.launch import KernelLaunch, pdl_constexprs, use_pdl
 from a2a.layout import MAX_TOP_K, PLANE_ALIGN, RoundState, combine_scales_offset
 from a2a.runtime.protocol import FlagArray, Phase, mask_halves
 from a2a.runtime.scheduler import run_steps
@@ -87,7 +87,8 @@ def moe_a2a_combine(
         payload_in_workspace = False  # the fp8 rows are staged into the combine plane (over the bf16 ones)
     output = output_of_dtype(output, output_dtype, local_num_tokens, payload)
     plan = combine_plan(rank_workspace, payload, payload_scales, local_num_tokens, runtime_max_tokens_per_rank, ep_size,
-                        top_k, combine_payload_offset, payload_in_workspace, output, active_rank_mask)  # fmt: skip
+                        top_k, combine_payload_offset, payload_in_workspace, output, active_rank_mask,
+                        enable_pdl)  # fmt: skip
     if output is None:
         output = torch.empty((local_num_tokens, plan.hidden), dtype=plan.output_dtype, device=plan.device)
     plan.launch(payload, payload_scales, local_num_tokens, output)
@@ -127,25 +128,26 @@ def check_matches_dispatch(live, local_num_tokens: object, runtime_max_tokens: o
 
 
 def combine_plan(rank_workspace: RankWorkspace, payload, payload_scales, local_num_tokens, runtime_max_tokens_per_rank,
-                 ep_size, top_k, combine_payload_offset, payload_in_workspace, output, active_rank_mask) -> _CombinePlan:  # fmt: skip
+                 ep_size, top_k, combine_payload_offset, payload_in_workspace, output, active_rank_mask,
+                 enable_pdl=None) -> _CombinePlan:  # fmt: skip
     """The validated plan of this call; launches nothing (a call that fails here changed nothing)."""
     key = _plan_key(payload, output, payload_scales, runtime_max_tokens_per_rank, ep_size, top_k,
-                    combine_payload_offset, payload_in_workspace, active_rank_mask)  # fmt: skip
+                    combine_payload_offset, payload_in_workspace, active_rank_mask, enable_pdl)  # fmt: skip
     plan = rank_workspace.find_plan(key)
     if plan is None or not plan.accepts(payload, payload_scales, local_num_tokens, output):
         plan = _CombinePlan.build(payload, payload_scales, local_num_tokens, rank_workspace, runtime_max_tokens_per_rank,
                                   ep_size, top_k, combine_payload_offset, payload_in_workspace, output,
-                                  active_rank_mask)  # fmt: skip
+                                  active_rank_mask, enable_pdl)  # fmt: skip
         rank_workspace.remember_plan(key, plan)
     return plan
 
 
 def _plan_key(payload: object, output: object, scales: object, rt: object, ep_size: object, top_k: object,
-              offset: object, in_workspace: object, active_rank_mask: object) -> object:  # fmt: skip
+              offset: object, in_workspace: object, active_rank_mask: object, enable_pdl: object) -> object:  # fmt: skip
     """Combine's call signature (a2a.ops.context.plan_key); the output's rows are the token count,
     so only its row shape counts."""
     return plan_key("combine", lambda: (tensor_key(payload), tensor_key(output, rows=False), tensor_key(scales)),
-                    (rt, ep_size, top_k, offset, in_workspace, active_rank_mask))
+                    (rt, ep_size, top_k, offset, in_workspace, active_rank_mask, enable_pdl))
 
 
 class _CombinePlan:
@@ -154,7 +156,7 @@ class _CombinePlan:
     @classmethod
     def build(cls, payload, payload_scales, local_num_tokens, rank_workspace: RankWorkspace, runtime_max_tokens_per_rank: int,
               ep_size: int, top_k: int, combine_payload_offset: int, payload_in_workspace: bool, output,
-              active_rank_mask: int | None) -> _CombinePlan:  # fmt: skip
+              active_rank_mask: int | None, enable_pdl: bool | None = None) -> _CombinePlan:  # fmt: skip
         layout = rank_workspace.layout
         workspace = rank_workspace.workspace
         validation.check_geometry(ep_size, rank_workspace.ep_rank, top_k)
@@ -210,11 +212,11 @@ class _CombinePlan:
             validation.require_tensor("output", output, dtypes=dtypes, ndim=2, device=workspace.device)
             validation.require_shape("output", output, (local_num_tokens, hidden), "[local_num_tokens, hidden]")
         return cls(rank_workspace, payload, payload_scales, combine_payload_offset, payload_in_workspace, top_k, output,
-                   mask)  # fmt: skip
+                   mask, use_pdl(workspace.device, enable_pdl))  # fmt: skip
 
     def __init__(self, rank_workspace: RankWorkspace, payload: torch.Tensor, payload_scales: torch.Tensor | None,
                  combine_offset: int, in_workspace: bool, top_k: int, output: torch.Tensor | None,
-                 active_rank_mask: int):  # fmt: skip
+                 active_rank_mask: int, pdl: bool = False):  # fmt: skip
         self.device = rank_workspace.workspace.device
         ep_size, rt, self.hidden = payload.shape
         self.in_workspace = in_workspace
@@ -231,26 +233,26 @@ class _CombinePlan:
         )  # fmt: skip
         if output is None:  # a stand-in of the same dtype and alignment as the ones allocated per call
             output = torch.empty((1, self.hidden), dtype=self.output_dtype, device=self.device)
-        stage = _stage_launch(rank_workspace, payload, combine_offset)
+        stage = _stage_launch(rank_workspace, payload, combine_offset, pdl)
         self.stage_grid = stage.grid
         # The gather's tile for small rounds and for larger ones (a2a.ops.configs.SMALL_ROUND_TOKENS);
         # often the same variant, bound once.
         gathers = [_gather_launch(rank_workspace, payload, combine_offset, output, top_k,
                                   scales_offset if self.quantized else None, active_rank_mask, self.wait_in_kernel,
-                                  small_rounds)
+                                  small_rounds, pdl)
                    for small_rounds in (True, False)]  # fmt: skip
         # Load every variant before the barrier is enqueued, also those this rank skips: see a2a.ops.launch.
         self.stage = stage.bind(dynamic=("src_ptr",))
         self.stage_unit = stage.args[0].dtype
         self.stage_scales = None
         if self.quantized:
-            stage_scales = _stage_launch(rank_workspace, payload_scales, scales_offset)
+            stage_scales = _stage_launch(rank_workspace, payload_scales, scales_offset, pdl)
             self.stage_scales_grid = stage_scales.grid
             self.stage_scales = stage_scales.bind(dynamic=("src_ptr",))
             self.stage_scales_unit = stage_scales.args[0].dtype
         # CUDA: one launch signals, waits and gates. CPU: a signal launch, the host's wait, a gate launch.
         barrier = barrier_launch(rank_workspace, self.signature, active_rank_mask, rt, top_k, self.wait_in_kernel,
-                                 gate=self.wait_in_kernel)  # fmt: skip
+                                 gate=self.wait_in_kernel, pdl=pdl)  # fmt: skip
         self.barrier = barrier.bind(dynamic=("num_tokens",))
         self.gathers = []  # (bound launch, column tiles): for small rounds, then for larger ones
         for gather in gathers:
@@ -301,7 +303,8 @@ class _CombinePlan:
                                                 lambda: self.gate((1,), local_num_tokens), gather])  # fmt: skip
 
 
-def _stage_launch(rank_workspace: RankWorkspace, payload: torch.Tensor, combine_offset: int) -> KernelLaunch:
+def _stage_launch(rank_workspace: RankWorkspace, payload: torch.Tensor, combine_offset: int,
+                  pdl: bool = False) -> KernelLaunch:  # fmt: skip
     ep_size, rt, hidden = payload.shape
     row_bytes = hidden * payload.element_size()
     workspace = rank_workspace.workspace
@@ -314,13 +317,15 @@ def _stage_launch(rank_workspace: RankWorkspace, payload: torch.Tensor, combine_
         _stage_combine_kernel,
         (ep_size * rt, -(-unit.row_units // config.tile)),
         (source, plane, rank_workspace.recv_counters, rt),
-        dict(ROW_UNITS=unit.row_units, VEC_UNITS=unit.vec_units, TILE=config.tile, num_warps=config.num_warps),
+        dict(ROW_UNITS=unit.row_units, VEC_UNITS=unit.vec_units, TILE=config.tile, num_warps=config.num_warps,
+             **pdl_constexprs(pdl)),
     )
 
 
 def _gather_launch(
     rank_workspace: RankWorkspace, payload: torch.Tensor, combine_offset: int, output: torch.Tensor, top_k: int,
     scales_offset: int | None, active_rank_mask: int, wait_in_kernel: bool, small_rounds: bool = False,
+    pdl: bool = False,
 ) -> KernelLaunch:
     ep_size, rt, hidden = payload.shape
     layout = rank_workspace.layout
@@ -344,7 +349,7 @@ def _gather_launch(
          *mask_halves(active_rank_mask)),
         dict(HIDDEN=hidden, TOP_K=top_k, TILE=config.tile, HAS_SCALES=scales_offset is not None,
              EP_SIZE=ep_size, EP_PAD=protocol["EP_PAD"], FLAG_ARRAY_STRIDE=protocol["FLAG_ARRAY_STRIDE"],
-             num_warps=config.num_warps),
+             num_warps=config.num_warps, **pdl_constexprs(pdl)),
     )
 
 
@@ -353,7 +358,7 @@ GATE_BLOCK = 1024
 
 
 def barrier_launch(rank_workspace: RankWorkspace, own_signature: torch.Tensor, active_rank_mask: int, rt: int,
-                   top_k: int, wait_in_kernel: bool, gate: bool, signal: bool = True) -> KernelLaunch:  # fmt: skip
+                   top_k: int, wait_in_kernel: bool, gate: bool, signal: bool = True, pdl: bool = False) -> KernelLaunch:  # fmt: skip
     """One program: (signal) "my combine plane is ready", with the round's signature, to every peer;
     (wait_in_kernel) wait for theirs and compare signatures; (gate) let the gather read, or mark
     the combine's top-k entries lost after a fault or a combine that differs from its dispatch."""
@@ -366,5 +371,6 @@ def barrier_launch(rank_workspace: RankWorkspace, own_signature: torch.Tensor, a
          targets, rank_workspace.round_word(RoundState.DISPATCH_ROWS), rank_workspace.round_word(RoundState.DISPATCH_RT),
          0, rt),
         dict(PHASE=int(Phase.COMBINE), FLAG_ROW=int(FlagArray.COMBINE), TOP_K=top_k, GATE_BLOCK=GATE_BLOCK,
-             SIGNAL=signal, GATE=gate, num_warps=1, **protocol_constexprs(rank_workspace, wait_in_kernel)),
+             SIGNAL=signal, GATE=gate, num_warps=1, **protocol_constexprs(rank_workspace, wait_in_kernel),
+             **pdl_constexprs(pdl)),
     )

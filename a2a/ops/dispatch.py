@@ -10,7 +10,7 @@ from a2a.ops import configs, validation
 from a2a.ops.barrier import barrier_args, dispatch_signature, protocol_constexprs, signature_tensor
 from a2a.expert_partition import ExpertPartition
 from a2a.kernels import _dispatch_copy_kernel, _route_kernel, _share_stats_kernel
-from a2a.ops.launch import KernelLaunch
+from a2a.ops.launch import KernelLaunch, pdl_constexprs, use_pdl
 from a2a.layout import MAX_TOP_K, ROUTE_BLOCK_TOKENS, RoundLayout, RoundState, num_route_blocks
 from a2a.runtime.protocol import FlagArray, Phase, mask_halves
 from a2a.runtime.scheduler import run_steps
@@ -86,7 +86,7 @@ def moe_a2a_dispatch(
     rank_workspace.check_no_live_round("moe_a2a_dispatch", 0)
     plan, num_tokens = dispatch_plan(rank_workspace, token_selected_experts, input_payloads, token_count,
                                      runtime_max_tokens_per_rank, ep_size, top_k, num_experts, mask,
-                                     eplb_local_stats)  # fmt: skip
+                                     eplb_local_stats, enable_pdl)  # fmt: skip
     plan.launch(token_selected_experts, input_payloads, token_count, num_tokens, eplb_local_stats)
     rank_workspace.begin_round("moe_a2a_dispatch", 0, num_tokens, runtime_max_tokens_per_rank, plan.combine_offset,
                                plan.active_rank_mask)  # fmt: skip
@@ -95,17 +95,17 @@ def moe_a2a_dispatch(
 
 def dispatch_plan(rank_workspace: RankWorkspace, token_selected_experts, input_payloads, token_count,
                   runtime_max_tokens_per_rank, ep_size, top_k, num_experts, active_rank_mask,
-                  eplb_local_stats=None) -> tuple[_DispatchPlan, int]:  # fmt: skip
+                  eplb_local_stats=None, enable_pdl=None) -> tuple[_DispatchPlan, int]:  # fmt: skip
     """The validated plan of this call and its token count (rows); launches nothing, so a call
     that fails here has changed nothing."""
     key = _plan_key(token_selected_experts, input_payloads, token_count, runtime_max_tokens_per_rank, ep_size, top_k,
-                    num_experts, active_rank_mask, eplb_local_stats)  # fmt: skip
+                    num_experts, active_rank_mask, eplb_local_stats, enable_pdl)  # fmt: skip
     plan = rank_workspace.find_plan(key)
     num_tokens = _token_count(token_selected_experts, input_payloads, runtime_max_tokens_per_rank) if plan else None
     if num_tokens is None:  # a new call signature, or a count the plan's checks did not cover
         plan = _DispatchPlan.build(token_selected_experts, input_payloads, token_count, rank_workspace,
                                    runtime_max_tokens_per_rank, ep_size, top_k, num_experts, active_rank_mask,
-                                   eplb_local_stats)  # fmt: skip
+                                   eplb_local_stats, enable_pdl)  # fmt: skip
         rank_workspace.remember_plan(key, plan)
         num_tokens = token_selected_experts.shape[0]
     rank_workspace.check_returning_ranks(plan.active_rank_mask)
@@ -113,12 +113,13 @@ def dispatch_plan(rank_workspace: RankWorkspace, token_selected_experts, input_p
 
 
 def _plan_key(experts: object, payloads: object, token_count: object, rt: object, ep_size: object, top_k: object,
-              num_experts: object, active_rank_mask: object, eplb_local_stats: object) -> object:  # fmt: skip
+              num_experts: object, active_rank_mask: object, eplb_local_stats: object,
+              enable_pdl: object) -> object:  # fmt: skip
     """Dispatch's call signature (a2a.ops.context.plan_key); the token count (rows) is not part of it."""
     return plan_key("dispatch", lambda: (tensor_key(experts, rows=False), type(payloads),
                                          tuple(tensor_key(p, rows=False) for p in payloads),  # type: ignore[attr-defined]
                                          tensor_key(token_count, rows=False), tensor_key(eplb_local_stats)),
-                    (rt, ep_size, top_k, num_experts, active_rank_mask))  # fmt: skip
+                    (rt, ep_size, top_k, num_experts, active_rank_mask, enable_pdl))  # fmt: skip
 
 
 def _token_count(experts: torch.Tensor, payloads: Sequence[torch.Tensor], rt: int) -> int | None:
@@ -138,7 +139,8 @@ class _DispatchPlan:
     @classmethod
     def build(cls, token_selected_experts, input_payloads, token_count, rank_workspace: RankWorkspace,
               runtime_max_tokens_per_rank: int, ep_size: int, top_k: int, num_experts: int,
-              active_rank_mask: int | None, eplb_local_stats: torch.Tensor | None = None) -> _DispatchPlan:  # fmt: skip
+              active_rank_mask: int | None, eplb_local_stats: torch.Tensor | None = None,
+              enable_pdl: bool | None = None) -> _DispatchPlan:  # fmt: skip
         layout = rank_workspace.layout
         workspace = rank_workspace.workspace
         validation.check_geometry(ep_size, rank_workspace.ep_rank, top_k, num_experts)
@@ -168,11 +170,11 @@ class _DispatchPlan:
         planes_end = round_layout.recv_plane_offsets[-1] + round_layout.recv_plane_sizes[-1]
         validation.check_fits("the dispatch receive planes", planes_end, workspace.shape[1])
         return cls(rank_workspace, experts, payloads, token_count, round_layout, top_k, num_experts, mask,
-                   eplb_local_stats is not None)  # fmt: skip
+                   eplb_local_stats is not None, use_pdl(workspace.device, enable_pdl))  # fmt: skip
 
     def __init__(self, rank_workspace: RankWorkspace, experts: torch.Tensor, payloads: list[torch.Tensor],
                  token_count: torch.Tensor | None, round_layout: RoundLayout, top_k: int, num_experts: int,
-                 active_rank_mask: int, shares_stats: bool = False):  # fmt: skip
+                 active_rank_mask: int, shares_stats: bool = False, pdl: bool = False):  # fmt: skip
         self.device = rank_workspace.workspace.device
         self.wait_in_kernel = self.device.type == "cuda"  # the CPU path waits on the host
         self.active_rank_mask = active_rank_mask
@@ -187,18 +189,20 @@ class _DispatchPlan:
         count = token_count if token_count is not None else self.count_stand_in
         # A plan serves any number of token rows: one routing variant for a single block, one for more.
         routes = [_route_launch(rank_workspace, experts, count, token_count is not None, top_k, num_experts,
-                                active_rank_mask, self.wait_in_kernel, single_block)
+                                active_rank_mask, self.wait_in_kernel, single_block, pdl)
                   for single_block in (True, False)]  # fmt: skip
         copy, self.unit_dtypes, self.num_tiles = _copy_launch(rank_workspace, payloads, count, token_count is not None,
                                                               round_layout, top_k, self.signature, active_rank_mask,
-                                                              self.wait_in_kernel)  # fmt: skip
+                                                              self.wait_in_kernel, pdl)  # fmt: skip
         # Everything this phase (and the sanitize that usually follows it) may launch is loaded
         # before the barrier is enqueued: see a2a.ops.launch.
         self.route_single, self.route_blocks = (
             route.bind(dynamic=("expert_ids_ptr", "num_tokens_ptr", "num_rows", "num_blocks")) for route in routes
         )
         self.copy = copy.bind(dynamic=("src_ptrs", "num_tokens_ptr", "num_tokens"))
-        expert_id_sanitize_launch(rank_workspace, rt, top_k).prepare()
+        # The class path sanitizes with FlashInfer's default enable_pdl (None); a functional caller may pass this plan's.
+        for sanitize_pdl in {pdl, use_pdl(self.device, None)}:
+            expert_id_sanitize_launch(rank_workspace, rt, top_k, sanitize_pdl).prepare()
         ep_rank, ep_size = rank_workspace.ep_rank, rank_workspace.ep_size
         self.ep_size = ep_size
         self.recv = [
@@ -208,7 +212,7 @@ class _DispatchPlan:
         self.combine_offset = round_layout.combine_offset
         self.share_stats = self.gathered_stats = None
         if shares_stats:
-            share = _share_stats_launch(rank_workspace, active_rank_mask)
+            share = _share_stats_launch(rank_workspace, active_rank_mask, pdl)
             self.share_stats = share.bind(dynamic=("local_stats_ptr",))
             self.gathered_stats = segment_view(rank_workspace.workspace, ep_rank, layout.eplb_stats_offset,
                                                torch.int32, (ep_size, layout.eplb_stats_num_experts))  # fmt: skip
@@ -246,7 +250,7 @@ class _DispatchPlan:
             run_steps(current_stream(self.device), [self.ordering_wait, *steps, self.dispatch_wait])
 
 
-def _share_stats_launch(rank_workspace: RankWorkspace, active_rank_mask: int) -> KernelLaunch:
+def _share_stats_launch(rank_workspace: RankWorkspace, active_rank_mask: int, pdl: bool = False) -> KernelLaunch:
     layout = rank_workspace.layout
     num = layout.eplb_stats_num_experts
     gathered = rank_workspace.every_rank(layout.eplb_stats_offset, 4 * rank_workspace.ep_size * num, torch.int32)
@@ -256,7 +260,7 @@ def _share_stats_launch(rank_workspace: RankWorkspace, active_rank_mask: int) ->
         (rank_workspace.ep_size,),
         (stand_in, gathered, rank_workspace.stride_rank, rank_workspace.fault_record, *mask_halves(active_rank_mask),
          rank_workspace.ep_rank),
-        dict(NUM_STATS=num, BLOCK=min(1024, configs.next_power_of_2(num)), num_warps=1),
+        dict(NUM_STATS=num, BLOCK=min(1024, configs.next_power_of_2(num)), num_warps=1, **pdl_constexprs(pdl)),
     )
 
 
@@ -274,7 +278,7 @@ def _row_bytes(payload: torch.Tensor) -> int:
 
 def _route_launch(rank_workspace: RankWorkspace, experts: torch.Tensor, count: torch.Tensor, count_from_device: bool,
                   top_k: int, num_experts: int, active_rank_mask: int, wait_in_kernel: bool,
-                  single_block: bool) -> KernelLaunch:  # fmt: skip
+                  single_block: bool, pdl: bool = False) -> KernelLaunch:  # fmt: skip
     layout = rank_workspace.layout
     num_tokens = experts.shape[0]  # launches pass their own rows and grid (num_rows, num_blocks: unspecialised)
     partition = ExpertPartition(num_experts, layout.ep_size)
@@ -299,13 +303,15 @@ def _route_launch(rank_workspace: RankWorkspace, experts: torch.Tensor, count: t
              BLOCK_TOKENS=ROUTE_BLOCK_TOKENS, SCAN_BLOCKS=configs.ROUTE_SCAN_BLOCKS, SINGLE_BLOCK=single_block,
              **configs.route_chunks(ROUTE_BLOCK_TOKENS, configs.next_power_of_2(top_k), protocol["EP_PAD"]),
              COUNT_FROM_DEVICE=count_from_device, FLAG_ARRAY_STRIDE=protocol["FLAG_ARRAY_STRIDE"],
-             WAIT=protocol["WAIT"], HAS_HOST_RECORD=protocol["HAS_HOST_RECORD"], num_warps=configs.ROUTE_NUM_WARPS),
+             WAIT=protocol["WAIT"], HAS_HOST_RECORD=protocol["HAS_HOST_RECORD"], num_warps=configs.ROUTE_NUM_WARPS,
+             **pdl_constexprs(pdl)),
     )  # fmt: skip
 
 
 def _copy_launch(
     rank_workspace: RankWorkspace, payloads: list[torch.Tensor], count: torch.Tensor, count_from_device: bool,
     round_layout: RoundLayout, top_k: int, own_signature: torch.Tensor, active_rank_mask: int, wait_in_kernel: bool,
+    pdl: bool = False,
 ) -> tuple[KernelLaunch, list[torch.dtype], int]:
     """The copy launch, the copy-unit dtype of each payload, and the column tiles per token."""
     layout = rank_workspace.layout
@@ -342,6 +348,6 @@ def _copy_launch(
              K_CHUNK=min(configs.next_power_of_2(top_k), 8), BLOCK_TOKENS=ROUTE_BLOCK_TOKENS,
              TILE=config.tile, num_warps=config.num_warps, COUNT_FROM_DEVICE=count_from_device,
              PHASE=int(Phase.DISPATCH), FLAG_ROW=int(FlagArray.DISPATCH),
-             **protocol_constexprs(rank_workspace, wait_in_kernel)),
+             **protocol_constexprs(rank_workspace, wait_in_kernel), **pdl_constexprs(pdl)),
     )  # fmt: skip
     return launch, [source.dtype for source in sources], num_tiles

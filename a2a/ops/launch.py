@@ -29,6 +29,27 @@ _interpreter_lock = threading.RLock()
 _LOW_LEVEL_LAUNCH_VERSIONS = ("3.4", "3.5", "3.6")
 
 
+def use_pdl(device: torch.device, enable_pdl: bool | None) -> bool:
+    """Whether a plan's launches on `device` use programmatic dependent launch: on a CUDA GPU of
+    compute capability 9.0 or later, unless `enable_pdl` (FlashInfer's argument) is False or
+    A2A_PDL=0. A launch that uses it may start while the previous kernel on its stream finishes;
+    every a2a kernel waits for that kernel (`griddepcontrol.wait`) before it touches memory."""
+    if enable_pdl is False or device.type != "cuda" or envs.use_triton_interpreter() or not envs.pdl_allowed():
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _pdl_capable:
+        _pdl_capable[index] = torch.cuda.get_device_capability(index) >= (9, 0)
+    return _pdl_capable[index]
+
+
+_pdl_capable: dict[int, bool] = {}
+
+
+def pdl_constexprs(pdl: bool) -> dict[str, Any]:
+    """A kernel's `PDL` constexpr and, when set, Triton's `launch_pdl` option."""
+    return dict(PDL=True, launch_pdl=True) if pdl else dict(PDL=False)
+
+
 @dataclass
 class KernelLaunch:
     kernel: Any  # a triton JITFunction

@@ -8,7 +8,7 @@ import torch
 
 from a2a.ops import configs, validation
 from a2a.kernels import _sanitize_kernel
-from a2a.ops.launch import KernelLaunch
+from a2a.ops.launch import KernelLaunch, pdl_constexprs, use_pdl
 from a2a.runtime.current_stream import current_stream
 from a2a.ops.context import plan_key, resolve_context, tensor_key
 from a2a.workspace import RankWorkspace
@@ -38,12 +38,13 @@ def moe_a2a_sanitize_expert_ids(
     validation.check_enable_pdl(enable_pdl)
     rank_workspace = resolve_context(workspace, metainfo, ep_rank)
     rank_workspace.raise_if_faulted()
-    sanitize_plan(rank_workspace, expert_ids, invalid_expert_id)()
+    sanitize_plan(rank_workspace, expert_ids, invalid_expert_id, enable_pdl)()
 
 
-def sanitize_plan(rank_workspace: RankWorkspace, expert_ids: torch.Tensor, invalid_expert_id: int) -> Callable[[], None]:
+def sanitize_plan(rank_workspace: RankWorkspace, expert_ids: torch.Tensor, invalid_expert_id: int,
+                  enable_pdl: bool | None = None) -> Callable[[], None]:  # fmt: skip
     """The validated launch of this call, to run on the current stream (nothing is launched here)."""
-    key = plan_key("sanitize", lambda: (tensor_key(expert_ids),), ())
+    key = plan_key("sanitize", lambda: (tensor_key(expert_ids),), (enable_pdl,))
     bound = rank_workspace.find_plan(key)
     if bound is None:
         expert_ids = validation.require_tensor(
@@ -56,7 +57,8 @@ def sanitize_plan(rank_workspace: RankWorkspace, expert_ids: torch.Tensor, inval
         if expert_ids.shape[2] == 0:
             bound = _NOTHING_TO_SANITIZE
         else:
-            bound = sanitize_launch(rank_workspace, expert_ids, 0).bind(dynamic=("expert_ids_ptr", "invalid_expert_id"))
+            pdl = use_pdl(rank_workspace.workspace.device, enable_pdl)
+            bound = sanitize_launch(rank_workspace, expert_ids, 0, pdl).bind(dynamic=("expert_ids_ptr", "invalid_expert_id"))
         rank_workspace.remember_plan(key, bound)
     validation.require_int("invalid_expert_id", invalid_expert_id, -(2**31), 2**31 - 1)
     if bound is _NOTHING_TO_SANITIZE:
@@ -75,19 +77,22 @@ def sanitize_plan(rank_workspace: RankWorkspace, expert_ids: torch.Tensor, inval
 _NOTHING_TO_SANITIZE = object()  # the plan of a `[ep_size, rt, 0]` expert-id plane
 
 
-def sanitize_launch(rank_workspace: RankWorkspace, expert_ids: torch.Tensor, invalid_expert_id: int) -> KernelLaunch:
+def sanitize_launch(rank_workspace: RankWorkspace, expert_ids: torch.Tensor, invalid_expert_id: int,
+                    pdl: bool = False) -> KernelLaunch:  # fmt: skip
     ep_size, rt, width = expert_ids.shape
     return KernelLaunch(
         _sanitize_kernel,
         (-(-(ep_size * rt) // configs.SANITIZE_BLOCK_ROWS),),
         (expert_ids, rank_workspace.recv_counters, rank_workspace.fault_record, rt, invalid_expert_id),
         dict(EP_SIZE=ep_size, WIDTH=width, WIDTH_BLOCK=min(configs.next_power_of_2(width), WIDTH_BLOCK_MAX),
-             BLOCK_ROWS=configs.SANITIZE_BLOCK_ROWS, num_warps=4),
+             BLOCK_ROWS=configs.SANITIZE_BLOCK_ROWS, num_warps=4, **pdl_constexprs(pdl)),
     )  # fmt: skip
 
 
-def expert_id_sanitize_launch(rank_workspace: RankWorkspace, runtime_max_tokens: int, top_k: int) -> KernelLaunch:
+def expert_id_sanitize_launch(rank_workspace: RankWorkspace, runtime_max_tokens: int, top_k: int,
+                              pdl: bool = False) -> KernelLaunch:  # fmt: skip
     """The sanitize variant for this round's int32 `[ep_size, rt, top_k]` expert-id receive plane
     (any 16-byte aligned int32 view of the workspace selects the same compiled variant)."""
     stand_in = rank_workspace.own(rank_workspace.layout.topk_target_ranks_offset, top_k)
-    return sanitize_launch(rank_workspace, stand_in.view(1, 1, top_k).expand(rank_workspace.ep_size, runtime_max_tokens, top_k), 0)
+    return sanitize_launch(rank_workspace, stand_in.view(1, 1, top_k).expand(rank_workspace.ep_size, runtime_max_tokens, top_k), 0,
+                           pdl)

@@ -43,13 +43,16 @@ class _TargetOnlyDriver:
 
 
 def _gpu_variant(launch):
-    """The launch as CUDA runs it: waits in the kernel, a host-mapped fault record."""
+    """The launch as CUDA runs it on sm_90: waits in the kernel, a host-mapped fault record,
+    programmatic dependent launch (griddepcontrol)."""
     args = tuple(HOST_RECORD_STAND_IN if name == "host_record_ptr" else value
                  for name, value in zip(launch.kernel.arg_names, launch.args))  # fmt: skip
     constexprs = dict(launch.constexprs)
-    for name in ("WAIT", "HAS_HOST_RECORD"):
+    for name in ("WAIT", "HAS_HOST_RECORD", "PDL"):
         if name in constexprs:
             constexprs[name] = True
+    if constexprs.get("PDL"):
+        constexprs["launch_pdl"] = True
     return args, constexprs
 
 
@@ -99,7 +102,10 @@ def compile_all() -> list[str]:
     for name, launch in launches:
         args, constexprs = _gpu_variant(launch)
         compiled = launch.kernel.warmup(*args, grid=launch.grid, **constexprs)
-        done.append(f"{name}: {launch.kernel.__name__} compiled for sm_90 ({len(compiled.asm['cubin'])} bytes of cubin)")
+        # Launched with PDL, a kernel that touched memory before griddepcontrol.wait would race the previous kernel.
+        waits = "waits for the previous kernel" if "griddepcontrol.wait" in compiled.asm["ptx"] else "NO griddepcontrol.wait"
+        done.append(f"{name}: {launch.kernel.__name__} compiled for sm_90 ({len(compiled.asm['cubin'])} bytes of cubin, "
+                    f"{waits})")
     return done
 
 

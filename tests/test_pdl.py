@@ -1,0 +1,67 @@
+"""Programmatic dependent launch (PDL): on sm_90 and later every a2a kernel is launched so it may
+start while the previous kernel on its stream finishes, and waits for it (griddepcontrol.wait)
+before touching memory; `A2A_PDL=0` or `enable_pdl=False` turns it off. Results must not change.
+
+That every kernel waits for its predecessor is checked on its sm_90 code (tests/test_gpu_compile.py);
+the rest of the GPU suite runs with PDL on, as engines get it by default."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from a2a import envs
+from a2a.ops.context import resolve_context
+from a2a.ops.launch import BoundLaunch, use_pdl
+from tests.conftest import requires_cuda
+from tests.support.rounds import FunctionalRound, run_and_check
+from tests.support.strategies import RoundCase
+
+
+def test_the_switch_is_read_and_checked(monkeypatch):
+    monkeypatch.delenv("A2A_PDL", raising=False)
+    assert envs.pdl_allowed()
+    monkeypatch.setenv("A2A_PDL", "0")
+    assert not envs.pdl_allowed()
+    monkeypatch.setenv("A2A_PDL", "yes")
+    with pytest.raises(ValueError, match="A2A_PDL must be 0 or 1"):
+        envs.pdl_allowed()
+    monkeypatch.setenv("A2A_PDL", "1")
+    assert not use_pdl(torch.device("cpu"), True)  # the CPU path never uses it
+    assert not use_pdl(torch.device("cuda", 0), False)  # FlashInfer's enable_pdl=False, before any CUDA call
+
+
+def _bound_launches(plan: object) -> list[BoundLaunch]:
+    found = []
+    for value in vars(plan).values():
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            for inner in item if isinstance(item, tuple) else [item]:
+                if isinstance(inner, BoundLaunch):
+                    found.append(inner)
+    return found
+
+
+CASE = RoundCase(ep_size=4, num_tokens=(9, 0, 33, 2), top_k=4, num_experts=12, routing="random",
+                 payload_specs=((torch.bfloat16, 96), (torch.int32, 4)), runtime_max_tokens=33, max_num_tokens=40,
+                 hidden=96, combine_dtype=torch.bfloat16, seed=3)  # fmt: skip
+
+
+@requires_cuda
+@pytest.mark.parametrize("allowed", ["1", "0"])
+@pytest.mark.parametrize("in_workspace", [False, True])
+def test_rounds_are_exact_with_and_without_pdl(monkeypatch, allowed, in_workspace):
+    """Three rounds in a row on one workspace (staged or in-workspace combine): each exact against
+    the reference, every plan's launches with PDL exactly when it is allowed and the GPU has it."""
+    monkeypatch.setenv("A2A_PDL", allowed)
+    run = FunctionalRound.create(CASE, "cuda")
+    for seed in range(3):
+        run_and_check(RoundCase(**{**vars(CASE), "seed": seed}), "cuda", in_workspace, run)
+    expected = allowed == "1" and torch.cuda.get_device_capability() >= (9, 0)
+    for rank in range(CASE.ep_size):
+        plans = resolve_context(run.workspace, run.metainfo, rank).plans.values()
+        launches = [launch for plan in plans for launch in _bound_launches(plan)]
+        assert len(launches) >= 4, launches  # routing (two variants), copy, barrier, gather(s)
+        for launch in launches:
+            assert launch.launch.constexprs["PDL"] is expected, launch.launch.kernel
+            if launch.fast:  # the compiled launcher's own flag, what cuLaunchKernelEx gets
+                assert bool(launch._head[2]) is expected, launch.launch.kernel
