@@ -278,26 +278,26 @@ class _CombinePlan:
 
     def launch(self, payload: torch.Tensor, payload_scales: torch.Tensor | None, local_num_tokens: int,
                output: torch.Tensor) -> None:  # fmt: skip
-        source = payload if self.stage.fast else payload.view(torch.uint8).view(self.stage_unit)
         bound_gather, gather_tiles = self.gathers[local_num_tokens > configs.SMALL_ROUND_TOKENS]
         # At least one token row, so a rank without tokens still tells its peers its gather is done.
         gather_grid = (max(1, local_num_tokens), gather_tiles)
 
         def stage() -> None:
-            self.stage(self.stage_grid, source)
+            self.stage(self.stage_grid, payload if self.stage.fast else payload.view(torch.uint8).view(self.stage_unit))
             if self.stage_scales is not None:
                 scales = payload_scales if self.stage_scales.fast else payload_scales.view(self.stage_scales_unit)
                 self.stage_scales(self.stage_scales_grid, scales)
-
-        def gather() -> None:
-            bound_gather(gather_grid, output, local_num_tokens)
 
         if self.wait_in_kernel:  # on the current CUDA stream: the barrier kernel waits and gates
             if not self.in_workspace:
                 stage()
             self.barrier((1,), local_num_tokens)
-            gather()
+            bound_gather(gather_grid, output, local_num_tokens)
             return
+
+        def gather() -> None:
+            bound_gather(gather_grid, output, local_num_tokens)
+
         steps = [] if self.in_workspace else [stage]
         run_steps(current_stream(self.device), [*steps, lambda: self.barrier((1,), local_num_tokens), self.combine_wait,
                                                 lambda: self.gate((1,), local_num_tokens), gather])  # fmt: skip

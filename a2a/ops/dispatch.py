@@ -230,24 +230,20 @@ class _DispatchPlan:
         else:
             sources = tuple(_as_bytes(p).view(dtype) for p, dtype in zip(payloads, self.unit_dtypes))
         num_blocks = num_route_blocks(num_tokens)
-        route_grid, copy_grid = (num_blocks,), (max(1, num_tokens), self.num_tiles)
-
-        def route() -> None:
-            (self.route_single if num_blocks == 1 else self.route_blocks)(route_grid, experts, count, num_tokens,
-                                                                          num_blocks)
-
-        def copy() -> None:
-            # At least one token row, so a rank without tokens still runs the barrier.
-            self.copy(copy_grid, sources, count, num_tokens)
-
-        steps = [route, copy]
-        if self.share_stats is not None:  # after routing's wait for the previous gathers, before the barrier
-            steps.insert(1, lambda: self.share_stats((self.ep_size,), eplb_local_stats))
+        route = self.route_single if num_blocks == 1 else self.route_blocks
+        # At least one token row, so a rank without tokens still runs the barrier.
+        copy_grid = (max(1, num_tokens), self.num_tiles)
         if self.wait_in_kernel:  # on the current CUDA stream: routing and the copy kernel wait themselves
-            for step in steps:
-                step()
-        else:
-            run_steps(current_stream(self.device), [self.ordering_wait, *steps, self.dispatch_wait])
+            route((num_blocks,), experts, count, num_tokens, num_blocks)
+            if self.share_stats is not None:  # after routing's wait for the previous gathers, before the barrier
+                self.share_stats((self.ep_size,), eplb_local_stats)
+            self.copy(copy_grid, sources, count, num_tokens)
+            return
+        steps = [lambda: route((num_blocks,), experts, count, num_tokens, num_blocks),
+                 lambda: self.copy(copy_grid, sources, count, num_tokens)]  # fmt: skip
+        if self.share_stats is not None:
+            steps.insert(1, lambda: self.share_stats((self.ep_size,), eplb_local_stats))
+        run_steps(current_stream(self.device), [self.ordering_wait, *steps, self.dispatch_wait])
 
 
 def _share_stats_launch(rank_workspace: RankWorkspace, active_rank_mask: int, pdl: bool = False) -> KernelLaunch:

@@ -95,16 +95,28 @@ def _address(value: Any) -> Any:
     return value
 
 
-def _pointer(tensor: torch.Tensor) -> int:
-    return tensor.data_ptr()
+def _argument_builder(values: list, dynamic: tuple[int, ...], converts: tuple[str, ...]) -> Any:
+    """A function of the dynamic values that returns every parameter in order: the fixed values
+    around them as prebuilt tuples, concatenated. Generated code, because per launch it beats
+    copying a list and assigning into it in a loop (0.94 vs 1.44 us for 50 parameters, CPython 3.11)."""
+    params = [f"value{i}" for i in range(len(dynamic))]
+    fixed: dict[str, tuple] = {}
+    pieces, start = [], 0
+    for i in sorted(range(len(dynamic)), key=dynamic.__getitem__):
+        fixed[f"fixed{len(fixed)}"] = tuple(values[start : dynamic[i]])
+        pieces += [f"fixed{len(fixed) - 1}", "(" + converts[i].format(params[i]) + ",)"]
+        start = dynamic[i] + 1
+    fixed[f"fixed{len(fixed)}"] = tuple(values[start:])
+    pieces.append(f"fixed{len(fixed) - 1}")
+    source = (f"def arguments({', '.join(params + [f'{name}={name}' for name in fixed])}):\n"
+              f"    return {' + '.join(pieces)}\n")  # fmt: skip
+    namespace: dict[str, Any] = dict(fixed)
+    exec(source, namespace)  # noqa: S102 - the source is built above from parameter positions only
+    return namespace["arguments"]
 
 
-def _pointers(tensors: tuple) -> tuple:
-    return tuple([t.data_ptr() for t in tensors])
-
-
-def _same(value: Any) -> Any:
-    return value
+# How a dynamic value becomes a launcher parameter (see BoundLaunch), as an expression.
+_AS_ADDRESS, _AS_ADDRESSES, _AS_IS = "{}.data_ptr()", "tuple([t.data_ptr() for t in {}])", "{}"
 
 
 class BoundLaunch:
@@ -134,12 +146,12 @@ class BoundLaunch:
             raise RuntimeError(f"{kernel.__name__} needs scratch memory; BoundLaunch does not allocate it")
         values = [_address(v) for v in stand_ins]
         values += [launch.constexprs[name] for name in kernel.arg_names[len(launch.args) :]]
-        self._values = values
-        self._convert = tuple(
-            _pointer if isinstance(launch.args[i], torch.Tensor) else _pointers if isinstance(launch.args[i], tuple)
-            else _same
+        converts = tuple(
+            _AS_ADDRESS if isinstance(launch.args[i], torch.Tensor) else _AS_ADDRESSES
+            if isinstance(launch.args[i], tuple) else _AS_IS
             for i in dynamic
         )  # fmt: skip
+        self._arguments = _argument_builder(values, dynamic, converts)
         self._launch = launcher.launch
         # (function, cooperative grid, PDL, global scratch, profile scratch, packed metadata,
         #  launch metadata, enter hook, exit hook): the C launcher's fixed leading arguments.
@@ -159,11 +171,5 @@ class BoundLaunch:
             with _interpreter_lock:
                 self.launch.kernel[grid](*args, **self.launch.constexprs)
             return
-        values = self._values.copy()
-        for position, convert, value in zip(self.dynamic, self._convert, dynamic_values):
-            values[position] = convert(value)
         stream = torch._C._cuda_getCurrentRawStream(self._device)
-        if len(grid) == 1:
-            self._launch(grid[0], 1, 1, stream, *self._head, *values)
-        else:
-            self._launch(grid[0], grid[1], 1, stream, *self._head, *values)
+        self._launch(grid[0], grid[1] if len(grid) > 1 else 1, 1, stream, *self._head, *self._arguments(*dynamic_values))
