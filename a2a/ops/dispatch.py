@@ -58,8 +58,11 @@ def moe_a2a_dispatch(
 
     enable_rank_mask / active_rank_mask (FlashInfer's form): with `enable_rank_mask=True`, a CPU
     uint64 `[1]` tensor (`moe_a2a_active_rank_mask`) or None (every rank).
-    enable_pdl, backend, recv_view_cache: accepted as in FlashInfer; they change no result (the
-    receive views are cached per call signature anyway).
+    enable_pdl: as in FlashInfer, None launches every kernel with programmatic dependent launch on
+    GPUs of compute capability 9.0 and later (each kernel may start while the previous one on the
+    stream finishes, and waits for it before touching memory), False does not; `A2A_PDL=0` turns
+    it off everywhere. It changes no result. backend, recv_view_cache: accepted as in FlashInfer;
+    they change no result (the receive views are cached per call signature anyway).
 
     token_count (a2a addition): an int32 `[1]` tensor on the workspace's device holding how many
     leading rows are real tokens this call (clamped to [0, num_tokens]); the rest are padding,

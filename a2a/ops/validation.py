@@ -131,8 +131,7 @@ def check_backend(backend: object) -> None:
 
 
 def check_enable_pdl(enable_pdl: object) -> None:
-    """FlashInfer's `enable_pdl`: None (auto) or a bool. Launches do not use programmatic dependent
-    launch yet; the flag changes no result."""
+    """FlashInfer's `enable_pdl`: None (auto: on where the GPU has it) or a bool (a2a.ops.launch.use_pdl)."""
     if enable_pdl is not None and not isinstance(enable_pdl, bool):
         raise TypeError(f"enable_pdl must be None or a bool, got {type(enable_pdl).__name__}")
 
