@@ -172,6 +172,8 @@ def _checkpoint_rank(rank: int, world_size: int) -> dict[str, object]:
         group = dist.new_group(backend="gloo")  # the "rebuilt" communicator
         moe.checkpoint_restore(group)
         zeroed = not moe.workspace[rank].any().item()
+        # Before any rank's next round: a fast peer's replay writes into this rank's segment at once.
+        dist.barrier(group)
         after = replayed(graph)
         for seed, (counts_after, rt_after) in enumerate(PLANS[world_size][1:3], start=1):
             run_round(world, moe, RoundInputs.draw(counts_after, rt_after, seed), in_workspace=seed % 2 == 0)
