@@ -4,7 +4,9 @@
 # this tree, interleaved base / this / base / this, then each tree's per-kernel durations of one
 # round (bench/profile/round_timeline.py, summarised per kernel). Results and logs go to $OUT.
 #   BASE_COMMIT (default 544fef1) TOKENS (16,128,1024,4096) TIMELINE_TOKENS (16 1024) PASSES (1) BASELINE (none)
-#   HOST_TOKENS (none: e.g. "16 128" times one functional call's host cost in both trees, twice each)
+#   HOST_TOKENS (none: e.g. "16 128" times one functional call's host cost in both trees, HOST_RUNS times each,
+#   alternated, pinned to one core: bench/profile/host_breakdown.py) HOST_TREE (.base: the older tree to compare,
+#   e.g. .pre12) HOST_RUNS (4: one run of a tree can be 2x slower than the next, so compare the fastest runs)
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/a2a-out}; mkdir -p "$OUT"
@@ -42,12 +44,13 @@ for pass in $(seq 1 "${PASSES:-1}"); do
   PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} timeout 280 python3 -m bench.run --ranks 8 --tokens "$TOKENS" --iterations 20 --commit "$HEAD_COMMIT" \
     --out "$OUT/new$pass" --baseline "$BASELINE" 2>&1 | grep -v Warning | tail -30
 done
-if [ -n "${HOST_TOKENS:-}" ]; then  # host time per functional call, base then this tree (bench/profile/host_per_call.py)
-  for tree in base new base new; do
-    echo "== host per call, $tree"
-    if [ $tree = base ]; then (cd .base && PYTHONPATH=$PWD timeout 100 python3 ../bench/profile/host_per_call.py $HOST_TOKENS)
-    else PYTHONPATH=$PWD timeout 100 python3 -m bench.profile.host_per_call $HOST_TOKENS; fi 2>&1 | grep "host per"
-  done
+if [ -n "${HOST_TOKENS:-}" ]; then  # host time per functional call, an older tree then this one, alternated
+  for run in $(seq 1 "${HOST_RUNS:-4}"); do
+    echo "== host per call, run $run: ${HOST_TREE:-.base}, then this tree"
+    (cd "${HOST_TREE:-.base}" && PYTHONPATH=$PWD timeout 60 taskset -c 5 python3 ../bench/profile/host_breakdown.py $HOST_TOKENS) \
+      2>&1 | grep "^host" | sed "s|^|${HOST_TREE:-.base} |"
+    PYTHONPATH=$PWD timeout 60 taskset -c 5 python3 -m bench.profile.host_breakdown $HOST_TOKENS 2>&1 | grep "^host" | sed "s|^|this |"
+  done | tee "$OUT/host.log"
 fi
 for tokens in ${TIMELINE_TOKENS:-16 1024}; do
   echo "== timeline $tokens tokens, base"
