@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from a2a.ops.launch import _AS_ADDRESS, _AS_ADDRESSES, _AS_IS, _argument_builder
@@ -20,3 +21,9 @@ def test_arguments_put_each_dynamic_value_at_its_position():
 
 def test_arguments_without_dynamic_values_are_the_fixed_ones():
     assert _argument_builder([1, None, 3], (), ())() == (1, None, 3)
+
+
+def test_an_extra_argument_cannot_replace_the_fixed_ones():
+    build = _argument_builder([1, 2, 3], (1,), (_AS_IS,))
+    with pytest.raises(TypeError):
+        build(5, (9,))

@@ -10,7 +10,7 @@ from a2a.ops import configs, validation
 from a2a.ops.barrier import barrier_args, dispatch_signature, protocol_constexprs, signature_tensor
 from a2a.expert_partition import ExpertPartition
 from a2a.kernels import _dispatch_copy_kernel, _route_kernel, _share_stats_kernel
-from a2a.ops.launch import KernelLaunch, pdl_constexprs, use_pdl
+from a2a.ops.launch import KernelLaunch, pdl_capable, pdl_constexprs, use_pdl
 from a2a.layout import MAX_TOP_K, ROUTE_BLOCK_TOKENS, RoundLayout, RoundState, num_route_blocks
 from a2a.runtime.protocol import FlagArray, Phase, mask_halves
 from a2a.runtime.scheduler import run_steps
@@ -203,8 +203,9 @@ class _DispatchPlan:
             route.bind(dynamic=("expert_ids_ptr", "num_tokens_ptr", "num_rows", "num_blocks")) for route in routes
         )
         self.copy = copy.bind(dynamic=("src_ptrs", "num_tokens_ptr", "num_tokens"))
-        # The class path sanitizes with FlashInfer's default enable_pdl (None); a functional caller may pass this plan's.
-        for sanitize_pdl in {pdl, use_pdl(self.device, None)}:
+        # Both PDL variants where the GPU has PDL: the sanitize that follows may be called with another
+        # enable_pdl (or A2A_PDL) than this dispatch, and a variant loaded mid-round can hang (ops/launch.py).
+        for sanitize_pdl in {False, pdl_capable(self.device)}:
             expert_id_sanitize_launch(rank_workspace, rt, top_k, sanitize_pdl).prepare()
         ep_rank, ep_size = rank_workspace.ep_rank, rank_workspace.ep_size
         self.ep_size = ep_size

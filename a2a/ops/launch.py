@@ -34,7 +34,12 @@ def use_pdl(device: torch.device, enable_pdl: bool | None) -> bool:
     compute capability 9.0 or later, unless `enable_pdl` (FlashInfer's argument) is False or
     A2A_PDL=0. A launch that uses it may start while the previous kernel on its stream finishes;
     every a2a kernel waits for that kernel (`griddepcontrol.wait`) before it touches memory."""
-    if enable_pdl is False or device.type != "cuda" or envs.use_triton_interpreter() or not envs.pdl_allowed():
+    return enable_pdl is not False and envs.pdl_allowed() and pdl_capable(device)
+
+
+def pdl_capable(device: torch.device) -> bool:
+    """Whether kernels on `device` can be launched with PDL (compiled CUDA, compute capability >= 9.0)."""
+    if device.type != "cuda" or envs.use_triton_interpreter():
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _pdl_capable:
@@ -108,7 +113,8 @@ def _argument_builder(values: list, dynamic: tuple[int, ...], converts: tuple[st
         start = dynamic[i] + 1
     fixed[f"fixed{len(fixed)}"] = tuple(values[start:])
     pieces.append(f"fixed{len(fixed) - 1}")
-    source = (f"def arguments({', '.join(params + [f'{name}={name}' for name in fixed])}):\n"
+    # The fixed tuples are keyword-only defaults: fast to read, and no extra argument can replace one.
+    source = (f"def arguments({', '.join(params + ['*'] + [f'{name}={name}' for name in fixed])}):\n"
               f"    return {' + '.join(pieces)}\n")  # fmt: skip
     namespace: dict[str, Any] = dict(fixed)
     exec(source, namespace)  # noqa: S102 - the source is built above from parameter positions only
