@@ -65,3 +65,39 @@ def test_rounds_are_exact_with_and_without_pdl(monkeypatch, allowed, in_workspac
             assert launch.launch.constexprs["PDL"] is expected, launch.launch.kernel
             if launch.fast:  # the compiled launcher's own flag, what cuLaunchKernelEx gets
                 assert bool(launch._head[2]) is expected, launch.launch.kernel
+
+
+@requires_cuda
+@pytest.mark.parametrize("allowed", ["1", "0"])
+def test_the_class_path_sanitizes_with_the_same_launch_mode(monkeypatch, allowed):
+    """MoeAlltoAll's dispatch with a sanitized expert-id payload: the sanitize launch uses PDL
+    exactly when the rest does, and the sanitized plane equals the reference's."""
+    from a2a import reference
+    import a2a
+
+    monkeypatch.setenv("A2A_PDL", allowed)
+    ep, top_k, experts_n, hidden, rt = 4, 3, 10, 64, 8
+    world = a2a.SimulatedWorld(ep, "cuda")
+    ranks = [a2a.MoeAlltoAll(a2a.Mapping(ep, r), rt, top_k, experts_n, hidden_size=hidden, world=world)
+             for r in range(ep)]  # fmt: skip
+    generator = torch.Generator().manual_seed(5)
+    counts = [int(n) for n in torch.randint(0, rt + 1, (ep,), generator=generator)]
+    experts = [torch.rand(n, experts_n, generator=generator).topk(top_k, dim=1).indices.to(torch.int32) for n in counts]
+    hiddens = [torch.randn(n, hidden, generator=generator).to(torch.bfloat16) for n in counts]
+    recv = [moe.dispatch(e.cuda(), [h.cuda(), e.cuda()], rt, invalid_token_expert_id=-1, expert_id_payload_index=1)
+            for moe, e, h in zip(ranks, experts, hiddens)]  # fmt: skip
+    world.synchronize()
+    expected = reference.dispatch(experts, [[h, e] for h, e in zip(hiddens, experts)], experts_n, rt)
+    for r in range(ep):
+        want = reference.sanitize(expected.recv_payloads[r][1], expected.recv_counts[r], -1)
+        assert torch.equal(recv[r][1].cpu(), want), r
+    expected_pdl = allowed == "1" and torch.cuda.get_device_capability() >= (9, 0)
+    for moe in ranks:
+        sanitizes = [plan for plan in moe._context.plans.values()
+                     if isinstance(plan, BoundLaunch) and plan.launch.kernel.__name__ == "_sanitize_kernel"]  # fmt: skip
+        assert len(sanitizes) == 1 and sanitizes[0].launch.constexprs["PDL"] is expected_pdl
+        plane = moe.get_combine_payload_tensor_in_workspace(rt, hidden, torch.bfloat16)
+        with world.stream(moe.ep_rank).activate():
+            plane.zero_()
+        moe.combine(plane, rt, payload_in_workspace=True)
+    world.synchronize()
