@@ -25,17 +25,11 @@ from a2a import envs
 
 envs.set_simulation_env()
 
-import torch  # noqa: E402
-
-from bench.harness import Round  # noqa: E402
-
 # host_per_call beside this file (an older tree on PYTHONPATH may have no bench/profile/).
 _spec = importlib.util.spec_from_file_location("host_per_call", Path(__file__).with_name("host_per_call.py"))
 host_per_call = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(host_per_call)
-SLEEP_CYCLES, functional_round = host_per_call.SLEEP_CYCLES, host_per_call.functional_round
-
-import a2a  # noqa: E402
+functional_round = host_per_call.functional_round
 
 launch_module = importlib.import_module("a2a.ops.launch" if importlib.util.find_spec("a2a.ops") else "a2a.launch")
 ROUNDS = 200
@@ -70,19 +64,14 @@ def _instrument() -> None:
 
 
 def measure(tokens: int, profile: bool) -> None:
-    world = a2a.SimulatedWorld(8, "cuda")
-    round_ = Round.build(world, tokens, "deepseek", "bf16")
-    round_.check()
+    round_ = host_per_call.checked_round(tokens)
+    world = round_.world
     rounds = []  # (dispatch us, combine us, then per call: launches, us in bound launches, us in the launcher)
-    for i in range(ROUNDS + 10):
-        if i % 20 == 0:
-            world.synchronize()
-            for r in range(world.ep_size):
-                with world.stream(r).activate():
-                    torch.cuda._sleep(SLEEP_CYCLES)
+    for i in range(ROUNDS + host_per_call.WARM_UP_ROUNDS):
+        host_per_call.keep_the_gpu_ahead(world, i)
         before = dict(_spent)
         dispatch, combine = functional_round(round_)
-        if i >= 10:  # warm-up rounds left out; a round is 16 calls (8 ranks, two ops)
+        if i >= host_per_call.WARM_UP_ROUNDS:  # a round is 16 calls (8 ranks, two ops)
             rounds.append((statistics.median(dispatch), statistics.median(combine),
                            (_spent["launches"] - before["launches"]) / 16, (_spent["bound"] - before["bound"]) / 16e3,
                            (_spent["launcher"] - before["launcher"]) / 16e3))  # fmt: skip

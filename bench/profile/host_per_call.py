@@ -47,19 +47,34 @@ def functional_round(round_: Round) -> tuple[list[float], list[float]]:
     return dispatch_us, combine_us
 
 
-def measure(tokens: int) -> tuple[float, float]:
-    world = a2a.SimulatedWorld(8, "cuda")
-    round_ = Round.build(world, tokens, "deepseek", "bf16")
+def checked_round(tokens: int) -> Round:
+    """The measured round: 8 simulated ranks on the GPU, DeepSeek bf16, checked against the reference once."""
+    round_ = Round.build(a2a.SimulatedWorld(8, "cuda"), tokens, "deepseek", "bf16")
     round_.check()
+    return round_
+
+
+def keep_the_gpu_ahead(world: a2a.SimulatedWorld, i: int) -> None:
+    """Before round i: every 20 rounds, let the GPU catch up, then queue a long sleep on every rank
+    stream, so no call of the next rounds waits for the device."""
+    if i % 20 == 0:
+        world.synchronize()
+        for r in range(world.ep_size):
+            with world.stream(r).activate():
+                torch.cuda._sleep(SLEEP_CYCLES)
+
+
+WARM_UP_ROUNDS = 10
+
+
+def measure(tokens: int) -> tuple[float, float]:
+    round_ = checked_round(tokens)
+    world = round_.world
     dispatch_us, combine_us = [], []
-    for i in range(ROUNDS + 10):
-        if i % 20 == 0:
-            world.synchronize()
-            for r in range(world.ep_size):
-                with world.stream(r).activate():
-                    torch.cuda._sleep(SLEEP_CYCLES)
+    for i in range(ROUNDS + WARM_UP_ROUNDS):
+        keep_the_gpu_ahead(world, i)
         dispatch, combine = functional_round(round_)
-        if i >= 10:  # warm-up rounds left out
+        if i >= WARM_UP_ROUNDS:
             dispatch_us += dispatch
             combine_us += combine
     world.synchronize()
