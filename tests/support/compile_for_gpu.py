@@ -56,6 +56,21 @@ def _gpu_variant(launch):
     return args, constexprs
 
 
+# PTX instructions that touch global memory (parameter loads, `ld.param`, do not).
+_MEMORY_OPS = ("ld.global", "st.global", "atom.", "red.", "ld.volatile", "st.volatile", "ld.relaxed", "st.relaxed",
+               "ld.acquire", "st.release", "cp.async")  # fmt: skip
+
+
+def _waits_before_memory(ptx: str) -> str:
+    """Launched with PDL, a kernel that touches memory before `griddepcontrol.wait` races the
+    previous kernel: the wait must come before every global load, store and atomic."""
+    at = ptx.find("griddepcontrol.wait")
+    if at < 0:
+        return "NO griddepcontrol.wait"
+    early = [op for op in _MEMORY_OPS if op in ptx[:at]]
+    return f"touches memory ({', '.join(early)}) before griddepcontrol.wait" if early else "waits for the previous kernel"
+
+
 def compile_all() -> list[str]:
     driver.set_active(_TargetOnlyDriver())
     import a2a
@@ -102,8 +117,7 @@ def compile_all() -> list[str]:
     for name, launch in launches:
         args, constexprs = _gpu_variant(launch)
         compiled = launch.kernel.warmup(*args, grid=launch.grid, **constexprs)
-        # Launched with PDL, a kernel that touched memory before griddepcontrol.wait would race the previous kernel.
-        waits = "waits for the previous kernel" if "griddepcontrol.wait" in compiled.asm["ptx"] else "NO griddepcontrol.wait"
+        waits = _waits_before_memory(compiled.asm["ptx"])
         done.append(f"{name}: {launch.kernel.__name__} compiled for sm_90 ({len(compiled.asm['cubin'])} bytes of cubin, "
                     f"{waits})")
     return done
