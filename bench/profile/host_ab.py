@@ -1,0 +1,129 @@
+"""Host time of a functional call in two trees, measured in ONE process: an older tree (e.g. .pre12,
+a `git archive` of an earlier commit) and this one, each with its own 8-rank simulated world, called
+in alternating batches. Separate processes of the same tree differed by up to 28 us a call on the
+H200 (bench/RESULTS.md), more than the difference looked for; batches alternated within a process
+share the clock, the core and the driver state, so their paired differences compare the trees.
+
+    python -m bench.profile.host_ab OLDER_TREE [tokens ...] [--batches N]
+
+Each tree is imported under the names `a2a` and `bench` (its own modules swapped into sys.modules
+before each of its batches, so lazy imports resolve to that tree), its round checked against the
+reference once, then BATCHES batches of ROUNDS_PER_BATCH rounds per tree (the GPU kept ahead of
+the host, as in host_per_call). Prints, per op, each tree's median call and the median of the
+per-batch-pair differences (this - older) with the count of pairs where this tree was faster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+THIS_TREE = Path(__file__).resolve().parents[2]
+ROUNDS_PER_BATCH = 10
+SLEEP_CYCLES = 50_000_000  # ~25 ms on an H200: longer than a batch's host time
+_OWN_PREFIXES = ("a2a", "bench")
+
+
+def _own_modules() -> dict:
+    return {name: module for name, module in sys.modules.items() if name.split(".")[0] in _OWN_PREFIXES}
+
+
+class Tree:
+    """One tree's modules and its checked round."""
+
+    def __init__(self, root: Path, tokens: int):
+        for name in _own_modules():
+            del sys.modules[name]
+        sys.path.insert(0, str(root))
+        try:
+            self.a2a = importlib.import_module("a2a")
+            harness = importlib.import_module("bench.harness")
+            self.round = harness.Round.build(self.a2a.SimulatedWorld(8, "cuda"), tokens, "deepseek", "bf16")
+            self.round.check()
+        finally:
+            sys.path.remove(str(root))
+        self.root = root
+        self.modules = _own_modules()
+        if not str(Path(self.a2a.__file__).resolve()).startswith(str(root.resolve())):
+            raise RuntimeError(f"imported {self.a2a.__file__}, not the tree at {root}")
+
+    def activate(self) -> None:
+        for name in _own_modules():
+            del sys.modules[name]
+        sys.modules.update(self.modules)
+
+    def batch(self, rounds: int) -> tuple[list[float], list[float]]:
+        """`rounds` rounds of functional calls, each rank's call on its own stream: host us per call."""
+        import torch
+
+        round_, a2a = self.round, self.a2a
+        world, ep, tokens = round_.world, round_.world.ep_size, round_.tokens
+        world.synchronize()
+        for r in range(ep):
+            with world.stream(r).activate():
+                torch.cuda._sleep(SLEEP_CYCLES)
+        dispatch_us, combine_us = [], []
+        for _ in range(rounds):
+            offsets = []
+            for r, moe in enumerate(round_.ranks):
+                with world.stream(r).activate():
+                    begin = time.perf_counter()
+                    _, offset, *_ = a2a.moe_a2a_dispatch(round_.experts[r], round_.payloads[r], moe.workspace,
+                                                         moe.metainfo, tokens, r, ep, moe.top_k, moe.num_experts)  # fmt: skip
+                    dispatch_us.append((time.perf_counter() - begin) * 1e6)
+                offsets.append(offset)
+            for r, moe in enumerate(round_.ranks):
+                with world.stream(r).activate():
+                    begin = time.perf_counter()
+                    a2a.moe_a2a_combine(round_.expert_outputs[r], tokens, moe.workspace, moe.metainfo, tokens, r, ep,
+                                        moe.top_k, offsets[r])  # fmt: skip
+                    combine_us.append((time.perf_counter() - begin) * 1e6)
+        world.synchronize()
+        return dispatch_us, combine_us
+
+
+def compare(older_root: Path, tokens: int, batches: int) -> None:
+    older = Tree(older_root, tokens)
+    this = Tree(THIS_TREE, tokens)
+    trees = (older, this)
+    calls = {tree: ([], []) for tree in trees}
+    batch_medians = {tree: ([], []) for tree in trees}
+    for i in range(batches + 1):  # batch 0 of each tree warms up and is not counted
+        for tree in trees if i % 2 == 0 else trees[::-1]:  # ABBA order: neither tree always goes first
+            tree.activate()
+            dispatch, combine = tree.batch(ROUNDS_PER_BATCH)
+            if i == 0:
+                continue
+            for op, values in enumerate((dispatch, combine)):
+                calls[tree][op].extend(values)
+                batch_medians[tree][op].append(statistics.median(values))
+    for op, name in enumerate(("dispatch", "combine")):
+        differences = [new - old for new, old in zip(batch_medians[this][op], batch_medians[older][op])]
+        faster = sum(d < 0 for d in differences)
+        print(f"host ab {tokens:5d} tokens {name:8s}: {older_root.name or older_root} "
+              f"{statistics.median(calls[older][op]):6.1f} us, this tree {statistics.median(calls[this][op]):6.1f} us "
+              f"(medians of {len(calls[this][op])} calls); paired batch difference median "
+              f"{statistics.median(differences):+5.1f} us, this tree faster in {faster} of {len(differences)} pairs",
+              flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("older_tree", type=Path)
+    parser.add_argument("tokens", type=int, nargs="*", default=[16, 128])
+    parser.add_argument("--batches", type=int, default=30)
+    args = parser.parse_args()
+    # What a one-process simulated world on CUDA needs (a2a.envs.SIMULATION_ENV), before torch starts CUDA.
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "32")
+    os.environ.setdefault("CUDA_MODULE_LOADING", "EAGER")
+    for tokens in args.tokens:
+        compare(args.older_tree.resolve(), tokens, args.batches)
+
+
+if __name__ == "__main__":
+    main()
