@@ -20,13 +20,18 @@ rt differ from this rank's last dispatch (recorded in the workspace by the dispa
 recorded as a fault here), every top-k entry of the combine's rows becomes TOPK_TARGET_LOST, so
 the gather reads no peer row and writes NaN rows (a2a.runtime.protocol). Gating here, not in
 every gather program, keeps the gather's loads free of a dependent check.
+
+`_fused_combine_kernel`, the gather's grid: both in one launch for small rounds whose grid fits on
+the GPU beside every peer's (a2a.ops.combine decides): the first program to start does the
+barrier program's work and opens a gate the others wait for, then every program gathers.
 """
 
 import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from a2a.kernels.signal import FLAG_EPOCH_MASK, _is_faulted, _phase_barrier, _record_round_mismatch, _signal_gathered
+from a2a.kernels.signal import (FLAG_EPOCH_MASK, _fence_acquire_gpu, _is_faulted, _phase_barrier, _record_round_mismatch,
+                               _signal_gathered)
 
 # a2a.runtime.protocol.TOPK_TARGET_LOST
 TOPK_TARGET_LOST = tl.constexpr(-2)
@@ -69,6 +74,78 @@ def _stage_combine_kernel(
         tl.store(dst_ptr + row * ROW_UNITS + cols, values, mask=col_mask)
 
 
+@triton.jit
+def _gather_tile(token, tile, plane_ptr, stride_plane_rank, scales_ptr, stride_scales_rank, out_ptr,
+                 topk_target_ranks_ptr, topk_send_indices_ptr, runtime_max_tokens, ep_rank, num_tokens,
+                 HIDDEN: tl.constexpr, TOP_K: tl.constexpr, TILE: tl.constexpr, HAS_SCALES: tl.constexpr):
+    """Output row `token`, column tile `tile`: the sum over k of the top-k rows (see the module docstring)."""
+    if token < num_tokens:
+        cols = tile * TILE + tl.arange(0, TILE)
+        col_mask = cols < HIDDEN
+        acc = tl.zeros([TILE], dtype=tl.float32)
+        lost = 0.0  # NaN once an entry is marked lost (the barrier marked every entry of a lost round)
+        first_row = ep_rank.to(tl.int64) * runtime_max_tokens
+        # Unrolled so the TOP_K independent row loads are in flight together.
+        for k in tl.static_range(TOP_K):
+            target = tl.load(topk_target_ranks_ptr + token * TOP_K + k)
+            slot = tl.load(topk_send_indices_ptr + token * TOP_K + k)
+            sends = target >= 0
+            row = first_row + tl.where(sends, slot, 0)
+            src = plane_ptr + tl.where(sends, target, 0).to(tl.int64) * stride_plane_rank + row * HIDDEN
+            mask = col_mask & (cols * 0 + target >= 0)  # a tensor mask: Triton 3.9's interpreter rejects scalar & tensor
+            values = tl.load(src + cols, mask=mask, other=0.0).to(tl.float32)
+            if HAS_SCALES:
+                scale = tl.load(scales_ptr + tl.where(sends, target, 0).to(tl.int64) * stride_scales_rank + row)
+                values = values * tl.where(sends, scale, 0.0)
+            acc += values
+            lost += tl.where(target == TOPK_TARGET_LOST, float("nan"), 0.0)
+        acc += lost  # a lost round: never hand back numbers that look valid
+        if out_ptr.dtype.element_ty == tl.bfloat16:
+            result = _round_to_bf16(acc)
+        else:
+            result = acc.to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + token * HIDDEN + cols, result, mask=col_mask)
+
+
+@triton.jit
+def _finish_gather(election_ptr, gather_count_ptr, gathered_mask_ptr, flags_ptr, stride_rank, fault_record_ptr,
+                   active_low, active_high, ep_rank, arrivals_ptr, gate_ptr, EP_SIZE: tl.constexpr,
+                   EP_PAD: tl.constexpr, FLAG_ARRAY_STRIDE: tl.constexpr, FUSED: tl.constexpr):
+    """After a program's gather: the last program of the grid waits for every other one, then
+    tells the peers this rank's gather is done (and, FUSED, resets the arrival and gate words)."""
+    # Every program but the last adds itself to the counter with a relaxed reduction it does not
+    # wait for. Its loads are done: every loaded value feeds the output store issued before the
+    # barrier, and ptxas moves no memory operation across bar.sync. (The PTX model alone does not
+    # order a load before a later relaxed red; a release red would, at the cost measured below.) The
+    # last program waits for the others, then signals. An acq_rel election in every program (a
+    # fence waiting for its stores, a returned atomic) cost 869 -> 799 us at 4096 tokens per rank
+    # (bench/profile/combine_variants.py of commit 1930370, 8 ranks on one H200). The last program
+    # is scheduled last or holds one slot while the others run: they never wait, so the wait ends.
+    tl.debug_barrier()
+    others = tl.num_programs(0) * tl.num_programs(1) - 1
+    if (tl.program_id(0) == tl.num_programs(0) - 1) & (tl.program_id(1) == tl.num_programs(1) - 1):
+        # Own-state words nothing writes during a gather (a fault is recorded before it, by the
+        # barrier program): loaded before the wait, off the signal's path.
+        new_count = (tl.load(gather_count_ptr) + 1) & FLAG_EPOCH_MASK
+        faulted = _is_faulted(fault_record_ptr)
+        while tl.load(election_ptr, volatile=True) < others:
+            pass
+        # Each thread polls on its own and may leave the loop a poll later than another: none may
+        # reset the counter before every thread has left, or a late one polls a zero forever (a
+        # replay at 4096 tokens per rank hung this way on an H200 when the reset came sooner).
+        tl.debug_barrier()
+        # The next launch counts from zero; it reads the word after this kernel ends (stream
+        # order), so a plain store does, without the acq_rel exchange's fence.
+        tl.store(election_ptr, 0)
+        if FUSED:  # every program has passed the gate: the next launch starts from zero too
+            tl.store(arrivals_ptr, 0)
+            tl.store(gate_ptr, 0)
+        _signal_gathered(new_count, faulted, gather_count_ptr, gathered_mask_ptr, flags_ptr, stride_rank, active_low,
+                         active_high, ep_rank, EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE)
+    else:
+        tl.atomic_add(election_ptr, 1, sem="relaxed", scope="gpu")
+
+
 @triton.jit(do_not_specialize=["runtime_max_tokens", "ep_rank", "stride_scales_rank", "num_tokens", "stride_rank",
                                "active_low", "active_high"])
 def _combine_kernel(
@@ -101,63 +178,12 @@ def _combine_kernel(
 ):
     if PDL:
         gdc_wait()  # the previous kernel on this stream has completed and its stores are visible
-    token = tl.program_id(0).to(tl.int64)
-    tile = tl.program_id(1)
-    if token < num_tokens:
-        cols = tile * TILE + tl.arange(0, TILE)
-        col_mask = cols < HIDDEN
-        acc = tl.zeros([TILE], dtype=tl.float32)
-        lost = 0.0  # NaN once an entry is marked lost (the barrier marked every entry of a lost round)
-        first_row = ep_rank.to(tl.int64) * runtime_max_tokens
-        # Unrolled so the TOP_K independent row loads are in flight together.
-        for k in tl.static_range(TOP_K):
-            target = tl.load(topk_target_ranks_ptr + token * TOP_K + k)
-            slot = tl.load(topk_send_indices_ptr + token * TOP_K + k)
-            sends = target >= 0
-            row = first_row + tl.where(sends, slot, 0)
-            src = plane_ptr + tl.where(sends, target, 0).to(tl.int64) * stride_plane_rank + row * HIDDEN
-            mask = col_mask & (cols * 0 + target >= 0)  # a tensor mask: Triton 3.9's interpreter rejects scalar & tensor
-            values = tl.load(src + cols, mask=mask, other=0.0).to(tl.float32)
-            if HAS_SCALES:
-                scale = tl.load(scales_ptr + tl.where(sends, target, 0).to(tl.int64) * stride_scales_rank + row)
-                values = values * tl.where(sends, scale, 0.0)
-            acc += values
-            lost += tl.where(target == TOPK_TARGET_LOST, float("nan"), 0.0)
-        acc += lost  # a lost round: never hand back numbers that look valid
-        if out_ptr.dtype.element_ty == tl.bfloat16:
-            result = _round_to_bf16(acc)
-        else:
-            result = acc.to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + token * HIDDEN + cols, result, mask=col_mask)
-
-    # Every program but the last adds itself to the counter with a relaxed reduction it does not
-    # wait for. Its loads are done: every loaded value feeds the output store issued before the
-    # barrier, and ptxas moves no memory operation across bar.sync. (The PTX model alone does not
-    # order a load before a later relaxed red; a release red would, at the cost measured below.) The
-    # last program waits for the others, then signals. An acq_rel election in every program (a
-    # fence waiting for its stores, a returned atomic) cost 869 -> 799 us at 4096 tokens per rank
-    # (bench/profile/combine_variants.py of commit 1930370, 8 ranks on one H200). The last program
-    # is scheduled last or holds one slot while the others run: they never wait, so the wait ends.
-    tl.debug_barrier()
-    others = tl.num_programs(0) * tl.num_programs(1) - 1
-    if (tl.program_id(0) == tl.num_programs(0) - 1) & (tl.program_id(1) == tl.num_programs(1) - 1):
-        # Own-state words nothing writes during a gather (a fault is recorded before it, by the
-        # barrier program): loaded before the wait, off the signal's path.
-        new_count = (tl.load(gather_count_ptr) + 1) & FLAG_EPOCH_MASK
-        faulted = _is_faulted(fault_record_ptr)
-        while tl.load(election_ptr, volatile=True) < others:
-            pass
-        # Each thread polls on its own and may leave the loop a poll later than another: none may
-        # reset the counter before every thread has left, or a late one polls a zero forever (a
-        # replay at 4096 tokens per rank hung this way on an H200 when the reset came sooner).
-        tl.debug_barrier()
-        # The next launch counts from zero; it reads the word after this kernel ends (stream
-        # order), so a plain store does, without the acq_rel exchange's fence.
-        tl.store(election_ptr, 0)
-        _signal_gathered(new_count, faulted, gather_count_ptr, gathered_mask_ptr, flags_ptr, stride_rank, active_low,
-                         active_high, ep_rank, EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE)
-    else:
-        tl.atomic_add(election_ptr, 1, sem="relaxed", scope="gpu")
+    _gather_tile(tl.program_id(0).to(tl.int64), tl.program_id(1), plane_ptr, stride_plane_rank, scales_ptr,
+                 stride_scales_rank, out_ptr, topk_target_ranks_ptr, topk_send_indices_ptr, runtime_max_tokens, ep_rank,
+                 num_tokens, HIDDEN, TOP_K, TILE, HAS_SCALES)
+    _finish_gather(election_ptr, gather_count_ptr, gathered_mask_ptr, flags_ptr, stride_rank, fault_record_ptr,
+                   active_low, active_high, ep_rank, election_ptr, election_ptr, EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE,
+                   False)
 
 
 @triton.jit
@@ -182,6 +208,34 @@ def _gate_gather(faulted, dispatch_rows, dispatch_rt, topk_target_ranks_ptr, num
         for start in range(0, entries, BLOCK):
             index = start + tl.arange(0, BLOCK)
             tl.store(topk_target_ranks_ptr + index, lost, mask=index < entries)
+
+
+@triton.jit
+def _combine_barrier(flag_value_ptr, flags_ptr, signatures_ptr, own_signature_ptr, stride_rank, fault_record_ptr,
+                     host_record_ptr, timeout_ns, timeout_ms, active_low, active_high, ep_rank, topk_target_ranks_ptr,
+                     dispatch_rows_ptr, dispatch_rt_ptr, num_tokens, runtime_max_tokens, PHASE: tl.constexpr,
+                     FLAG_ROW: tl.constexpr, EP_SIZE: tl.constexpr, EP_PAD: tl.constexpr,
+                     FLAG_ARRAY_STRIDE: tl.constexpr, SIGNATURE_WORDS: tl.constexpr, TOP_K: tl.constexpr,
+                     GATE_BLOCK: tl.constexpr, SIGNAL: tl.constexpr, WAIT: tl.constexpr, GATE: tl.constexpr,
+                     HAS_HOST_RECORD: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr):
+    """The combine barrier program's work (see `_combine_barrier_kernel`), in that kernel or in the
+    elected program of `_fused_combine_kernel`; LAUNCH_DEPENDENTS lets the next kernel launch
+    (PDL) once the wait is over."""
+    # Written by this rank's dispatch copy, an earlier kernel on this stream: loaded off the wait's path.
+    dispatch_rows = tl.load(dispatch_rows_ptr)
+    dispatch_rt = tl.load(dispatch_rt_ptr)
+    faulted = _is_faulted(fault_record_ptr)  # without SIGNAL: after the host's wait, which may have recorded
+    if SIGNAL:
+        faulted = _phase_barrier(flag_value_ptr, flags_ptr, signatures_ptr, own_signature_ptr, stride_rank,
+                                 fault_record_ptr, host_record_ptr, timeout_ns, timeout_ms, active_low, active_high,
+                                 ep_rank, PHASE, FLAG_ROW, EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE, SIGNATURE_WORDS, WAIT,
+                                 HAS_HOST_RECORD)
+    if LAUNCH_DEPENDENTS:
+        gdc_launch_dependents()
+    if GATE:
+        _gate_gather(faulted, dispatch_rows, dispatch_rt, topk_target_ranks_ptr, num_tokens, runtime_max_tokens,
+                     flags_ptr, stride_rank, fault_record_ptr, host_record_ptr, active_low, active_high, ep_rank, TOP_K,
+                     GATE_BLOCK, EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE, HAS_HOST_RECORD)
 
 
 @triton.jit(do_not_specialize=["ep_rank", "stride_rank", "host_record_ptr", "timeout_ns", "timeout_ms", "active_low",
@@ -227,18 +281,86 @@ def _combine_barrier_kernel(
     program holds an SM while this rank still waits for a peer that may need it."""
     if PDL:
         gdc_wait()  # the previous kernel on this stream has completed and its stores are visible
-    # Written by this rank's dispatch copy, an earlier kernel on this stream: loaded off the wait's path.
-    dispatch_rows = tl.load(dispatch_rows_ptr)
-    dispatch_rt = tl.load(dispatch_rt_ptr)
-    faulted = _is_faulted(fault_record_ptr)  # without SIGNAL: after the host's wait, which may have recorded
-    if SIGNAL:
-        faulted = _phase_barrier(flag_value_ptr, flags_ptr, signatures_ptr, own_signature_ptr, stride_rank,
-                                 fault_record_ptr, host_record_ptr, timeout_ns, timeout_ms, active_low, active_high,
-                                 ep_rank, PHASE, FLAG_ROW, EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE, SIGNATURE_WORDS, WAIT,
-                                 HAS_HOST_RECORD)
+    _combine_barrier(flag_value_ptr, flags_ptr, signatures_ptr, own_signature_ptr, stride_rank, fault_record_ptr,
+                     host_record_ptr, timeout_ns, timeout_ms, active_low, active_high, ep_rank, topk_target_ranks_ptr,
+                     dispatch_rows_ptr, dispatch_rt_ptr, num_tokens, runtime_max_tokens, PHASE, FLAG_ROW, EP_SIZE,
+                     EP_PAD, FLAG_ARRAY_STRIDE, SIGNATURE_WORDS, TOP_K, GATE_BLOCK, SIGNAL, WAIT, GATE,
+                     HAS_HOST_RECORD, PDL)
+
+
+@triton.jit(do_not_specialize=["runtime_max_tokens", "ep_rank", "stride_scales_rank", "num_tokens", "stride_rank",
+                               "active_low", "active_high", "host_record_ptr", "timeout_ns", "timeout_ms"])
+def _fused_combine_kernel(
+    plane_ptr,  # combine plane of segment 0, [EP_SIZE, runtime_max_tokens, HIDDEN], payload dtype
+    stride_plane_rank,  # elements between the combine planes of two consecutive segments
+    scales_ptr,  # with HAS_SCALES: fp32 scales plane of segment 0, [EP_SIZE, runtime_max_tokens]
+    stride_scales_rank,  # fp32 elements between the scales planes of two consecutive segments
+    out_ptr,  # [num_tokens, HIDDEN], output dtype
+    topk_target_ranks_ptr,  # [num_tokens, TOP_K] int32, own segment
+    topk_send_indices_ptr,  # [num_tokens, TOP_K] int32, own segment
+    runtime_max_tokens,
+    ep_rank,
+    num_tokens,  # rows of out (the grid has max(1, num_tokens) rows, so a rank without tokens signals)
+    election_ptr,  # [1] int32, own segment: gather programs finished (reset by the last program)
+    gather_count_ptr,  # [1] int32, own segment: gathers this rank finished
+    gathered_mask_ptr,  # [2] int32, own segment: the active-rank mask of its last gather (written here)
+    flags_ptr,  # [3, EP_SIZE] int32 flag block of segment 0; segment t at + t * stride_rank
+    stride_rank,  # int32 elements between two segments
+    fault_record_ptr,  # [FAULT_RECORD_WORDS] int32, own segment
+    active_low,  # active-rank mask, bits 0..31 (int32)
+    active_high,  # bits 32..63
+    flag_value_ptr,  # [1] int32, own segment: this rank's epoch counter
+    signatures_ptr,  # [EP_SIZE, SIGNATURE_WORDS] int32: the combine signatures of segment 0
+    own_signature_ptr,  # [SIGNATURE_WORDS] int32: this rank's signature of the round
+    host_record_ptr,  # int64 address of the host-mapped copy of the record (0 without one)
+    timeout_ns,
+    timeout_ms,
+    dispatch_rows_ptr,  # [1] int32, own segment: token rows of the last dispatch
+    dispatch_rt_ptr,  # [1] int32, own segment: its runtime_max_tokens_per_rank
+    arrivals_ptr,  # [1] int32, own segment: programs of this launch that have started (reset by the last)
+    gate_ptr,  # [1] int32, own segment: 1 once the elected program has passed the barrier (reset by the last)
+    HIDDEN: tl.constexpr,
+    TOP_K: tl.constexpr,
+    TILE: tl.constexpr,
+    HAS_SCALES: tl.constexpr,
+    EP_SIZE: tl.constexpr,
+    EP_PAD: tl.constexpr,
+    FLAG_ARRAY_STRIDE: tl.constexpr,
+    PHASE: tl.constexpr,  # a2a.runtime.protocol.Phase.COMBINE
+    FLAG_ROW: tl.constexpr,  # protocol.FlagArray.COMBINE
+    SIGNATURE_WORDS: tl.constexpr,
+    GATE_BLOCK: tl.constexpr,
+    SIGNAL: tl.constexpr,  # signal and (WAIT) wait in the elected program; else the host did both before
+    WAIT: tl.constexpr,  # CUDA: the programs run concurrently (the interpreter runs them one by one)
+    HAS_HOST_RECORD: tl.constexpr,
+    PDL: tl.constexpr,  # launched with programmatic dependent launch: wait for the previous kernel first
+):
+    """Barrier and gather in one launch, for grids that fit on the GPU beside every peer's
+    (a2a.ops.combine decides): the first program to start runs the combine barrier program's work
+    (`_combine_barrier`: signal, wait, compare signatures, gate), then opens the gate; every
+    other program waits for the gate before it reads a top-k entry or a peer's row. Electing the
+    first to arrive, not a fixed program id, means the barrier program is always one that holds
+    an SM, whatever order the GPU schedules the grid in. The last program resets the arrival and
+    gate words with the election (`_finish_gather`)."""
     if PDL:
-        gdc_launch_dependents()
-    if GATE:
-        _gate_gather(faulted, dispatch_rows, dispatch_rt, topk_target_ranks_ptr, num_tokens, runtime_max_tokens,
-                     flags_ptr, stride_rank, fault_record_ptr, host_record_ptr, active_low, active_high, ep_rank, TOP_K,
-                     GATE_BLOCK, EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE, HAS_HOST_RECORD)
+        gdc_wait()  # the previous kernel on this stream has completed and its stores are visible
+    ticket = tl.atomic_add(arrivals_ptr, 1, sem="relaxed", scope="gpu")
+    if ticket == 0:
+        _combine_barrier(flag_value_ptr, flags_ptr, signatures_ptr, own_signature_ptr, stride_rank, fault_record_ptr,
+                         host_record_ptr, timeout_ns, timeout_ms, active_low, active_high, ep_rank,
+                         topk_target_ranks_ptr, dispatch_rows_ptr, dispatch_rt_ptr, num_tokens, runtime_max_tokens,
+                         PHASE, FLAG_ROW, EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE, SIGNATURE_WORDS, TOP_K, GATE_BLOCK,
+                         SIGNAL, WAIT, True, HAS_HOST_RECORD, False)
+        # Every thread's gate stores (a lost round's marks) are issued before the release publishes them.
+        tl.debug_barrier()
+        tl.atomic_xchg(gate_ptr, 1, sem="release", scope="gpu")
+    else:
+        while tl.load(gate_ptr, volatile=True) == 0:
+            pass
+        if WAIT:  # programs run concurrently: acquire what the elected program published (marks; the
+            _fence_acquire_gpu()  # peers' rows it acquired at system scope before it opened the gate)
+    _gather_tile(tl.program_id(0).to(tl.int64), tl.program_id(1), plane_ptr, stride_plane_rank, scales_ptr,
+                 stride_scales_rank, out_ptr, topk_target_ranks_ptr, topk_send_indices_ptr, runtime_max_tokens, ep_rank,
+                 num_tokens, HIDDEN, TOP_K, TILE, HAS_SCALES)
+    _finish_gather(election_ptr, gather_count_ptr, gathered_mask_ptr, flags_ptr, stride_rank, fault_record_ptr,
+                   active_low, active_high, ep_rank, arrivals_ptr, gate_ptr, EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE, True)

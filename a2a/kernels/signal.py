@@ -53,6 +53,12 @@ def _fence_acquire_system():
 
 
 @triton.jit
+def _fence_acquire_gpu():
+    tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False,
+                              pack=1)
+
+
+@triton.jit
 def _rank_is_active(ranks, active_low, active_high):
     """Bit `rank` of the 64-bit active-rank mask given as two int32 halves (ranks: an int vector)."""
     ranks = ranks.to(tl.int32)

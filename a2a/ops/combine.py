@@ -1,4 +1,10 @@
-"""Combine launcher: stage expert outputs, signal readiness, wait for peers, gather and reduce."""
+"""Combine launcher: stage expert outputs, signal readiness, wait for peers, gather and reduce.
+
+On CUDA a combine is the stage (unless the payload is in the workspace), then either the barrier
+kernel and the gather, or, for a small round whose grid fits on the GPU beside every peer's
+(`configs.fused_combine_max_tokens`; A2A_FUSED_COMBINE=0 turns it off), one fused launch of both.
+On the CPU the host waits between a signal launch and the gate: gate and gather are then one
+fused launch for small rounds, or two launches."""
 
 from __future__ import annotations
 
@@ -7,7 +13,8 @@ import torch
 from a2a.ops import configs, validation
 from a2a.quantization import SfLayout, quantize_fp8_per_token
 from a2a.ops.barrier import barrier_args, combine_signature, protocol_constexprs, signature_tensor
-from a2a.kernels import _combine_barrier_kernel, _combine_kernel, _stage_combine_kernel
+from a2a import envs
+from a2a.kernels import _combine_barrier_kernel, _combine_kernel, _fused_combine_kernel, _stage_combine_kernel
 from a2a.ops.launch import KernelLaunch, pdl_constexprs, use_pdl
 from a2a.layout import MAX_TOP_K, PLANE_ALIGN, RoundState, combine_scales_offset
 from a2a.runtime.protocol import FlagArray, Phase, mask_halves
@@ -264,6 +271,16 @@ class _CombinePlan:
             self.combine_wait = rank_workspace.flag_wait(Phase.COMBINE, active_rank_mask, timeout_of_plan()[1])
             self.gate = barrier_launch(rank_workspace, self.signature, active_rank_mask, rt, top_k, False, gate=True,
                                        signal=False).bind(dynamic=("num_tokens",))  # fmt: skip
+        # Barrier (CUDA; the gate only on the CPU) and a small round's gather in one launch, for
+        # token counts up to fused_max_tokens (-1: never).
+        self.fused_max_tokens = -1
+        if envs.fused_combine_allowed():
+            fused = _fused_launch(rank_workspace, payload, combine_offset, output, top_k,
+                                  scales_offset if self.quantized else None, active_rank_mask, self.signature, rt,
+                                  self.wait_in_kernel, pdl)  # fmt: skip
+            self.fused = fused.bind(dynamic=("out_ptr", "num_tokens"))
+            self.fused_tiles = fused.grid[1]
+            self.fused_max_tokens = _fused_max_tokens(self.fused, self.fused_tiles, ep_size, self.wait_in_kernel)
 
     def accepts(self, payload: torch.Tensor, payload_scales: torch.Tensor | None, local_num_tokens: object,
                 output: torch.Tensor | None) -> bool:  # fmt: skip
@@ -278,9 +295,14 @@ class _CombinePlan:
 
     def launch(self, payload: torch.Tensor, payload_scales: torch.Tensor | None, local_num_tokens: int,
                output: torch.Tensor) -> None:  # fmt: skip
-        bound_gather, gather_tiles = self.gathers[local_num_tokens > configs.SMALL_ROUND_TOKENS]
         # At least one token row, so a rank without tokens still tells its peers its gather is done.
-        gather_grid = (max(1, local_num_tokens), gather_tiles)
+        rows = max(1, local_num_tokens)
+        fused = rows <= self.fused_max_tokens
+        if fused:
+            bound_gather, gather_tiles = self.fused, self.fused_tiles
+        else:
+            bound_gather, gather_tiles = self.gathers[local_num_tokens > configs.SMALL_ROUND_TOKENS]
+        gather_grid = (rows, gather_tiles)
 
         def stage() -> None:
             self.stage(self.stage_grid, payload if self.stage.fast else payload.view(torch.uint8).view(self.stage_unit))
@@ -288,10 +310,11 @@ class _CombinePlan:
                 scales = payload_scales if self.stage_scales.fast else payload_scales.view(self.stage_scales_unit)
                 self.stage_scales(self.stage_scales_grid, scales)
 
-        if self.wait_in_kernel:  # on the current CUDA stream: the barrier kernel waits and gates
+        if self.wait_in_kernel:  # on the current CUDA stream: the barrier kernel (or program) waits and gates
             if not self.in_workspace:
                 stage()
-            self.barrier((1,), local_num_tokens)
+            if not fused:
+                self.barrier((1,), local_num_tokens)
             bound_gather(gather_grid, output, local_num_tokens)
             return
 
@@ -299,8 +322,9 @@ class _CombinePlan:
             bound_gather(gather_grid, output, local_num_tokens)
 
         steps = [] if self.in_workspace else [stage]
+        gate = [] if fused else [lambda: self.gate((1,), local_num_tokens)]  # the fused launch gates itself
         run_steps(current_stream(self.device), [*steps, lambda: self.barrier((1,), local_num_tokens), self.combine_wait,
-                                                lambda: self.gate((1,), local_num_tokens), gather])  # fmt: skip
+                                                *gate, gather])  # fmt: skip
 
 
 def _stage_launch(rank_workspace: RankWorkspace, payload: torch.Tensor, combine_offset: int,
@@ -351,6 +375,44 @@ def _gather_launch(
              EP_SIZE=ep_size, EP_PAD=protocol["EP_PAD"], FLAG_ARRAY_STRIDE=protocol["FLAG_ARRAY_STRIDE"],
              num_warps=config.num_warps, **pdl_constexprs(pdl)),
     )
+
+
+def _fused_launch(rank_workspace: RankWorkspace, payload: torch.Tensor, combine_offset: int, output: torch.Tensor,
+                  top_k: int, scales_offset: int | None, active_rank_mask: int, own_signature: torch.Tensor, rt: int,
+                  wait_in_kernel: bool, pdl: bool = False) -> KernelLaunch:  # fmt: skip
+    """The gather of a small round (`_gather_launch`'s arguments and tile) with the barrier's
+    (`barrier_launch`) and the arrival and gate words: `_fused_combine_kernel`. On CUDA its elected
+    program signals, waits and gates; on the CPU (the host waited before) it only gates."""
+    gather = _gather_launch(rank_workspace, payload, combine_offset, output, top_k, scales_offset, active_rank_mask,
+                            wait_in_kernel, small_rounds=True, pdl=pdl)  # fmt: skip
+    barrier = barrier_launch(rank_workspace, own_signature, active_rank_mask, rt, top_k, wait_in_kernel,
+                             gate=True, signal=wait_in_kernel, pdl=pdl)  # fmt: skip
+    barrier_values = dict(zip(_combine_barrier_kernel.arg_names, barrier.args))
+    constexprs = {name: value for name, value in barrier.constexprs.items()
+                  if name in _fused_combine_kernel.arg_names or name in ("num_warps", "launch_pdl")}  # fmt: skip
+    constexprs.update(gather.constexprs)  # the gather's tile and warps
+    return KernelLaunch(
+        _fused_combine_kernel,
+        gather.grid,
+        (*gather.args, *(barrier_values[name] for name in _FUSED_BARRIER_ARGS),
+         rank_workspace.round_word(RoundState.COMBINE_ARRIVALS), rank_workspace.round_word(RoundState.COMBINE_GATE)),
+        {name: value for name, value in constexprs.items() if name != "GATE"},
+    )
+
+
+# The barrier's arguments the fused kernel takes after the gather's (in this order).
+_FUSED_BARRIER_ARGS = ("flag_value_ptr", "signatures_ptr", "own_signature_ptr", "host_record_ptr", "timeout_ns",
+                       "timeout_ms", "dispatch_rows_ptr", "dispatch_rt_ptr")  # fmt: skip
+
+
+def _fused_max_tokens(fused, tiles: int, ep_size: int, wait_in_kernel: bool) -> int:
+    """The most tokens a round may have to run fused: on CUDA what fits beside every peer
+    (`configs.fused_combine_max_tokens`; never where the GPU's capacity is unknown), on the CPU
+    (interpreted programs run one after another, nothing spins) every small round."""
+    if not wait_in_kernel:
+        return configs.SMALL_ROUND_TOKENS
+    resident = fused.resident_programs()
+    return -1 if resident is None else configs.fused_combine_max_tokens(resident, tiles, ep_size)
 
 
 # The gate marks up to max_num_tokens * MAX_TOP_K entries of a lost round, this many per step.

@@ -106,6 +106,24 @@ def _config_named(name: str) -> TileConfig:
 SMALL_ROUND_TOKENS = 128
 
 
+# A fused combine (barrier and gather in one launch, a2a.ops.combine) has every program spin while it
+# holds an SM: the elected one on the peers, the others on its gate. On one GPU shared by every rank
+# of a world (the simulation, or processes sharing a GPU) and by a second instance's rounds, all of
+# them may be resident at once, each rank with up to OTHER_WAITING_PROGRAMS single waiting programs
+# of its other phases. A combine fuses only while all of that fits; otherwise a peer's barrier could
+# find no SM free until its wait timed out.
+FUSED_COMBINE_INSTANCES = 2
+OTHER_WAITING_PROGRAMS = 3
+
+
+def fused_combine_max_tokens(resident_programs: int, tiles: int, ep_size: int) -> int:
+    """The most tokens per rank (at most SMALL_ROUND_TOKENS) whose fused combine grid
+    (`tiles` programs a token) fits `resident_programs` (what the GPU holds of the fused variant)
+    on the rule above; below 1, no round fuses."""
+    per_rank = resident_programs // (FUSED_COMBINE_INSTANCES * ep_size) - OTHER_WAITING_PROGRAMS
+    return min(SMALL_ROUND_TOKENS, per_rank // tiles)
+
+
 def tie_break(entry: dict, small_rounds: bool = False) -> TileConfig:
     """A tuned entry's choice for small rounds (<= SMALL_ROUND_TOKENS tokens per rank) or larger
     ones: the fastest candidate of bench.tune (one rank alone), unless candidates tied with it

@@ -20,6 +20,7 @@ import torch
 import triton
 
 from a2a import envs
+from a2a.runtime import driver
 
 _prepared: set[tuple] = set()
 # The Triton interpreter keeps the running program's ids in globals: kernels of ranks that run in
@@ -164,6 +165,16 @@ class BoundLaunch:
         self._head = (compiled.function, launcher.launch_cooperative_grid, launcher.launch_pdl, None, None,
                       compiled.packed_metadata, None, None, None)  # fmt: skip
         self._device = torch.cuda.current_device()
+        self._occupancy = (compiled.function, 32 * compiled.metadata.num_warps, compiled.metadata.shared)
+
+    def resident_programs(self) -> int | None:
+        """Programs of this variant the whole GPU holds at once (SMs x the occupancy API's blocks per
+        SM), None under the interpreter (no GPU to hold them)."""
+        if not self.fast:
+            return None
+        function, threads, shared_bytes = self._occupancy
+        sms = torch.cuda.get_device_properties(self._device).multi_processor_count
+        return sms * driver.resident_blocks_per_sm(function, threads, shared_bytes)
 
     def __call__(self, grid: tuple[int, ...], *dynamic_values: Any) -> None:
         """Launch over `grid` with `dynamic_values[i]` as the i-th parameter named at `bind` (as the

@@ -41,3 +41,11 @@ def check(call: str, result: Any) -> Any:
     if not values:
         return None
     return values[0] if len(values) == 1 else values
+
+
+def resident_blocks_per_sm(function: int, threads: int, shared_bytes: int) -> int:
+    """How many blocks of the loaded kernel `function` (a CUfunction handle as an int) with `threads`
+    threads and `shared_bytes` of dynamic shared memory one SM holds at once (the occupancy API)."""
+    cu = driver()
+    return int(check("cuOccupancyMaxActiveBlocksPerMultiprocessor",
+                     cu.cuOccupancyMaxActiveBlocksPerMultiprocessor(cu.CUfunction(function), threads, shared_bytes)))

@@ -75,7 +75,7 @@ def compile_all() -> list[str]:
     driver.set_active(_TargetOnlyDriver())
     import a2a
     from a2a.ops.barrier import signature_tensor
-    from a2a.ops.combine import _gather_launch, _stage_launch, barrier_launch
+    from a2a.ops.combine import _fused_launch, _gather_launch, _stage_launch, barrier_launch
     from a2a.ops.dispatch import _copy_launch, _route_launch, _share_stats_launch
     from a2a.layout import WorkspaceLayout
     from a2a.ops.sanitize import expert_id_sanitize_launch
@@ -110,6 +110,12 @@ def compile_all() -> list[str]:
         ("gather (fp8 with scales)", _gather_launch(rank_workspace, plane.to(torch.float8_e4m3fn),
                                                     round_layout.combine_offset, output, top_k,
                                                     round_layout.combine_offset + 16 * 1024 * 1024, mask, True)),
+        ("fused combine", _fused_launch(rank_workspace, plane, round_layout.combine_offset, output, top_k, None, mask,
+                                        signature, 32, True)),
+        ("fused combine (fp8 with scales)", _fused_launch(rank_workspace, plane.to(torch.float8_e4m3fn),
+                                                          round_layout.combine_offset, output, top_k,
+                                                          round_layout.combine_offset + 16 * 1024 * 1024, mask,
+                                                          signature, 32, True)),
         ("sanitize", expert_id_sanitize_launch(rank_workspace, 32, top_k)),
         ("share EPLB stats", _share_stats_launch(rank_workspace, mask)),
     ]  # fmt: skip

@@ -1,0 +1,101 @@
+"""The fused combine: a small round's combine barrier and gather in one launch (a2a.ops.combine).
+
+The first program to start does the barrier program's work and opens a gate; the others wait for
+it, then every program gathers; the last resets the arrival and gate words. It runs only where
+every rank's grid fits on the GPU at once (`configs.fused_combine_max_tokens`), since all of its
+programs spin; `A2A_FUSED_COMBINE=0` turns it off. Results must not change, and a gate left open
+would let the next combine read before its peers are ready, so the words must be zero after
+every round."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from a2a import envs
+from a2a.layout import RoundState
+from a2a.ops import configs
+from a2a.ops import launch as launch_module
+from a2a.ops.context import resolve_context
+from tests.support.rounds import FunctionalRound, run_and_check
+from tests.support.strategies import RoundCase
+
+
+def test_the_switch_is_read_and_checked(monkeypatch):
+    monkeypatch.delenv("A2A_FUSED_COMBINE", raising=False)
+    assert envs.fused_combine_allowed()
+    monkeypatch.setenv("A2A_FUSED_COMBINE", "0")
+    assert not envs.fused_combine_allowed()
+    monkeypatch.setenv("A2A_FUSED_COMBINE", "on")
+    with pytest.raises(ValueError, match="A2A_FUSED_COMBINE must be 0 or 1"):
+        envs.fused_combine_allowed()
+
+
+@pytest.mark.parametrize("resident, tiles, ep_size", [(1056, 4, 8), (2112, 4, 8), (1056, 1, 8), (528, 4, 64),
+                                                      (100_000, 1, 2), (64, 7, 4)])  # fmt: skip
+def test_the_capacity_rule_keeps_every_spinning_program_resident(resident, tiles, ep_size):
+    """The largest fused round leaves room, on one GPU holding `resident` programs, for every rank
+    of two instances with its grid and its other waiting programs; one token more would not fit
+    (unless the small-round cap is what stopped it)."""
+    most = configs.fused_combine_max_tokens(resident, tiles, ep_size)
+    spinning = lambda tokens: configs.FUSED_COMBINE_INSTANCES * ep_size * (tokens * tiles + configs.OTHER_WAITING_PROGRAMS)  # noqa: E731
+    assert most <= configs.SMALL_ROUND_TOKENS
+    if most >= 1:
+        assert spinning(most) <= resident
+    if most < configs.SMALL_ROUND_TOKENS:
+        assert spinning(max(most, 0) + 1) > resident
+
+
+CASE = RoundCase(ep_size=4, num_tokens=(9, 0, 33, 2), top_k=4, num_experts=12, routing="random",
+                 payload_specs=((torch.bfloat16, 96), (torch.int32, 4)), runtime_max_tokens=40, max_num_tokens=200,
+                 hidden=96, combine_dtype=torch.bfloat16, seed=3)  # fmt: skip
+
+
+def _combine_words(run: FunctionalRound, rank: int) -> list[int]:
+    """(arrivals, gate) of a rank's round state, after its stream is done."""
+    context = resolve_context(run.workspace, run.metainfo, rank)
+    return context.round_words(RoundState.COMBINE_ARRIVALS, 2).cpu().tolist()
+
+
+@pytest.mark.parametrize("allowed", ["1", "0"])
+@pytest.mark.parametrize("in_workspace", [False, True])
+def test_rounds_fused_and_apart_are_exact_and_leave_the_gate_closed(device, monkeypatch, allowed, in_workspace):
+    """Rounds on one workspace whose token counts cross the fused limit both ways (ranks of one
+    round on either side of it), staged or in-workspace combine: each exact against the reference
+    (poisoned outputs, guard bytes), the fused launch used exactly where the plan's limit allows
+    (on the CPU every small round; on a GPU at least the smallest rounds here), and every rank's
+    arrival and gate words zero after every round."""
+    monkeypatch.setenv("A2A_FUSED_COMBINE", allowed)
+    launches = []  # (rank's token rows, fused?) of every gather launch
+    original_call = launch_module.BoundLaunch.__call__
+
+    def recording_call(self, grid, *values):
+        name = self.launch.kernel.fn.__name__
+        if name in ("_combine_kernel", "_fused_combine_kernel"):
+            launches.append((grid[0], name == "_fused_combine_kernel"))
+        return original_call(self, grid, *values)
+
+    monkeypatch.setattr(launch_module.BoundLaunch, "__call__", recording_call)
+    small = configs.SMALL_ROUND_TOKENS
+    rounds = [(9, 0, 33, 2), (1, 1, 1, 1), (small + 1, 3, 0, small), (0, 0, 0, 0), (small, small + 40, 5, 17)]
+    run = FunctionalRound.create(dataclasses.replace(CASE, runtime_max_tokens=small + 40), device)
+    for seed, counts in enumerate(rounds):
+        case = dataclasses.replace(CASE, num_tokens=counts, runtime_max_tokens=small + 40, seed=seed)
+        run_and_check(case, device, in_workspace, run)
+        for rank in range(CASE.ep_size):
+            assert _combine_words(run, rank) == [0, 0], (seed, rank)
+    limits = {resolve_context(run.workspace, run.metainfo, r).plans[key].fused_max_tokens
+              for r in range(CASE.ep_size) for key in resolve_context(run.workspace, run.metainfo, r).plans
+              if key[0] == "combine"}  # fmt: skip
+    assert len(launches) == len(rounds) * CASE.ep_size
+    if allowed == "0":
+        assert limits == {-1} and not any(fused for _, fused in launches)
+        return
+    assert len(limits) == 1, limits  # every rank's plan on one GPU computes the same limit
+    limit = limits.pop()
+    if device == "cpu":
+        assert limit == small
+    assert limit >= 1, limit  # a 1-token round of 4 ranks fits on any GPU
+    assert [fused for _, fused in launches] == [rows <= limit for rows, _ in launches], (limit, launches)
