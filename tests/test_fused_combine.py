@@ -14,12 +14,14 @@ import dataclasses
 import pytest
 import torch
 
+import a2a
 from a2a import envs
 from a2a.layout import RoundState
 from a2a.ops import configs
 from a2a.ops import launch as launch_module
 from a2a.ops.context import resolve_context
-from tests.support.rounds import FunctionalRound, run_and_check
+from tests.conftest import requires_cuda
+from tests.support.rounds import FunctionalRound, run_and_check, world_for
 from tests.support.strategies import RoundCase
 
 
@@ -99,3 +101,58 @@ def test_rounds_fused_and_apart_are_exact_and_leave_the_gate_closed(device, monk
         assert limit == small
     assert limit >= 1, limit  # a 1-token round of 4 ranks fits on any GPU
     assert [fused for _, fused in launches] == [rows <= limit for rows, _ in launches], (limit, launches)
+
+
+@requires_cuda
+def test_a_captured_round_launches_apart_and_replays_exactly(monkeypatch):
+    """Eager small rounds fuse; the same round captured in a CUDA graph launches the barrier and the
+    gather apart (in a graph the two finish sooner), and its replay matches the eager round."""
+    monkeypatch.setenv("A2A_FUSED_COMBINE", "1")
+    ep, top_k, experts_n, hidden, rt = 4, 3, 12, 128, 8
+    world = world_for(ep, "cuda")
+    ranks = [a2a.MoeAlltoAll(a2a.Mapping(ep, r), rt, top_k, experts_n, hidden_size=hidden, world=world)
+             for r in range(ep)]  # fmt: skip
+    generator = torch.Generator().manual_seed(11)
+    counts = [5, 0, 8, 1]
+    experts = [torch.rand(n, experts_n, generator=generator).topk(top_k, dim=1).indices.to(torch.int32).cuda()
+               for n in counts]  # fmt: skip
+    hiddens = [torch.randn(n, hidden, generator=generator).to(torch.bfloat16).cuda() for n in counts]
+    planes = [torch.randn(ep, rt, hidden, generator=generator).to(torch.bfloat16).cuda() for _ in counts]
+    fused = []
+    original_call = launch_module.BoundLaunch.__call__
+
+    def recording_call(self, grid, *values):
+        name = self.launch.kernel.fn.__name__
+        if name in ("_combine_kernel", "_fused_combine_kernel"):
+            fused.append(name == "_fused_combine_kernel")
+        return original_call(self, grid, *values)
+
+    monkeypatch.setattr(launch_module.BoundLaunch, "__call__", recording_call)
+
+    def round_():
+        for moe, e, h in zip(ranks, experts, hiddens):
+            moe.dispatch(e, [h], rt)
+        outs = []
+        for r, moe in enumerate(ranks):
+            plane = moe.get_combine_payload_tensor_in_workspace(rt, hidden, torch.bfloat16)
+            with world.stream(r).activate():
+                plane.copy_(planes[r])  # stands in for the rank's experts
+            outs.append(moe.combine(plane, rt, payload_in_workspace=True))
+        world.join_into_caller()
+        return outs
+
+    eager = [o.clone() for o in round_()]
+    torch.cuda.synchronize()
+    assert fused == [True] * ep
+    graph = torch.cuda.CUDAGraph()
+    capture_stream = torch.cuda.Stream()
+    with torch.cuda.stream(capture_stream):
+        capture_stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.graph(graph, stream=capture_stream):
+            outs = round_()
+    assert fused == [True] * ep + [False] * ep
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        for r in range(ep):
+            assert torch.equal(outs[r].view(torch.int16), eager[r].view(torch.int16)), r

@@ -2,7 +2,8 @@
 
 On CUDA a combine is the stage (unless the payload is in the workspace), then either the barrier
 kernel and the gather, or, for a small round whose grid fits on the GPU beside every peer's
-(`configs.fused_combine_max_tokens`; A2A_FUSED_COMBINE=0 turns it off), one fused launch of both.
+(`configs.fused_combine_max_tokens`; A2A_FUSED_COMBINE=0 turns it off) called outside CUDA-graph
+capture, one fused launch of both.
 On the CPU the host waits between a signal launch and the gate: gate and gather are then one
 fused launch for small rounds, or two launches."""
 
@@ -297,7 +298,10 @@ class _CombinePlan:
                output: torch.Tensor) -> None:  # fmt: skip
         # At least one token row, so a rank without tokens still tells its peers its gather is done.
         rows = max(1, local_num_tokens)
-        fused = rows <= self.fused_max_tokens
+        # Fused only in eager calls: there it saves a launch's host time (7.5 us a combine), while in a
+        # CUDA graph, which hides host time, the two launches finished sooner (19.3-19.6 vs 20.7-21.1
+        # us at 8 tokens, 8 ranks on one H200; bench/RESULTS.md).
+        fused = rows <= self.fused_max_tokens and not (self.wait_in_kernel and torch.cuda.is_current_stream_capturing())
         if fused:
             bound_gather, gather_tiles = self.fused, self.fused_tiles
         else:
