@@ -120,12 +120,15 @@ def _finish_gather(election_ptr, gather_count_ptr, gathered_mask_ptr, flags_ptr,
     # last program waits for the others, then signals. An acq_rel election in every program (a
     # fence waiting for its stores, a returned atomic) cost 869 -> 799 us at 4096 tokens per rank
     # (bench/profile/combine_variants.py of commit 1930370, 8 ranks on one H200). The last program
-    # is scheduled last or holds one slot while the others run: they never wait, so the wait ends.
+    # is scheduled last or holds one slot while the others run: in `_combine_kernel` they never
+    # wait, so the wait ends; in the fused kernel they wait only for the gate, which the elected
+    # (running) program opens, and the launcher fuses only grids that fit on the GPU at once.
     tl.debug_barrier()
     others = tl.num_programs(0) * tl.num_programs(1) - 1
     if (tl.program_id(0) == tl.num_programs(0) - 1) & (tl.program_id(1) == tl.num_programs(1) - 1):
-        # Own-state words nothing writes during a gather (a fault is recorded before it, by the
-        # barrier program): loaded before the wait, off the signal's path.
+        # Own-state words nothing writes during a gather (a fault is recorded before it by the
+        # barrier program, or, fused, by the elected program before it opened the gate this
+        # program passed): loaded before the wait, off the signal's path.
         new_count = (tl.load(gather_count_ptr) + 1) & FLAG_EPOCH_MASK
         faulted = _is_faulted(fault_record_ptr)
         while tl.load(election_ptr, volatile=True) < others:

@@ -341,7 +341,8 @@ def _signal_gathered(count, faulted, gather_count_ptr, gathered_mask_ptr, flags_
     one count itself done): store the gather count `count` (the caller's: the old count + 1, loaded
     early), remember this round's active ranks (the next dispatch waits for their gathers), and,
     unless this rank has recorded a fault (`faulted`, loaded early: nothing records one during a
-    gather), store the count into `flags[GATHER][me]` of every active segment.
+    gather, and a fused combine's elected program records any before it opens the gate the caller
+    passed), store the count into `flags[GATHER][me]` of every active segment.
 
     Relaxed, not release: the flag publishes no data, it only says this rank's loads of the peers'
     planes are over, and they are (every loaded value fed an output store issued before the

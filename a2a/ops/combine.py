@@ -16,7 +16,7 @@ from a2a.quantization import SfLayout, quantize_fp8_per_token
 from a2a.ops.barrier import barrier_args, combine_signature, protocol_constexprs, signature_tensor
 from a2a import envs
 from a2a.kernels import _combine_barrier_kernel, _combine_kernel, _fused_combine_kernel, _stage_combine_kernel
-from a2a.ops.launch import KernelLaunch, pdl_constexprs, use_pdl
+from a2a.ops.launch import KernelLaunch, capturing, pdl_constexprs, use_pdl
 from a2a.layout import MAX_TOP_K, PLANE_ALIGN, RoundState, combine_scales_offset
 from a2a.runtime.protocol import FlagArray, Phase, mask_halves
 from a2a.runtime.scheduler import run_steps
@@ -301,7 +301,7 @@ class _CombinePlan:
         # Fused only in eager calls: there it saves a launch's host time (7.5 us a combine), while in a
         # CUDA graph, which hides host time, the two launches finished sooner (19.3-19.6 vs 20.7-21.1
         # us at 8 tokens, 8 ranks on one H200; bench/RESULTS.md).
-        fused = rows <= self.fused_max_tokens and not (self.wait_in_kernel and torch.cuda.is_current_stream_capturing())
+        fused = rows <= self.fused_max_tokens and not (self.wait_in_kernel and capturing(self.device))
         if fused:
             bound_gather, gather_tiles = self.fused, self.fused_tiles
         else:

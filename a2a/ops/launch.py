@@ -51,6 +51,14 @@ def pdl_capable(device: torch.device) -> bool:
 _pdl_capable: dict[int, bool] = {}
 
 
+def capturing(device: torch.device) -> bool:
+    """Whether `device`'s current stream (the one a launch on it uses) is capturing a CUDA graph."""
+    if device.index is None or device.index == torch.cuda.current_device():
+        return torch.cuda.is_current_stream_capturing()
+    with torch.cuda.device(device):
+        return torch.cuda.is_current_stream_capturing()
+
+
 def pdl_constexprs(pdl: bool) -> dict[str, Any]:
     """A kernel's `PDL` constexpr and, when set, Triton's `launch_pdl` option."""
     return dict(PDL=True, launch_pdl=True) if pdl else dict(PDL=False)
@@ -143,11 +151,16 @@ class BoundLaunch:
         stand_ins = tuple(None if i in dynamic else value for i, value in enumerate(launch.args))
         self.launch = KernelLaunch(launch.kernel, launch.grid, stand_ins, launch.constexprs)
         self.fast = not envs.use_triton_interpreter() and triton.__version__.startswith(_LOW_LEVEL_LAUNCH_VERSIONS)
-        if not self.fast:
+        self._occupancy = None  # (CUfunction, threads, shared bytes) of the loaded variant, on CUDA
+        if envs.use_triton_interpreter():
             return
         kernel = launch.kernel
         compiled = kernel.warmup(*launch.args, grid=launch.grid or (1,), **launch.constexprs)
         compiled._init_handles()
+        self._device = torch.cuda.current_device()
+        self._occupancy = (compiled.function, 32 * compiled.metadata.num_warps, compiled.metadata.shared)
+        if not self.fast:
+            return
         launcher = compiled.run
         if launcher.global_scratch_size or launcher.profile_scratch_size:
             raise RuntimeError(f"{kernel.__name__} needs scratch memory; BoundLaunch does not allocate it")
@@ -164,13 +177,11 @@ class BoundLaunch:
         #  launch metadata, enter hook, exit hook): the C launcher's fixed leading arguments.
         self._head = (compiled.function, launcher.launch_cooperative_grid, launcher.launch_pdl, None, None,
                       compiled.packed_metadata, None, None, None)  # fmt: skip
-        self._device = torch.cuda.current_device()
-        self._occupancy = (compiled.function, 32 * compiled.metadata.num_warps, compiled.metadata.shared)
 
     def resident_programs(self) -> int | None:
         """Programs of this variant the whole GPU holds at once (SMs x the occupancy API's blocks per
         SM), None under the interpreter (no GPU to hold them)."""
-        if not self.fast:
+        if self._occupancy is None:
             return None
         function, threads, shared_bytes = self._occupancy
         sms = torch.cuda.get_device_properties(self._device).multi_processor_count
