@@ -294,24 +294,11 @@ def _combine_barrier_kernel(
 @triton.jit(do_not_specialize=["runtime_max_tokens", "ep_rank", "stride_scales_rank", "num_tokens", "stride_rank",
                                "active_low", "active_high", "host_record_ptr", "timeout_ns", "timeout_ms"])
 def _fused_combine_kernel(
-    plane_ptr,  # combine plane of segment 0, [EP_SIZE, runtime_max_tokens, HIDDEN], payload dtype
-    stride_plane_rank,  # elements between the combine planes of two consecutive segments
-    scales_ptr,  # with HAS_SCALES: fp32 scales plane of segment 0, [EP_SIZE, runtime_max_tokens]
-    stride_scales_rank,  # fp32 elements between the scales planes of two consecutive segments
-    out_ptr,  # [num_tokens, HIDDEN], output dtype
-    topk_target_ranks_ptr,  # [num_tokens, TOP_K] int32, own segment
-    topk_send_indices_ptr,  # [num_tokens, TOP_K] int32, own segment
-    runtime_max_tokens,
-    ep_rank,
-    num_tokens,  # rows of out (the grid has max(1, num_tokens) rows, so a rank without tokens signals)
-    election_ptr,  # [1] int32, own segment: gather programs finished (reset by the last program)
-    gather_count_ptr,  # [1] int32, own segment: gathers this rank finished
-    gathered_mask_ptr,  # [2] int32, own segment: the active-rank mask of its last gather (written here)
-    flags_ptr,  # [3, EP_SIZE] int32 flag block of segment 0; segment t at + t * stride_rank
-    stride_rank,  # int32 elements between two segments
-    fault_record_ptr,  # [FAULT_RECORD_WORDS] int32, own segment
-    active_low,  # active-rank mask, bits 0..31 (int32)
-    active_high,  # bits 32..63
+    # `_combine_kernel`'s parameters, in its order:
+    plane_ptr, stride_plane_rank, scales_ptr, stride_scales_rank, out_ptr, topk_target_ranks_ptr, topk_send_indices_ptr,
+    runtime_max_tokens, ep_rank, num_tokens, election_ptr, gather_count_ptr, gathered_mask_ptr, flags_ptr, stride_rank,
+    fault_record_ptr, active_low, active_high,
+    # then `_combine_barrier_kernel`'s that it lacks:
     flag_value_ptr,  # [1] int32, own segment: this rank's epoch counter
     signatures_ptr,  # [EP_SIZE, SIGNATURE_WORDS] int32: the combine signatures of segment 0
     own_signature_ptr,  # [SIGNATURE_WORDS] int32: this rank's signature of the round

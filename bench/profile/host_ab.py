@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 THIS_TREE = Path(__file__).resolve().parents[2]
@@ -45,6 +45,13 @@ class Tree:
             harness = importlib.import_module("bench.harness")
             self.round = harness.Round.build(self.a2a.SimulatedWorld(8, "cuda"), tokens, "deepseek", "bf16")
             self.round.check()
+            # This tree's host_per_call, bound to the tree just imported (it uses only the functional
+            # API and bench.harness's Round, so it measures an older tree too).
+            spec = importlib.util.spec_from_file_location(f"host_per_call_{id(self)}",
+                                                          Path(__file__).with_name("host_per_call.py"))  # fmt: skip
+            host_per_call = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(host_per_call)
+            self.functional_round = host_per_call.functional_round
         finally:
             sys.path.remove(str(root))
         self.root = root
@@ -61,28 +68,17 @@ class Tree:
         """`rounds` rounds of functional calls, each rank's call on its own stream: host us per call."""
         import torch
 
-        round_, a2a = self.round, self.a2a
-        world, ep, tokens = round_.world, round_.world.ep_size, round_.tokens
+        round_ = self.round
+        world = round_.world
         world.synchronize()
-        for r in range(ep):
+        for r in range(world.ep_size):
             with world.stream(r).activate():
                 torch.cuda._sleep(SLEEP_CYCLES)
         dispatch_us, combine_us = [], []
         for _ in range(rounds):
-            offsets = []
-            for r, moe in enumerate(round_.ranks):
-                with world.stream(r).activate():
-                    begin = time.perf_counter()
-                    _, offset, *_ = a2a.moe_a2a_dispatch(round_.experts[r], round_.payloads[r], moe.workspace,
-                                                         moe.metainfo, tokens, r, ep, moe.top_k, moe.num_experts)  # fmt: skip
-                    dispatch_us.append((time.perf_counter() - begin) * 1e6)
-                offsets.append(offset)
-            for r, moe in enumerate(round_.ranks):
-                with world.stream(r).activate():
-                    begin = time.perf_counter()
-                    a2a.moe_a2a_combine(round_.expert_outputs[r], tokens, moe.workspace, moe.metainfo, tokens, r, ep,
-                                        moe.top_k, offsets[r])  # fmt: skip
-                    combine_us.append((time.perf_counter() - begin) * 1e6)
+            dispatch, combine = self.functional_round(round_)
+            dispatch_us += dispatch
+            combine_us += combine
         world.synchronize()
         return dispatch_us, combine_us
 
