@@ -6,6 +6,7 @@
 | `A2A_HOST_POLL_S` | float | 0.0005 | sleep between two polls of a flag in a blocking host wait |
 | `A2A_PDL` | 0 or 1 | 1 | 0 turns programmatic dependent launch off everywhere; 1 uses it on GPUs that have it (compute capability 9.0 and later) unless a call passes `enable_pdl=False`. Read when a launch plan is built |
 | `A2A_FUSED_COMBINE` | 0 or 1 | 1 | 1 runs the combine barrier and gather of a small round called eagerly (not under CUDA-graph capture) as one launch when its grid fits on the GPU beside every peer's (see `a2a.ops.combine`); 0 always launches them apart. Read when a launch plan is built |
+| `A2A_FUSED_DISPATCH` | 0 or 1 | 1 | 1 routes and copies a round of at most one routing block (64 tokens) as one launch when its grid fits on the GPU beside every peer's and top_k <= 8 (see `a2a.ops.dispatch`); 0 always launches routing and copy apart. Read when a launch plan is built |
 | `TRITON_INTERPRET` | bool | set to 1 by a2a when no CUDA device exists | run the Triton kernels under the Triton interpreter on the CPU (read by Triton itself) |
 | `CUDA_DEVICE_MAX_CONNECTIONS` | int | set to 32 by `SimulatedWorld` on CUDA if CUDA is not initialised yet | hardware queues per device; a simulated world needs one per rank stream, or a parked wait blocks another rank's work |
 | `CUDA_MODULE_LOADING` | str | set to EAGER by `SimulatedWorld` on CUDA if CUDA is not initialised yet | lazy loading of a kernel while a stream is parked in a wait (or a kernel spins on a flag) can deadlock a single-thread simulation |
@@ -52,6 +53,14 @@ def fused_combine_allowed() -> bool:
     raw = os.environ.get("A2A_FUSED_COMBINE", "1")
     if raw not in ("0", "1", ""):
         raise ValueError(f"environment variable A2A_FUSED_COMBINE must be 0 or 1, got {raw!r}")
+    return raw != "0"
+
+
+def fused_dispatch_allowed() -> bool:
+    """Whether a small round's dispatch may route and copy in one launch (A2A_FUSED_DISPATCH, 0 or 1)."""
+    raw = os.environ.get("A2A_FUSED_DISPATCH", "1")
+    if raw not in ("0", "1", ""):
+        raise ValueError(f"environment variable A2A_FUSED_DISPATCH must be 0 or 1, got {raw!r}")
     return raw != "0"
 
 

@@ -14,7 +14,7 @@ Aux region (static for a given `(ep_size, max_num_tokens)`), each field 128-byte
 | combine_flags | i32 [ep] | peer `s` stores its epoch into `[s]` once its combine plane is ready | own combine barrier |
 | gather_flags | i32 [ep] | peer `s` stores its gather count into `[s]` after its gather | own routing's last program, before this rank's next dispatch writes |
 | signatures | i32 [2, ep, SIGNATURE_WORDS] | peer `s` stores its round's signature into `[phase][s]` before its flag | own barrier (compared with its own) |
-| round_state | i32 [32] | own kernels | see `RoundState`: election counters and the fused combine's gate (self-resetting), invalid count, epoch and gather counters, fault record |
+| round_state | i32 [32] | own kernels | see `RoundState`: election counters, the fused combine's gate and the fused dispatch's trouble words (self-resetting), invalid count, epoch and gather counters, fault record |
 | topk_target_ranks | i32 [max_num_tokens * top_k] | own routing | own combine |
 | topk_send_indices | i32 [max_num_tokens * top_k] | own dispatch copy | own combine |
 | topk_local_slots | i32 [max_num_tokens * top_k] | own routing (slot inside its token block) | own dispatch copy |
@@ -79,11 +79,14 @@ class RoundState:
     GATHERED_MASK = 24  # 2 words: the active-rank mask of this rank's last gather (bits 0..31, 32..63)
     COMBINE_ARRIVALS = 26  # programs of a fused combine that have started; its last program resets it to 0
     COMBINE_GATE = 27  # 1 once a fused combine's barrier program has let its gather read; reset to 0 with it
+    # 4 words: ranks a fused dispatch's programs saw poisoned (bits 0..31, 32..63) or missing (same)
+    # in their wait for the previous gathers; its last program records them as a fault and clears them
+    ORDERING_TROUBLE = 28
 
 
 ROUND_STATE_LEN = 32
 assert RoundState.FAULT_RECORD + FAULT_RECORD_WORDS <= RoundState.GATHERED_MASK < RoundState.COMBINE_ARRIVALS - 1
-assert RoundState.COMBINE_GATE < ROUND_STATE_LEN
+assert RoundState.COMBINE_GATE < RoundState.ORDERING_TROUBLE and RoundState.ORDERING_TROUBLE + 4 <= ROUND_STATE_LEN
 
 
 def num_route_blocks(num_tokens: int) -> int:

@@ -7,7 +7,7 @@ The same kernels run compiled on CUDA and under the Triton interpreter on the CP
 """
 
 from a2a.kernels.combine import _combine_barrier_kernel, _combine_kernel, _fused_combine_kernel, _stage_combine_kernel
-from a2a.kernels.dispatch import _dispatch_copy_kernel, _share_stats_kernel
+from a2a.kernels.dispatch import _dispatch_copy_kernel, _fused_dispatch_kernel, _share_stats_kernel
 from a2a.kernels.routing import _route_kernel
 from a2a.kernels.sanitize import _sanitize_kernel
 
@@ -16,6 +16,7 @@ __all__ = [
     "_combine_kernel",
     "_dispatch_copy_kernel",
     "_fused_combine_kernel",
+    "_fused_dispatch_kernel",
     "_route_kernel",
     "_sanitize_kernel",
     "_share_stats_kernel",

@@ -23,7 +23,8 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_wait
 
-from a2a.kernels.signal import _phase_barrier
+from a2a.kernels.routing import _route_block, _store_counts
+from a2a.kernels.signal import _phase_barrier, _program_awaits_previous_gathers, _record_ordering_trouble
 
 
 @triton.jit
@@ -41,27 +42,44 @@ def _chunk_destinations(topk_target_ranks_ptr, topk_local_slots_ptr, block_offse
 
 
 @triton.jit
+def _load_row_tile(src_ptr, token, tile, in_rows, ROW_UNITS: tl.constexpr, VEC_UNITS: tl.constexpr,
+                   TILE: tl.constexpr):
+    """Column tile `tile` of payload row `token` (nothing read unless `in_rows`): (values, columns,
+    column mask)."""
+    cols = tile * TILE + tl.arange(0, TILE)
+    col_mask = (cols < ROW_UNITS) & ((cols * 0 + in_rows.to(tl.int32)) != 0)  # a tensor mask (the interpreter)
+    src = src_ptr
+    if VEC_UNITS > 1:
+        src = tl.multiple_of(src, 16)  # VEC_UNITS > 1 means 16-byte aligned rows
+    return tl.load(src + token * ROW_UNITS + cols, mask=col_mask), cols, col_mask
+
+
+@triton.jit
+def _store_row_tile(row, cols, col_mask, dst_ptr, dst_stride, targets, rows, stores, ROW_UNITS: tl.constexpr,
+                    K_CHUNK: tl.constexpr, TILE: tl.constexpr):
+    """One masked [K_CHUNK, TILE] store of a row tile to receive row `rows[j]` of segment
+    `targets[j]` for every j with `stores[j]` (no per-k scalar round trips)."""
+    offsets = targets * dst_stride + rows * ROW_UNITS
+    values = tl.broadcast_to(row[None, :], [K_CHUNK, TILE])
+    tl.store(dst_ptr + offsets[:, None] + cols[None, :], values, mask=stores[:, None] & col_mask[None, :])
+
+
+@triton.jit
 def _copy_row_tile(src_ptr, dst_ptr, dst_stride, token, tile, block, topk_row, first_row, healthy,
                    topk_target_ranks_ptr, topk_local_slots_ptr, block_offsets_ptr,
                    ROW_UNITS: tl.constexpr, VEC_UNITS: tl.constexpr, TOP_K: tl.constexpr,
                    EP_SIZE: tl.constexpr, TILE: tl.constexpr, K_CHUNK: tl.constexpr):
     """Tile `tile` of one payload row of `token`: read once, stored to every unique target with one
-    masked [K_CHUNK, TILE] store per chunk of k (no per-k scalar round trips)."""
+    masked [K_CHUNK, TILE] store per chunk of k."""
     if tile * TILE < ROW_UNITS:
-        cols = tile * TILE + tl.arange(0, TILE)
-        col_mask = cols < ROW_UNITS
-        src = src_ptr
-        if VEC_UNITS > 1:
-            src = tl.multiple_of(src, 16)  # VEC_UNITS > 1 means 16-byte aligned rows
-        row = tl.load(src + token * ROW_UNITS + cols, mask=col_mask)
+        row, cols, col_mask = _load_row_tile(src_ptr, token, tile, token >= 0, ROW_UNITS, VEC_UNITS, TILE)
         for chunk in tl.static_range(triton.cdiv(TOP_K, K_CHUNK)):
             ks, k_mask, targets, rows, sends, slots = _chunk_destinations(
                 topk_target_ranks_ptr, topk_local_slots_ptr, block_offsets_ptr, topk_row, block, first_row,
                 chunk, TOP_K, EP_SIZE, K_CHUNK)
-            offsets = targets * dst_stride + rows * ROW_UNITS
-            values = tl.broadcast_to(row[None, :], [K_CHUNK, TILE])
-            stores = sends & healthy  # a rank that recorded a fault stores nothing into any segment
-            tl.store(dst_ptr + offsets[:, None] + cols[None, :], values, mask=stores[:, None] & col_mask[None, :])
+            # A rank that recorded a fault stores nothing into any segment.
+            _store_row_tile(row, cols, col_mask, dst_ptr, dst_stride, targets, rows, sends & healthy, ROW_UNITS,
+                            K_CHUNK, TILE)
 
 
 @triton.jit(do_not_specialize=["num_tokens", "runtime_max_tokens", "ep_rank", "stride_rank", "host_record_ptr",
@@ -145,6 +163,126 @@ def _dispatch_copy_kernel(
         tl.store(election_ptr, 0)
         tl.store(dispatch_rows_ptr, num_rows)
         tl.store(dispatch_rt_ptr, runtime_max_tokens)
+        _phase_barrier(flag_value_ptr, flags_ptr, signatures_ptr, own_signature_ptr, stride_rank, fault_record_ptr,
+                       host_record_ptr, timeout_ns, timeout_ms, active_low, active_high, ep_rank, PHASE, FLAG_ROW,
+                       EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE, SIGNATURE_WORDS, WAIT, HAS_HOST_RECORD)
+
+
+@triton.jit(do_not_specialize=["num_tokens", "runtime_max_tokens", "ep_rank", "stride_rank", "host_record_ptr",
+                               "timeout_ns", "timeout_ms", "active_low", "active_high", "num_experts", "experts_base",
+                               "experts_remainder"],
+            do_not_specialize_on_alignment=["src_ptrs", "expert_ids_ptr"])
+def _fused_dispatch_kernel(
+    src_ptrs, dst_ptrs, dst_strides,  # as in _dispatch_copy_kernel
+    expert_ids_ptr,  # [num_tokens, TOP_K] int32: the caller's routing
+    topk_target_ranks_ptr,  # [num_tokens, TOP_K] int32, own segment (written here)
+    topk_send_indices_ptr,  # [num_tokens, TOP_K] int32, own segment (written here)
+    dispatch_rows_ptr, dispatch_rt_ptr, election_ptr, flag_value_ptr, flags_ptr, signatures_ptr, own_signature_ptr,
+    stride_rank, fault_record_ptr, host_record_ptr, timeout_ns, timeout_ms, active_low, active_high, num_tokens_ptr,
+    num_tokens, runtime_max_tokens, ep_rank,  # as in _dispatch_copy_kernel
+    invalid_count_ptr,  # [1] int32, own segment: (token, k) pairs skipped for a bad id
+    send_counters_ptr,  # [EP_SIZE] int32, own segment
+    recv_counters_ptr,  # [EP_SIZE] int32 in segment 0; segment t at + t * stride_rank
+    gather_count_ptr,  # [1] int32, own segment: gathers this rank finished
+    gathered_mask_ptr,  # [2] int32, own segment: the active-rank mask of its last gather
+    trouble_ptr,  # [4] int32, own segment: RoundState.ORDERING_TROUBLE (zero between launches)
+    num_experts,
+    experts_base,
+    experts_remainder,
+    NUM_PAYLOADS: tl.constexpr,
+    ROW_UNITS: tl.constexpr,
+    VEC_UNITS: tl.constexpr,
+    TOP_K: tl.constexpr,
+    K_PAD: tl.constexpr,  # next power of 2 >= TOP_K; at most 8 (one [K_PAD, TILE] store per payload tile)
+    EP_SIZE: tl.constexpr,
+    BLOCK_TOKENS: tl.constexpr,  # a power of 2 >= the token rows (one routing block)
+    ROUTE_K_CHUNK: tl.constexpr,  # routing's K_CHUNK and RANK_CHUNK (a2a.kernels.routing)
+    RANK_CHUNK: tl.constexpr,
+    TILE: tl.constexpr,
+    EP_PAD: tl.constexpr,
+    PHASE: tl.constexpr,
+    FLAG_ROW: tl.constexpr,
+    FLAG_ARRAY_STRIDE: tl.constexpr,
+    SIGNATURE_WORDS: tl.constexpr,
+    WAIT: tl.constexpr,  # every program waits for the previous gathers, the last one for the peers (CUDA)
+    HAS_HOST_RECORD: tl.constexpr,
+    COUNT_FROM_DEVICE: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """Routing and the copy of a round of one routing block in one launch (grid as the copy's).
+
+    Every program routes the whole block on registers (a2a.kernels.routing._route_block: the same
+    targets and slots as `_route_kernel`) and keeps its token's entries; tile-0 programs store
+    them for combine. With WAIT each program then waits for the previous round's gathers itself
+    before it stores into any segment (a2a.kernels.signal._program_awaits_previous_gathers: what
+    it cannot see becomes trouble words, not a store), so all of its programs may spin at once:
+    the launcher fuses only grids that fit on the GPU beside every peer's. The last program of the
+    election records any trouble as this rank's fault, writes the counters (remote ones only when
+    healthy) and runs the dispatch barrier like `_dispatch_copy_kernel`'s."""
+    if PDL:
+        gdc_wait()  # the previous kernel on this stream has completed and its stores are visible
+    token = tl.program_id(0).to(tl.int64)
+    tile = tl.program_id(1)
+    num_rows = num_tokens
+    if COUNT_FROM_DEVICE:
+        num_tokens = tl.minimum(tl.maximum(tl.load(num_tokens_ptr), 0), num_tokens)
+    # Own-state words written by earlier kernels on this stream (nothing writes them during this one).
+    gather_count = tl.load(gather_count_ptr)
+    previous_low = tl.load(gathered_mask_ptr)
+    previous_high = tl.load(gathered_mask_ptr + 1)
+    healthy = tl.load(fault_record_ptr) == 0
+
+    tokens = tl.arange(0, BLOCK_TOKENS).to(tl.int64)
+    target, local_slot, counts, invalid, entry_offsets, col_mask = _route_block(
+        expert_ids_ptr, tokens, tokens < num_tokens, num_experts, experts_base, experts_remainder, active_low,
+        active_high, TOP_K, K_PAD, EP_PAD, BLOCK_TOKENS, ROUTE_K_CHUNK, RANK_CHUNK)
+    mine = tokens[:, None] == token
+    my_targets = tl.sum(tl.where(mine, target, 0), axis=0)  # [K_PAD]; -1 where not sent
+    my_slots = tl.sum(tl.where(mine, local_slot, 0), axis=0)
+    sends = my_targets >= 0
+    ks = tl.arange(0, K_PAD)
+    if (tile == 0) & (token < num_rows):
+        tl.store(topk_target_ranks_ptr + token * TOP_K + ks, my_targets, mask=ks < TOP_K)
+        tl.store(topk_send_indices_ptr + token * TOP_K + ks, tl.where(sends, my_slots, -1), mask=ks < TOP_K)
+
+    copies = token < num_tokens
+    # The widest payload is usually first: its row is read before the wait, which it then overlaps.
+    row, cols, row_mask = _load_row_tile(src_ptrs[0], token, tile, copies, ROW_UNITS[0], VEC_UNITS[0], TILE)
+    ordered = healthy
+    if WAIT:
+        ordered = _program_awaits_previous_gathers(gather_count, previous_low, previous_high, healthy, flags_ptr,
+                                                   stride_rank, trouble_ptr, timeout_ns, ep_rank, EP_SIZE, EP_PAD,
+                                                   FLAG_ARRAY_STRIDE)
+    if copies:
+        targets = tl.where(sends, my_targets, 0).to(tl.int64)
+        rows = ep_rank.to(tl.int64) * runtime_max_tokens + my_slots
+        stores = sends & ((ks * 0 + ordered.to(tl.int32)) != 0)  # nothing before the gathers, nothing after a fault
+        _store_row_tile(row, cols, row_mask, dst_ptrs[0], dst_strides[0], targets, rows, stores, ROW_UNITS[0], K_PAD,
+                        TILE)
+        for p in tl.static_range(1, NUM_PAYLOADS):
+            if tile * TILE < ROW_UNITS[p]:
+                row_p, cols_p, mask_p = _load_row_tile(src_ptrs[p], token, tile, copies, ROW_UNITS[p], VEC_UNITS[p],
+                                                        TILE)
+                _store_row_tile(row_p, cols_p, mask_p, dst_ptrs[p], dst_strides[p], targets, rows, stores,
+                                ROW_UNITS[p], K_PAD, TILE)
+
+    # Every thread's stores (and trouble words) must be issued before the election increment publishes them.
+    tl.debug_barrier()
+    num_programs = tl.num_programs(0) * tl.num_programs(1)
+    finished = tl.atomic_add(election_ptr, 1, sem="acq_rel", scope="gpu")
+    if finished == num_programs - 1:
+        tl.store(election_ptr, 0)
+        tl.store(dispatch_rows_ptr, num_rows)
+        tl.store(dispatch_rt_ptr, runtime_max_tokens)
+        faulted = ~healthy
+        if WAIT:
+            if healthy:
+                faulted = _record_ordering_trouble(trouble_ptr, gather_count, flags_ptr, stride_rank, fault_record_ptr,
+                                                   host_record_ptr, timeout_ms, active_low, active_high, ep_rank,
+                                                   EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE, HAS_HOST_RECORD)
+        total_invalid = tl.sum(tl.sum(invalid.to(tl.int32), axis=1), axis=0)
+        _store_counts(counts, total_invalid, ~faulted, send_counters_ptr, recv_counters_ptr, invalid_count_ptr,
+                      stride_rank, active_low, active_high, ep_rank, EP_SIZE, EP_PAD)
         _phase_barrier(flag_value_ptr, flags_ptr, signatures_ptr, own_signature_ptr, stride_rank, fault_record_ptr,
                        host_record_ptr, timeout_ns, timeout_ms, active_low, active_high, ep_rank, PHASE, FLAG_ROW,
                        EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE, SIGNATURE_WORDS, WAIT, HAS_HOST_RECORD)

@@ -55,6 +55,56 @@ def _owners(expert_ids, entry_mask, num_experts, experts_base, experts_remainder
     return owner, entry_mask & (~valid)
 
 
+@triton.jit
+def _route_block(expert_ids_ptr, tokens, token_mask, num_experts, experts_base, experts_remainder, active_low,
+                 active_high, TOP_K: tl.constexpr, K_PAD: tl.constexpr, EP_PAD: tl.constexpr,
+                 BLOCK_TOKENS: tl.constexpr, K_CHUNK: tl.constexpr, RANK_CHUNK: tl.constexpr):
+    """Steps 1 and 2 of the module docstring for one block of tokens (`tokens`, an int64 vector of
+    BLOCK_TOKENS rows; `token_mask`: the real ones), on registers. Returns the [BLOCK_TOKENS, K_PAD]
+    targets (-1: not sent) and slots inside the block, the [EP_PAD] rows to each rank, the
+    [BLOCK_TOKENS, K_PAD] bad-id entries, and the entries' offsets and column mask."""
+    ranks = tl.arange(0, EP_PAD)
+    # All of the block's expert ids in one load, every other step on registers: the whole block is
+    # a handful of reductions, not several per k (one per k and pass cost ~10 us at 16 tokens, H200).
+    cols = tl.arange(0, K_PAD)
+    col_mask = cols < TOP_K
+    entry_offsets = tokens[:, None] * TOP_K + cols[None, :]
+    entry_mask = token_mask[:, None] & col_mask[None, :]
+    expert_ids = tl.load(expert_ids_ptr + entry_offsets, mask=entry_mask, other=-1)
+    owner, invalid = _owners(expert_ids, entry_mask, num_experts, experts_base, experts_remainder, active_low,
+                             active_high)
+
+    # De-duplication: an entry whose owner an earlier entry of its token already sends to gets -1.
+    # [BLOCK_TOKENS, K_PAD, K_CHUNK] comparisons per step; the earlier entries of a step are loaded
+    # again (L1) rather than sliced out of registers, which Triton can only do with a reduction.
+    repeat = tl.zeros([BLOCK_TOKENS, K_PAD], dtype=tl.int32)
+    for first_k in tl.static_range(0, K_PAD, K_CHUNK):
+        earlier_cols = first_k + tl.arange(0, K_CHUNK)
+        earlier_mask = token_mask[:, None] & (earlier_cols < TOP_K)[None, :]
+        earlier_ids = tl.load(expert_ids_ptr + tokens[:, None] * TOP_K + earlier_cols[None, :], mask=earlier_mask,
+                              other=-1)
+        earlier_owner, _ = _owners(earlier_ids, earlier_mask, num_experts, experts_base, experts_remainder,
+                                   active_low, active_high)
+        same = (owner[:, :, None] == earlier_owner[:, None, :]) & (earlier_cols[None, None, :] < cols[None, :, None])
+        repeat = tl.maximum(repeat, tl.max(same.to(tl.int32), axis=2))
+    target = tl.where((owner >= 0) & (repeat == 0), owner, -1)
+
+    # Slot inside the block = earlier tokens of the block sending to the same rank, per chunk of
+    # RANK_CHUNK ranks: one-hot sends [BLOCK_TOKENS, RANK_CHUNK], a scan over the tokens, and each
+    # entry picks its rank's column.
+    local_slot = tl.zeros([BLOCK_TOKENS, K_PAD], dtype=tl.int32)
+    counts = tl.zeros([EP_PAD], dtype=tl.int32)
+    for first_rank in tl.static_range(0, EP_PAD, RANK_CHUNK):
+        chunk_ranks = first_rank + tl.arange(0, RANK_CHUNK)
+        hit = target[:, :, None] == chunk_ranks[None, None, :]
+        sends = tl.max(hit.to(tl.int32), axis=1)  # 0 or 1: the targets are de-duplicated
+        earlier = tl.cumsum(sends, axis=0) - sends
+        local_slot += tl.sum(tl.where(hit, earlier[:, None, :], 0), axis=2)
+        chunk_counts = tl.sum(sends, axis=0)
+        counts += tl.sum(tl.where(ranks[:, None] == chunk_ranks[None, :], chunk_counts[None, :], 0), axis=1)
+    return target, local_slot, counts, invalid, entry_offsets, col_mask
+
+
 @triton.jit(do_not_specialize=["num_rows", "num_blocks", "num_experts", "experts_base", "experts_remainder",
                                "ep_rank", "stride_rank", "active_low", "active_high", "host_record_ptr", "timeout_ns",
                                "timeout_ms"],
@@ -120,44 +170,9 @@ def _route_kernel(
     previous_high = tl.load(gathered_mask_ptr + 1)
     healthy = tl.load(fault_record_ptr) == 0
 
-    # All of the block's expert ids in one load, every other step on registers: the whole block is
-    # a handful of reductions, not several per k (one per k and pass cost ~10 us at 16 tokens, H200).
-    cols = tl.arange(0, K_PAD)
-    col_mask = cols < TOP_K
-    entry_offsets = tokens[:, None] * TOP_K + cols[None, :]
-    entry_mask = token_mask[:, None] & col_mask[None, :]
-    expert_ids = tl.load(expert_ids_ptr + entry_offsets, mask=entry_mask, other=-1)
-    owner, invalid = _owners(expert_ids, entry_mask, num_experts, experts_base, experts_remainder, active_low,
-                             active_high)
-
-    # De-duplication: an entry whose owner an earlier entry of its token already sends to gets -1.
-    # [BLOCK_TOKENS, K_PAD, K_CHUNK] comparisons per step; the earlier entries of a step are loaded
-    # again (L1) rather than sliced out of registers, which Triton can only do with a reduction.
-    repeat = tl.zeros([BLOCK_TOKENS, K_PAD], dtype=tl.int32)
-    for first_k in tl.static_range(0, K_PAD, K_CHUNK):
-        earlier_cols = first_k + tl.arange(0, K_CHUNK)
-        earlier_mask = token_mask[:, None] & (earlier_cols < TOP_K)[None, :]
-        earlier_ids = tl.load(expert_ids_ptr + tokens[:, None] * TOP_K + earlier_cols[None, :], mask=earlier_mask,
-                              other=-1)
-        earlier_owner, _ = _owners(earlier_ids, earlier_mask, num_experts, experts_base, experts_remainder,
-                                   active_low, active_high)
-        same = (owner[:, :, None] == earlier_owner[:, None, :]) & (earlier_cols[None, None, :] < cols[None, :, None])
-        repeat = tl.maximum(repeat, tl.max(same.to(tl.int32), axis=2))
-    target = tl.where((owner >= 0) & (repeat == 0), owner, -1)
-
-    # Slot inside the block = earlier tokens of the block sending to the same rank, per chunk of
-    # RANK_CHUNK ranks: one-hot sends [BLOCK_TOKENS, RANK_CHUNK], a scan over the tokens, and each
-    # entry picks its rank's column.
-    local_slot = tl.zeros([BLOCK_TOKENS, K_PAD], dtype=tl.int32)
-    counts = tl.zeros([EP_PAD], dtype=tl.int32)
-    for first_rank in tl.static_range(0, EP_PAD, RANK_CHUNK):
-        chunk_ranks = first_rank + tl.arange(0, RANK_CHUNK)
-        hit = target[:, :, None] == chunk_ranks[None, None, :]
-        sends = tl.max(hit.to(tl.int32), axis=1)  # 0 or 1: the targets are de-duplicated
-        earlier = tl.cumsum(sends, axis=0) - sends
-        local_slot += tl.sum(tl.where(hit, earlier[:, None, :], 0), axis=2)
-        chunk_counts = tl.sum(sends, axis=0)
-        counts += tl.sum(tl.where(ranks[:, None] == chunk_ranks[None, :], chunk_counts[None, :], 0), axis=1)
+    target, local_slot, counts, invalid, entry_offsets, col_mask = _route_block(
+        expert_ids_ptr, tokens, token_mask, num_experts, experts_base, experts_remainder, active_low, active_high,
+        TOP_K, K_PAD, EP_PAD, BLOCK_TOKENS, K_CHUNK, RANK_CHUNK)
     store_mask = row_mask[:, None] & col_mask[None, :]
     tl.store(topk_target_ranks_ptr + entry_offsets, target, mask=store_mask)
     tl.store(topk_local_slots_ptr + entry_offsets, tl.where(target >= 0, local_slot, -1), mask=store_mask)
@@ -206,18 +221,28 @@ def _publish_counts(counts, total_invalid, healthy, gather_count, previous_low, 
     """The round's totals (`counts`: rows to each target): own send counters and invalid count, then
     (WAIT) wait for the previous round's gathers and store `recv_counters[ep_rank]` into every
     active target's segment unless a fault is recorded; zero own receive counters of inactive sources."""
-    ranks = tl.arange(0, EP_PAD)
-    rank_mask = ranks < EP_SIZE
-    tl.store(send_counters_ptr + ranks, counts, mask=rank_mask)
     faulted = ~healthy
     if WAIT:
         faulted = _await_previous_gathers(gather_count, previous_low, previous_high, healthy, flags_ptr, stride_rank,
                                           fault_record_ptr, host_record_ptr, timeout_ns, timeout_ms, active_low,
                                           active_high, ep_rank, EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE, HAS_HOST_RECORD)
+    _store_counts(counts, total_invalid, ~faulted, send_counters_ptr, recv_counters_ptr, invalid_count_ptr, stride_rank,
+                  active_low, active_high, ep_rank, EP_SIZE, EP_PAD)
+
+
+@triton.jit
+def _store_counts(counts, total_invalid, store_remote, send_counters_ptr, recv_counters_ptr, invalid_count_ptr,
+                  stride_rank, active_low, active_high, ep_rank, EP_SIZE: tl.constexpr, EP_PAD: tl.constexpr):
+    """The round's totals (`counts`: rows to each target): own send counters and invalid count, zero
+    own receive counters of inactive sources, and (`store_remote`: the previous round's gathers are
+    over and no fault is recorded) `recv_counters[ep_rank]` of every active target's segment."""
+    ranks = tl.arange(0, EP_PAD)
+    rank_mask = ranks < EP_SIZE
+    tl.store(send_counters_ptr + ranks, counts, mask=rank_mask)
     active = _rank_is_active(ranks, active_low, active_high)
-    healthy_ranks = (ranks * 0 + faulted.to(tl.int32)) == 0  # a tensor, for the mask
+    remote_ranks = (ranks * 0 + store_remote.to(tl.int32)) != 0  # a tensor, for the mask
     remote = recv_counters_ptr + ranks.to(tl.int64) * stride_rank + ep_rank
-    tl.store(remote, counts, mask=rank_mask & active & healthy_ranks)
+    tl.store(remote, counts, mask=rank_mask & active & remote_ranks)
     own = recv_counters_ptr + ep_rank.to(tl.int64) * stride_rank + ranks
     tl.store(own, tl.zeros([EP_PAD], dtype=tl.int32), mask=rank_mask & (~active))
     tl.store(invalid_count_ptr, total_invalid)

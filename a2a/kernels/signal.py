@@ -316,6 +316,63 @@ def _await_previous_gathers(count, previous_low, previous_high, healthy, flags_p
 
 
 @triton.jit
+def _program_awaits_previous_gathers(count, previous_low, previous_high, healthy, flags_ptr, stride_rank, trouble_ptr,
+                                     timeout_ns, ep_rank, EP_SIZE: tl.constexpr, EP_PAD: tl.constexpr,
+                                     FLAG_ARRAY_STRIDE: tl.constexpr):
+    """`_await_previous_gathers` for one program of a launch whose every program writes into peers
+    (the fused dispatch): the same wait, but nothing is recorded here, since programs that see
+    different things must not each write the fault record. Returns whether this program may store
+    into peers: this rank is healthy and every rank of the previous round has finished gathering.
+    Otherwise a healthy rank's program ORs the ranks into the trouble words (`trouble_ptr`, own
+    segment: poisoned ranks 0..31, 32..63, then missing ones), which the launch's last program
+    turns into the rank's fault (`_record_ordering_trouble`) before it would signal. A rank with a
+    fault recorded waits as `_await_previous_gathers` does, quietly, and stores nothing."""
+    ranks = tl.arange(0, EP_PAD)
+    rank_mask = (ranks < EP_SIZE) & _rank_is_active(ranks, previous_low, previous_high)
+    own_flags = flags_ptr + FLAG_ROW_GATHER * FLAG_ARRAY_STRIDE + ep_rank.to(tl.int64) * stride_rank
+    arrived, poisoned, timed_out = _await_flags(own_flags, count, ranks, rank_mask, timeout_ns, healthy)
+    missing = rank_mask & (~arrived)
+    ordered = healthy & (tl.sum(missing.to(tl.int32), axis=0) == 0)
+    if healthy & (~ordered):
+        poisoned_low, poisoned_high = _rank_halves(poisoned & rank_mask, ranks)
+        missing_low, missing_high = _rank_halves(missing & (~poisoned), ranks)
+        tl.atomic_or(trouble_ptr, poisoned_low, sem="relaxed", scope="gpu")
+        tl.atomic_or(trouble_ptr + 1, poisoned_high, sem="relaxed", scope="gpu")
+        tl.atomic_or(trouble_ptr + 2, missing_low, sem="relaxed", scope="gpu")
+        tl.atomic_or(trouble_ptr + 3, missing_high, sem="relaxed", scope="gpu")
+    return ordered
+
+
+@triton.jit
+def _record_ordering_trouble(trouble_ptr, count, flags_ptr, stride_rank, fault_record_ptr, host_record_ptr, timeout_ms,
+                             active_low, active_high, ep_rank, EP_SIZE: tl.constexpr, EP_PAD: tl.constexpr,
+                             FLAG_ARRAY_STRIDE: tl.constexpr, HAS_HOST_RECORD: tl.constexpr):
+    """The last program of a fused dispatch, after every other program counted itself done (an
+    acq_rel election, so their trouble words are visible): if some program could not see every
+    previous gather (`_program_awaits_previous_gathers`), record it as this rank's fault, as
+    `_await_previous_gathers` would have (a poisoned peer first, else a timeout), poison this rank's
+    flags in every peer and clear the words. The caller passes only a healthy rank. Returns whether
+    it recorded a fault."""
+    words = tl.load(trouble_ptr + tl.arange(0, 4), volatile=True)
+    poisoned_low = tl.sum(tl.where(tl.arange(0, 4) == 0, words, 0), axis=0)
+    poisoned_high = tl.sum(tl.where(tl.arange(0, 4) == 1, words, 0), axis=0)
+    missing_low = tl.sum(tl.where(tl.arange(0, 4) == 2, words, 0), axis=0)
+    missing_high = tl.sum(tl.where(tl.arange(0, 4) == 3, words, 0), axis=0)
+    any_poisoned = (poisoned_low != 0) | (poisoned_high != 0)
+    troubled = any_poisoned | (missing_low != 0) | (missing_high != 0)
+    if troubled:
+        kind = tl.where(any_poisoned, FAULT_PEER_FAILED, FAULT_TIMEOUT)
+        _record_fault(fault_record_ptr, host_record_ptr, PHASE_ORDERING, kind,
+                      tl.where(any_poisoned, poisoned_low, missing_low), tl.where(any_poisoned, poisoned_high, missing_high),
+                      0, -1, -1, 0, 0, count, tl.where(any_poisoned, 0, timeout_ms), missing_low, missing_high,
+                      HAS_HOST_RECORD)
+        _poison_peers(flags_ptr, stride_rank, ep_rank, active_low, active_high, -1, EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE)
+        tl.store(trouble_ptr + tl.arange(0, 4), tl.zeros([4], dtype=tl.int32))
+    tl.debug_barrier()  # the record (written by one thread) is visible to the whole program after this
+    return troubled
+
+
+@triton.jit
 def _record_round_mismatch(dispatch_rows, dispatch_rt, num_tokens, runtime_max_tokens, flags_ptr, stride_rank,
                            fault_record_ptr, host_record_ptr, active_low, active_high, ep_rank, EP_SIZE: tl.constexpr,
                            EP_PAD: tl.constexpr, FLAG_ARRAY_STRIDE: tl.constexpr, HAS_HOST_RECORD: tl.constexpr):

@@ -116,12 +116,36 @@ FUSED_COMBINE_INSTANCES = 2
 OTHER_WAITING_PROGRAMS = 3
 
 
+def _spinning_programs_per_rank(resident_programs: int, ep_size: int) -> int:
+    return resident_programs // (FUSED_COMBINE_INSTANCES * ep_size) - OTHER_WAITING_PROGRAMS
+
+
 def fused_combine_max_tokens(resident_programs: int, tiles: int, ep_size: int) -> int:
     """The most tokens per rank (at most SMALL_ROUND_TOKENS) whose fused combine grid
     (`tiles` programs a token) fits `resident_programs` (what the GPU holds of the fused variant)
     on the rule above; below 1, no round fuses."""
-    per_rank = resident_programs // (FUSED_COMBINE_INSTANCES * ep_size) - OTHER_WAITING_PROGRAMS
-    return min(SMALL_ROUND_TOKENS, per_rank // tiles)
+    return min(SMALL_ROUND_TOKENS, _spinning_programs_per_rank(resident_programs, ep_size) // tiles)
+
+
+# A fused dispatch (routing and copy in one launch, a2a.ops.dispatch) routes one block of tokens
+# in every program, so it serves rounds of one routing block; each program spins in its own wait
+# for the previous round's gathers, so the same residency rule as the fused combine's applies.
+# Two variants: a 16-token block for decode rounds (a quarter of the 64-token block's routing work
+# in every program) and the full block. Its copy stores one [K_PAD, TILE] tile per payload tile, so
+# top_k up to 8 (K_PAD 8, the copy kernel's widest K_CHUNK).
+FUSED_DISPATCH_BLOCKS = (16, 64)
+FUSED_DISPATCH_MAX_K_PAD = 8
+
+
+def fused_dispatch_max_tokens(resident_programs: int, tiles: int, ep_size: int) -> int:
+    """The most tokens per rank (at most one routing block, the largest of FUSED_DISPATCH_BLOCKS)
+    whose fused dispatch grid (`tiles` programs a token) fits `resident_programs` on the rule above."""
+    return min(FUSED_DISPATCH_BLOCKS[-1], _spinning_programs_per_rank(resident_programs, ep_size) // tiles)
+
+
+def fused_dispatch_block(num_tokens: int) -> int:
+    """The routing block of the fused dispatch variant that serves `num_tokens` rows."""
+    return next(block for block in FUSED_DISPATCH_BLOCKS if num_tokens <= block)
 
 
 def tie_break(entry: dict, small_rounds: bool = False) -> TileConfig:
@@ -182,8 +206,9 @@ ROUTE_SCAN_BLOCKS = 32
 ROUTE_TILE_ELEMENTS = 8192
 
 
-def route_chunks(block_tokens: int, k_pad: int, ep_pad: int) -> dict[str, int]:
+def route_chunks(block_tokens: int, k_pad: int, ep_pad: int, tile_elements: int = ROUTE_TILE_ELEMENTS) -> dict[str, int]:
     """Routing's K_CHUNK (earlier entries compared per de-duplication step) and RANK_CHUNK (ranks
-    per slot step): as many as keep a [block_tokens, k_pad, chunk] tile within ROUTE_TILE_ELEMENTS."""
-    widest = max(1, ROUTE_TILE_ELEMENTS // (block_tokens * k_pad))
+    per slot step): as many as keep a [block_tokens, k_pad, chunk] tile within `tile_elements`
+    (ROUTE_TILE_ELEMENTS for the routing kernel's warps; a fused dispatch passes 1024 per warp)."""
+    widest = max(1, tile_elements // (block_tokens * k_pad))
     return dict(K_CHUNK=min(k_pad, widest), RANK_CHUNK=min(ep_pad, widest))

@@ -6,10 +6,11 @@ from collections.abc import Sequence
 
 import torch
 
+from a2a import envs
 from a2a.ops import configs, validation
 from a2a.ops.barrier import barrier_args, dispatch_signature, protocol_constexprs, signature_tensor
 from a2a.expert_partition import ExpertPartition
-from a2a.kernels import _dispatch_copy_kernel, _route_kernel, _share_stats_kernel
+from a2a.kernels import _dispatch_copy_kernel, _fused_dispatch_kernel, _route_kernel, _share_stats_kernel
 from a2a.ops.launch import KernelLaunch, pdl_capable, pdl_constexprs, use_pdl
 from a2a.layout import MAX_TOP_K, ROUTE_BLOCK_TOKENS, RoundLayout, RoundState, num_route_blocks
 from a2a.runtime.protocol import FlagArray, Phase, mask_halves
@@ -203,6 +204,18 @@ class _DispatchPlan:
             route.bind(dynamic=("expert_ids_ptr", "num_tokens_ptr", "num_rows", "num_blocks")) for route in routes
         )
         self.copy = copy.bind(dynamic=("src_ptrs", "num_tokens_ptr", "num_tokens"))
+        # Routing and copy in one launch for rounds of one routing block whose grid fits on the GPU
+        # beside every peer's (every program waits; see configs.fused_dispatch_max_tokens): one
+        # bound variant per block size, for token counts up to fused_max_tokens (-1: never).
+        self.fused_max_tokens = -1
+        self.fused: dict[int, object] = {}
+        k_pad = configs.next_power_of_2(top_k)
+        if envs.fused_dispatch_allowed() and not shares_stats and k_pad <= configs.FUSED_DISPATCH_MAX_K_PAD:
+            for block in configs.FUSED_DISPATCH_BLOCKS:
+                fused = _fused_launch(copy, rank_workspace, experts, top_k, num_experts, active_rank_mask, block)
+                self.fused[block] = fused.bind(dynamic=("src_ptrs", "expert_ids_ptr", "num_tokens_ptr", "num_tokens"))
+            self.fused_max_tokens = _fused_max_tokens(self.fused, self.num_tiles, rank_workspace.ep_size,
+                                                      self.wait_in_kernel)  # fmt: skip
         # Both PDL variants where the GPU has PDL: the sanitize that follows may be called with another
         # enable_pdl (or A2A_PDL) than this dispatch, and a variant loaded mid-round can hang (ops/launch.py).
         for sanitize_pdl in {False, pdl_capable(self.device)}:
@@ -233,10 +246,19 @@ class _DispatchPlan:
             sources = tuple(payloads)  # only the addresses matter
         else:
             sources = tuple(_as_bytes(p).view(dtype) for p, dtype in zip(payloads, self.unit_dtypes))
-        num_blocks = num_route_blocks(num_tokens)
-        route = self.route_single if num_blocks == 1 else self.route_blocks
         # At least one token row, so a rank without tokens still runs the barrier.
         copy_grid = (max(1, num_tokens), self.num_tiles)
+        if num_tokens <= self.fused_max_tokens:  # one launch routes and copies (never with EPLB statistics)
+            fused = self.fused[configs.fused_dispatch_block(num_tokens)]
+            if self.wait_in_kernel:
+                fused(copy_grid, sources, experts, count, num_tokens)
+            else:
+                run_steps(current_stream(self.device), [self.ordering_wait,
+                                                        lambda: fused(copy_grid, sources, experts, count, num_tokens),
+                                                        self.dispatch_wait])  # fmt: skip
+            return
+        num_blocks = num_route_blocks(num_tokens)
+        route = self.route_single if num_blocks == 1 else self.route_blocks
         if self.wait_in_kernel:  # on the current CUDA stream: routing and the copy kernel wait themselves
             route((num_blocks,), experts, count, num_tokens, num_blocks)
             if self.share_stats is not None:  # after routing's wait for the previous gathers, before the barrier
@@ -306,6 +328,54 @@ def _route_launch(rank_workspace: RankWorkspace, experts: torch.Tensor, count: t
              WAIT=protocol["WAIT"], HAS_HOST_RECORD=protocol["HAS_HOST_RECORD"], num_warps=configs.ROUTE_NUM_WARPS,
              **pdl_constexprs(pdl)),
     )  # fmt: skip
+
+
+def _fused_launch(copy: KernelLaunch, rank_workspace: RankWorkspace, experts: torch.Tensor, top_k: int,
+                  num_experts: int, active_rank_mask: int, block_tokens: int) -> KernelLaunch:
+    """The copy launch (`_copy_launch`) with routing's arguments: `_fused_dispatch_kernel` for rounds
+    of at most `block_tokens` tokens (one routing block, on registers in every program)."""
+    layout = rank_workspace.layout
+    partition = ExpertPartition(num_experts, layout.ep_size)
+    copy_values = dict(zip(_dispatch_copy_kernel.arg_names, copy.args))
+    routing = dict(
+        expert_ids_ptr=experts, invalid_count_ptr=rank_workspace.round_word(RoundState.INVALID_COUNT),
+        send_counters_ptr=rank_workspace.send_counters, recv_counters_ptr=rank_workspace.recv_counters_every_rank,
+        gather_count_ptr=rank_workspace.round_word(RoundState.GATHER_COUNT),
+        gathered_mask_ptr=rank_workspace.round_words(RoundState.GATHERED_MASK, 2),
+        trouble_ptr=rank_workspace.round_words(RoundState.ORDERING_TROUBLE, 4), num_experts=num_experts,
+        experts_base=partition.base, experts_remainder=partition.remainder,
+    )  # fmt: skip
+    values = {**copy_values, **routing}
+    constexprs = {name: value for name, value in copy.constexprs.items() if name != "K_CHUNK"}
+    k_pad = configs.next_power_of_2(top_k)
+    chunks = configs.route_chunks(block_tokens, k_pad, constexprs["EP_PAD"], 1024 * constexprs["num_warps"])
+    constexprs.update(K_PAD=k_pad, BLOCK_TOKENS=block_tokens, ROUTE_K_CHUNK=chunks["K_CHUNK"],
+                      RANK_CHUNK=chunks["RANK_CHUNK"])  # fmt: skip
+    parameters = [name for name in _fused_dispatch_kernel.arg_names if name not in constexprs]
+    return KernelLaunch(_fused_dispatch_kernel, copy.grid, tuple(values[name] for name in parameters), constexprs)
+
+
+def _fused_max_tokens(fused: dict, tiles: int, ep_size: int, wait_in_kernel: bool) -> int:
+    """The most tokens a round may have to route and copy in one launch: on CUDA, with each round
+    served by the smallest block that holds it, every count up to the result fits beside every peer
+    (`configs.fused_dispatch_max_tokens` of that block's variant; never where the GPU's capacity is
+    unknown); on the CPU (interpreted programs run one after another, nothing spins) every round of
+    one routing block."""
+    if not wait_in_kernel:
+        return configs.FUSED_DISPATCH_BLOCKS[-1]
+    limit, previous = -1, 0
+    for block in configs.FUSED_DISPATCH_BLOCKS:
+        resident = fused[block].resident_programs()
+        if resident is None:
+            break
+        most = min(block, configs.fused_dispatch_max_tokens(resident, tiles, ep_size))
+        if most <= previous:
+            break
+        limit = most
+        if most < block:
+            break
+        previous = block
+    return limit
 
 
 def _copy_launch(

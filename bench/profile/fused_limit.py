@@ -1,6 +1,7 @@
-"""Which combines run fused on this GPU: for the benchmark's round (8 simulated ranks, DeepSeek
-bf16), the fused combine's programs the GPU holds at once (occupancy API), its tiles, and the
-largest token count per rank that fuses (`a2a.ops.configs.fused_combine_max_tokens`).
+"""Which dispatches and combines run fused on this GPU: for the benchmark's round (8 simulated
+ranks, DeepSeek bf16), each fused variant's programs the GPU holds at once (occupancy API), its
+tiles, and the largest token count per rank that fuses (`a2a.ops.configs.fused_dispatch_max_tokens`,
+`fused_combine_max_tokens`).
 
     python -m bench.profile.fused_limit [tokens ...]
 """
@@ -22,6 +23,12 @@ def main() -> None:
         plans = [plan for plan in round_.ranks[0]._context.plans.values() if hasattr(plan, "fused_max_tokens")]
         for plan in plans:
             fused = getattr(plan, "fused", None)
+            if isinstance(fused, dict):  # dispatch: a variant per routing block
+                resident = {block: launch.resident_programs() for block, launch in fused.items()}
+                print(f"fused dispatch limit, round of {tokens} tokens: programs resident on the GPU per block "
+                      f"{resident}, {plan.num_tiles} tiles a token, fused up to {plan.fused_max_tokens} tokens a rank",
+                      flush=True)  # fmt: skip
+                continue
             resident = fused.resident_programs() if fused is not None else None
             print(f"fused limit, round of {tokens} tokens: {resident} fused programs resident on the GPU, "
                   f"{getattr(plan, 'fused_tiles', None)} tiles a token, fused up to {plan.fused_max_tokens} tokens "

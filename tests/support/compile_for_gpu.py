@@ -76,7 +76,7 @@ def compile_all() -> list[str]:
     import a2a
     from a2a.ops.barrier import signature_tensor
     from a2a.ops.combine import _fused_launch, _gather_launch, _stage_launch, barrier_launch
-    from a2a.ops.dispatch import _copy_launch, _route_launch, _share_stats_launch
+    from a2a.ops.dispatch import _copy_launch, _fused_launch as _fused_dispatch_launch, _route_launch, _share_stats_launch
     from a2a.layout import WorkspaceLayout
     from a2a.ops.sanitize import expert_id_sanitize_launch
     from a2a.workspace import RankWorkspace
@@ -96,14 +96,18 @@ def compile_all() -> list[str]:
     count = rank_workspace.round_state
     plane = torch.zeros(ep_size, 32, hidden, dtype=torch.bfloat16)
     output = torch.zeros(16, hidden, dtype=torch.bfloat16)
+    copy = _copy_launch(rank_workspace, payloads, count, False, round_layout, top_k, signature, mask, True)[0]
     launches = [
         ("route (one block)", _route_launch(rank_workspace, experts, count, False, top_k, num_experts, mask, True,
                                             True)),
         ("route (blocks)", _route_launch(rank_workspace, experts, count, False, top_k, num_experts, mask, True, False)),
         ("route (device count)", _route_launch(rank_workspace, experts, count, True, top_k, num_experts, mask, True,
                                                False)),
-        ("dispatch copy", _copy_launch(rank_workspace, payloads, count, False, round_layout, top_k, signature, mask,
-                                       True)[0]),
+        ("dispatch copy", copy),
+        ("fused dispatch (16-token block)", _fused_dispatch_launch(copy, rank_workspace, experts, top_k, num_experts,
+                                                                   mask, 16)),
+        ("fused dispatch (64-token block)", _fused_dispatch_launch(copy, rank_workspace, experts, top_k, num_experts,
+                                                                   mask, 64)),
         ("combine barrier", barrier_launch(rank_workspace, signature, mask, 32, top_k, True, gate=True)),
         ("stage", _stage_launch(rank_workspace, plane, round_layout.combine_offset)),
         ("gather", _gather_launch(rank_workspace, plane, round_layout.combine_offset, output, top_k, None, mask, True)),
