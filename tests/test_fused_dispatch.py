@@ -89,7 +89,8 @@ def test_rounds_fused_and_apart_are_exact_and_leave_no_trouble(device, monkeypat
     launch used exactly up to the plan's limit and with the smallest block that holds the round, and
     every rank's trouble words zero after every round."""
     monkeypatch.setenv("A2A_FUSED_DISPATCH", allowed)
-    monkeypatch.setattr(configs, "FUSED_DISPATCH_BLOCKS", (2, 4))  # plans read it when built
+    monkeypatch.setattr(configs, "FUSED_DISPATCH_BLOCKS", (2, 4))  # plans read these when built
+    monkeypatch.setattr(configs, "INTERPRETED_FUSED_DISPATCH_TOKENS", 4)
     launches = _recording(monkeypatch)
     rounds = [(3, 0, 4, 2), (1, 1, 1, 1), (5, 2, 0, 7), (0, 0, 0, 0), (4, 6, 2, 3), (2, 2, 2, 2)]
     run = FunctionalRound.create(CASE, device)

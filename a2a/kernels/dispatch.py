@@ -14,6 +14,10 @@ no remote store after a fault). Every program then takes part in an acq_rel elec
 one runs the dispatch barrier (a2a.kernels.signal): its release makes every program's stores
 visible to the peers before the flag, and its wait compares the peers' round signatures.
 
+`_fused_dispatch_kernel`, the copy's grid, for rounds of one routing block: routing and the copy
+in one launch (every program routes the block itself and waits for the previous round's gathers
+before it stores; see its docstring). a2a.ops.dispatch decides when it runs.
+
 Payloads are copied as opaque units (int32 / int16 / uint8 views chosen by the launcher from row
 bytes and alignment); VEC_UNITS[p] > 1 promises that every source and destination row of payload
 p starts on a VEC_UNITS-unit boundary, so loads and stores can be 16-byte vectors.

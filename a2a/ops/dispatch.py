@@ -1,4 +1,8 @@
-"""Dispatch launcher: validate, route, copy payloads into the targets' receive planes, signal, wait."""
+"""Dispatch launcher: validate, route, copy payloads into the targets' receive planes, signal, wait.
+
+Two launches (routing, then the copy with the barrier in its last program), or, for a round of at
+most one routing block whose grid fits on the GPU beside every peer's and top_k <= 8, one fused
+launch of both (`_fused_dispatch_kernel`; A2A_FUSED_DISPATCH=0 turns it off)."""
 
 from __future__ import annotations
 
@@ -359,10 +363,10 @@ def _fused_max_tokens(fused: dict, tiles: int, ep_size: int, wait_in_kernel: boo
     """The most tokens a round may have to route and copy in one launch: on CUDA, with each round
     served by the smallest block that holds it, every count up to the result fits beside every peer
     (`configs.fused_dispatch_max_tokens` of that block's variant; never where the GPU's capacity is
-    unknown); on the CPU (interpreted programs run one after another, nothing spins) every round of
-    one routing block."""
+    unknown); on the CPU (interpreted programs run one after another, nothing spins) up to
+    INTERPRETED_FUSED_DISPATCH_TOKENS."""
     if not wait_in_kernel:
-        return configs.FUSED_DISPATCH_BLOCKS[-1]
+        return min(configs.INTERPRETED_FUSED_DISPATCH_TOKENS, configs.FUSED_DISPATCH_BLOCKS[-1])
     limit, previous = -1, 0
     for block in configs.FUSED_DISPATCH_BLOCKS:
         resident = fused[block].resident_programs()
