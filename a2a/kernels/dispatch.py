@@ -28,7 +28,8 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_wait
 
 from a2a.kernels.routing import _route_block, _store_counts
-from a2a.kernels.signal import _phase_barrier, _program_awaits_previous_gathers, _record_ordering_trouble
+from a2a.kernels.signal import (_fence_acquire_system, _phase_barrier, _program_awaits_previous_gathers,
+                               _record_ordering_trouble)
 
 
 @triton.jit
@@ -240,8 +241,10 @@ def _fused_dispatch_kernel(
     target, local_slot, counts, invalid, entry_offsets, col_mask = _route_block(
         expert_ids_ptr, tokens, tokens < num_tokens, num_experts, experts_base, experts_remainder, active_low,
         active_high, TOP_K, K_PAD, EP_PAD, BLOCK_TOKENS, ROUTE_K_CHUNK, RANK_CHUNK)
+    tl.static_assert(K_PAD <= 8, "one [K_PAD, TILE] store per payload tile: top_k <= 8")
     mine = tokens[:, None] == token
-    my_targets = tl.sum(tl.where(mine, target, 0), axis=0)  # [K_PAD]; -1 where not sent
+    # -1 where not sent, and for a row outside the block (the launcher never makes one): never rank 0.
+    my_targets = tl.sum(tl.where(mine, target + 1, 0), axis=0) - 1  # [K_PAD]
     my_slots = tl.sum(tl.where(mine, local_slot, 0), axis=0)
     sends = my_targets >= 0
     ks = tl.arange(0, K_PAD)
@@ -257,6 +260,11 @@ def _fused_dispatch_kernel(
         ordered = _program_awaits_previous_gathers(gather_count, previous_low, previous_high, healthy, flags_ptr,
                                                    stride_rank, trouble_ptr, timeout_ns, ep_rank, EP_SIZE, EP_PAD,
                                                    FLAG_ARRAY_STRIDE)
+        # The rows below go into planes a peer may have been reading until the flags just seen: the
+        # PTX model orders those stores after the polls only through an acquire (a store predicated
+        # on a polled value is not enough on paper). The routing kernel needs none: its rows come
+        # from a later kernel.
+        _fence_acquire_system()
     if copies:
         targets = tl.where(sends, my_targets, 0).to(tl.int64)
         rows = ep_rank.to(tl.int64) * runtime_max_tokens + my_slots

@@ -356,8 +356,10 @@ def _record_ordering_trouble(trouble_ptr, count, flags_ptr, stride_rank, fault_r
     words = tl.load(trouble_ptr + tl.arange(0, 4), volatile=True)
     poisoned_low = tl.sum(tl.where(tl.arange(0, 4) == 0, words, 0), axis=0)
     poisoned_high = tl.sum(tl.where(tl.arange(0, 4) == 1, words, 0), axis=0)
-    missing_low = tl.sum(tl.where(tl.arange(0, 4) == 2, words, 0), axis=0)
-    missing_high = tl.sum(tl.where(tl.arange(0, 4) == 3, words, 0), axis=0)
+    # Programs saw different things: a rank one program found poisoned another may have found missing.
+    # As `_judge_wait` records it, a poisoned rank is never also named missing.
+    missing_low = tl.sum(tl.where(tl.arange(0, 4) == 2, words, 0), axis=0) & (~poisoned_low)
+    missing_high = tl.sum(tl.where(tl.arange(0, 4) == 3, words, 0), axis=0) & (~poisoned_high)
     any_poisoned = (poisoned_low != 0) | (poisoned_high != 0)
     troubled = any_poisoned | (missing_low != 0) | (missing_high != 0)
     if troubled:
