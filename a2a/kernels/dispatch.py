@@ -262,8 +262,9 @@ def _fused_dispatch_kernel(
                                                    FLAG_ARRAY_STRIDE)
         # The rows below go into planes a peer may have been reading until the flags just seen: the
         # PTX model orders those stores after the polls only through an acquire (a store predicated
-        # on a polled value is not enough on paper). The routing kernel needs none: its rows come
-        # from a later kernel.
+        # on a polled value is not enough on paper). It costs 1-2 us of a 1-16 token dispatch on an
+        # H200; polling with ld.acquire.sys loads instead measured no better (bench/RESULTS.md). The
+        # routing kernel needs none: its rows come from a later kernel.
         _fence_acquire_system()
     if copies:
         targets = tl.where(sends, my_targets, 0).to(tl.int64)
