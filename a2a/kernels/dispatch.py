@@ -87,6 +87,23 @@ def _copy_row_tile(src_ptr, dst_ptr, dst_stride, token, tile, block, topk_row, f
                             K_CHUNK, TILE)
 
 
+@triton.jit
+def _last_program_done(election_ptr, dispatch_rows_ptr, dispatch_rt_ptr, num_rows, runtime_max_tokens):
+    """After a program's stores (rows, and in the fused kernel trouble words): count it done in an
+    acq_rel election, so the last program sees every other one's stores and its release publishes
+    them. The last resets the election (the next launch counts from zero) and records this
+    dispatch's token rows and rt for combine's check. Returns whether this program is the last."""
+    # Every thread's stores must be issued before the election increment publishes them.
+    tl.debug_barrier()
+    num_programs = tl.num_programs(0) * tl.num_programs(1)
+    last = tl.atomic_add(election_ptr, 1, sem="acq_rel", scope="gpu") == num_programs - 1
+    if last:
+        tl.store(election_ptr, 0)
+        tl.store(dispatch_rows_ptr, num_rows)
+        tl.store(dispatch_rt_ptr, runtime_max_tokens)
+    return last
+
+
 @triton.jit(do_not_specialize=["num_tokens", "runtime_max_tokens", "ep_rank", "stride_rank", "host_record_ptr",
                                "timeout_ns", "timeout_ms", "active_low", "active_high"],
             do_not_specialize_on_alignment=["src_ptrs"])
@@ -160,14 +177,7 @@ def _dispatch_copy_kernel(
                            topk_target_ranks_ptr, topk_local_slots_ptr, block_offsets_ptr,
                            ROW_UNITS[p], VEC_UNITS[p], TOP_K, EP_SIZE, TILE, K_CHUNK)
 
-    # Every thread's stores must be issued before the election increment publishes them.
-    tl.debug_barrier()
-    num_programs = tl.num_programs(0) * tl.num_programs(1)
-    finished = tl.atomic_add(election_ptr, 1, sem="acq_rel", scope="gpu")
-    if finished == num_programs - 1:
-        tl.store(election_ptr, 0)
-        tl.store(dispatch_rows_ptr, num_rows)
-        tl.store(dispatch_rt_ptr, runtime_max_tokens)
+    if _last_program_done(election_ptr, dispatch_rows_ptr, dispatch_rt_ptr, num_rows, runtime_max_tokens):
         _phase_barrier(flag_value_ptr, flags_ptr, signatures_ptr, own_signature_ptr, stride_rank, fault_record_ptr,
                        host_record_ptr, timeout_ns, timeout_ms, active_low, active_high, ep_rank, PHASE, FLAG_ROW,
                        EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE, SIGNATURE_WORDS, WAIT, HAS_HOST_RECORD)
@@ -279,14 +289,7 @@ def _fused_dispatch_kernel(
                 _store_row_tile(row_p, cols_p, mask_p, dst_ptrs[p], dst_strides[p], targets, rows, stores,
                                 ROW_UNITS[p], K_PAD, TILE)
 
-    # Every thread's stores (and trouble words) must be issued before the election increment publishes them.
-    tl.debug_barrier()
-    num_programs = tl.num_programs(0) * tl.num_programs(1)
-    finished = tl.atomic_add(election_ptr, 1, sem="acq_rel", scope="gpu")
-    if finished == num_programs - 1:
-        tl.store(election_ptr, 0)
-        tl.store(dispatch_rows_ptr, num_rows)
-        tl.store(dispatch_rt_ptr, runtime_max_tokens)
+    if _last_program_done(election_ptr, dispatch_rows_ptr, dispatch_rt_ptr, num_rows, runtime_max_tokens):
         faulted = ~healthy
         if WAIT:
             if healthy:
