@@ -40,28 +40,27 @@ def host_poll_s() -> float:
     return _float("A2A_HOST_POLL_S", 0.0005)
 
 
+def _switch(name: str) -> bool:
+    """An on/off variable: 0 or 1 (unset or empty: 1)."""
+    raw = os.environ.get(name, "1")
+    if raw not in ("0", "1", ""):
+        raise ValueError(f"environment variable {name} must be 0 or 1, got {raw!r}")
+    return raw != "0"
+
+
 def pdl_allowed() -> bool:
     """Whether launches may use programmatic dependent launch (A2A_PDL, 0 or 1)."""
-    raw = os.environ.get("A2A_PDL", "1")
-    if raw not in ("0", "1", ""):
-        raise ValueError(f"environment variable A2A_PDL must be 0 or 1, got {raw!r}")
-    return raw != "0"
+    return _switch("A2A_PDL")
 
 
 def fused_combine_allowed() -> bool:
     """Whether a small round's combine may run its barrier and gather as one launch (A2A_FUSED_COMBINE, 0 or 1)."""
-    raw = os.environ.get("A2A_FUSED_COMBINE", "1")
-    if raw not in ("0", "1", ""):
-        raise ValueError(f"environment variable A2A_FUSED_COMBINE must be 0 or 1, got {raw!r}")
-    return raw != "0"
+    return _switch("A2A_FUSED_COMBINE")
 
 
 def fused_dispatch_allowed() -> bool:
     """Whether a small round's dispatch may route and copy in one launch (A2A_FUSED_DISPATCH, 0 or 1)."""
-    raw = os.environ.get("A2A_FUSED_DISPATCH", "1")
-    if raw not in ("0", "1", ""):
-        raise ValueError(f"environment variable A2A_FUSED_DISPATCH must be 0 or 1, got {raw!r}")
-    return raw != "0"
+    return _switch("A2A_FUSED_DISPATCH")
 
 
 def use_triton_interpreter() -> bool:

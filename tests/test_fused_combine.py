@@ -15,7 +15,6 @@ import pytest
 import torch
 
 import a2a
-from a2a import envs
 from a2a.layout import RoundState
 from a2a.ops import configs
 from a2a.ops import launch as launch_module
@@ -23,16 +22,6 @@ from a2a.ops.context import resolve_context
 from tests.conftest import requires_cuda
 from tests.support.rounds import FunctionalRound, run_and_check, world_for
 from tests.support.strategies import RoundCase
-
-
-def test_the_switch_is_read_and_checked(monkeypatch):
-    monkeypatch.delenv("A2A_FUSED_COMBINE", raising=False)
-    assert envs.fused_combine_allowed()
-    monkeypatch.setenv("A2A_FUSED_COMBINE", "0")
-    assert not envs.fused_combine_allowed()
-    monkeypatch.setenv("A2A_FUSED_COMBINE", "on")
-    with pytest.raises(ValueError, match="A2A_FUSED_COMBINE must be 0 or 1"):
-        envs.fused_combine_allowed()
 
 
 @pytest.mark.parametrize("resident, tiles, ep_size", [(1056, 4, 8), (2112, 4, 8), (1056, 1, 8), (528, 4, 64),

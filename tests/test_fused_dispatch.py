@@ -16,7 +16,6 @@ import pytest
 import torch
 
 import a2a
-from a2a import envs
 from a2a.layout import RoundState
 from a2a.ops import configs
 from a2a.ops import launch as launch_module
@@ -27,16 +26,6 @@ from tests.support.rounds import FunctionalRound, run_and_check
 from tests.support.strategies import RoundCase
 
 DISPATCH_KERNELS = ("_route_kernel", "_fused_dispatch_kernel")
-
-
-def test_the_switch_is_read_and_checked(monkeypatch):
-    monkeypatch.delenv("A2A_FUSED_DISPATCH", raising=False)
-    assert envs.fused_dispatch_allowed()
-    monkeypatch.setenv("A2A_FUSED_DISPATCH", "0")
-    assert not envs.fused_dispatch_allowed()
-    monkeypatch.setenv("A2A_FUSED_DISPATCH", "yes")
-    with pytest.raises(ValueError, match="A2A_FUSED_DISPATCH must be 0 or 1"):
-        envs.fused_dispatch_allowed()
 
 
 @pytest.mark.parametrize("resident, tiles, ep_size", [(660, 2, 8), (1056, 4, 8), (100_000, 1, 2), (528, 4, 64),

@@ -18,14 +18,22 @@ from tests.support.rounds import FunctionalRound, run_and_check
 from tests.support.strategies import RoundCase
 
 
-def test_the_switch_is_read_and_checked(monkeypatch):
-    monkeypatch.delenv("A2A_PDL", raising=False)
-    assert envs.pdl_allowed()
-    monkeypatch.setenv("A2A_PDL", "0")
-    assert not envs.pdl_allowed()
-    monkeypatch.setenv("A2A_PDL", "yes")
-    with pytest.raises(ValueError, match="A2A_PDL must be 0 or 1"):
-        envs.pdl_allowed()
+@pytest.mark.parametrize("name, allowed", [("A2A_PDL", envs.pdl_allowed),
+                                           ("A2A_FUSED_COMBINE", envs.fused_combine_allowed),
+                                           ("A2A_FUSED_DISPATCH", envs.fused_dispatch_allowed)])  # fmt: skip
+def test_each_launch_switch_is_read_and_checked(monkeypatch, name, allowed):
+    """The on/off launch switches (PDL, the fused combine, the fused dispatch): on by default, 0
+    turns it off, anything but 0 or 1 is refused naming the variable."""
+    monkeypatch.delenv(name, raising=False)
+    assert allowed()
+    monkeypatch.setenv(name, "0")
+    assert not allowed()
+    monkeypatch.setenv(name, "yes")
+    with pytest.raises(ValueError, match=f"{name} must be 0 or 1"):
+        allowed()
+
+
+def test_pdl_is_never_used_where_it_cannot_or_must_not_be(monkeypatch):
     monkeypatch.setenv("A2A_PDL", "1")
     assert not use_pdl(torch.device("cpu"), True)  # the CPU path never uses it
     assert not use_pdl(torch.device("cuda", 0), False)  # FlashInfer's enable_pdl=False, before any CUDA call
