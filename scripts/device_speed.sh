@@ -3,7 +3,7 @@
 # the benchmark sweep of the base tree in .base/ (git archive of the base commit, carried) and of
 # this tree, interleaved base / this / base / this, then each tree's per-kernel durations of one
 # round (bench/profile/round_timeline.py, summarised per kernel). Results and logs go to $OUT.
-#   BASE_COMMIT (default 544fef1) TOKENS (16,128,1024,4096) TIMELINE_TOKENS (16 1024) PASSES (1) BASELINE (none)
+#   BASE_DIR (.base: the base tree, carried) BASE_COMMIT (default 544fef1) TOKENS (16,128,1024,4096) TIMELINE_TOKENS (16 1024) PASSES (1) BASELINE (none)
 #   HOST_TOKENS (none: e.g. "16 128" times one functional call's host cost in both trees, HOST_RUNS times each,
 #   alternated, pinned to one core: bench/profile/host_breakdown.py) HOST_TREE (.base: the older tree to compare,
 #   e.g. .pre12) HOST_RUNS (4: one run of a tree can be 2x slower than the next, so compare the fastest runs)
@@ -38,7 +38,7 @@ for name, values in durations.items():
 PYTHONPATH=$PWD timeout 120 python3 -m bench.run --ranks 8 --tokens 16 --iterations 5 --out /tmp/warmup >/dev/null 2>&1
 for pass in $(seq 1 "${PASSES:-1}"); do
   echo "== pass $pass: base $BASE_COMMIT"
-  (cd .base && PYTHONPATH=$PWD timeout 280 python3 -m bench.run --ranks 8 --tokens "$TOKENS" --iterations 20 \
+  (cd "${BASE_DIR:-.base}" && PYTHONPATH=$PWD timeout 280 python3 -m bench.run --ranks 8 --tokens "$TOKENS" --iterations 20 \
     --commit "$BASE_COMMIT" --out "$OUT/base$pass") 2>&1 | grep -v Warning | tail -30
   echo "== pass $pass: this tree $HEAD_COMMIT"
   PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} timeout 280 python3 -m bench.run --ranks 8 --tokens "$TOKENS" --iterations 20 --commit "$HEAD_COMMIT" \
@@ -54,7 +54,9 @@ if [ -n "${HOST_TOKENS:-}" ]; then  # host time per functional call, an older tr
 fi
 for tokens in ${TIMELINE_TOKENS:-16 1024}; do
   echo "== timeline $tokens tokens, base"
-  (cd .base && PYTHONPATH=$PWD timeout 100 python3 scripts/round_timeline.py "$tokens") 2>&1 | tee "$OUT/timeline_base_$tokens.txt" | summarise
+  # Older trees kept the timeline script in scripts/, newer ones in bench/profile/.
+  timeline=scripts/round_timeline.py; [ -f "${BASE_DIR:-.base}/bench/profile/round_timeline.py" ] && timeline=bench/profile/round_timeline.py
+  (cd "${BASE_DIR:-.base}" && PYTHONPATH=$PWD timeout 100 python3 "$timeline" "$tokens") 2>&1 | tee "$OUT/timeline_base_$tokens.txt" | summarise
   echo "== timeline $tokens tokens, this tree"
   PYTHONPATH=$PWD timeout 100 python3 -m bench.profile.round_timeline "$tokens" 2>&1 | tee "$OUT/timeline_new_$tokens.txt" | summarise
 done

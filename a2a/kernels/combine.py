@@ -30,8 +30,8 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from a2a.kernels.signal import (FLAG_EPOCH_MASK, _fence_acquire_gpu, _is_faulted, _phase_barrier, _record_round_mismatch,
-                               _signal_gathered)
+from a2a.kernels.signal import (FLAG_EPOCH_MASK, _fence_acquire_gpu, _is_faulted, _phase_barrier, _prefetch_l2,
+                               _record_round_mismatch, _signal_gathered)
 
 # a2a.runtime.protocol.TOPK_TARGET_LOST
 TOPK_TARGET_LOST = tl.constexpr(-2)
@@ -180,6 +180,11 @@ def _combine_kernel(
     PDL: tl.constexpr,  # launched with programmatic dependent launch: wait for the previous kernel first
 ):
     if PDL:
+        # Launched while the barrier kernel still judges (it lets this kernel launch once its wait
+        # ends): bring this token's top-k entries (its first and last of each array) into L2 meanwhile.
+        entries = tl.program_id(0).to(tl.int64) * TOP_K + tl.arange(0, 2) * (TOP_K - 1)
+        _prefetch_l2(topk_target_ranks_ptr + entries)
+        _prefetch_l2(topk_send_indices_ptr + entries)
         gdc_wait()  # the previous kernel on this stream has completed and its stores are visible
     _gather_tile(tl.program_id(0).to(tl.int64), tl.program_id(1), plane_ptr, stride_plane_rank, scales_ptr,
                  stride_scales_rank, out_ptr, topk_target_ranks_ptr, topk_send_indices_ptr, runtime_max_tokens, ep_rank,
@@ -223,7 +228,7 @@ def _combine_barrier(flag_value_ptr, flags_ptr, signatures_ptr, own_signature_pt
                      HAS_HOST_RECORD: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr):
     """The combine barrier program's work (see `_combine_barrier_kernel`), in that kernel or in the
     elected program of `_fused_combine_kernel`; LAUNCH_DEPENDENTS lets the next kernel launch
-    (PDL) once the wait is over."""
+    (PDL) once the wait is over, before the signature compare and the gate."""
     # Written by this rank's dispatch copy, an earlier kernel on this stream: loaded off the wait's path.
     dispatch_rows = tl.load(dispatch_rows_ptr)
     dispatch_rt = tl.load(dispatch_rt_ptr)
@@ -232,8 +237,8 @@ def _combine_barrier(flag_value_ptr, flags_ptr, signatures_ptr, own_signature_pt
         faulted = _phase_barrier(flag_value_ptr, flags_ptr, signatures_ptr, own_signature_ptr, stride_rank,
                                  fault_record_ptr, host_record_ptr, timeout_ns, timeout_ms, active_low, active_high,
                                  ep_rank, PHASE, FLAG_ROW, EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE, SIGNATURE_WORDS, WAIT,
-                                 HAS_HOST_RECORD)
-    if LAUNCH_DEPENDENTS:
+                                 HAS_HOST_RECORD, LAUNCH_DEPENDENTS)
+    if LAUNCH_DEPENDENTS:  # already done once the wait ended, unless there was none (a fault recorded before)
         gdc_launch_dependents()
     if GATE:
         _gate_gather(faulted, dispatch_rows, dispatch_rt, topk_target_ranks_ptr, num_tokens, runtime_max_tokens,
@@ -283,6 +288,10 @@ def _combine_barrier_kernel(
     `griddepcontrol.wait` for this kernel to complete, gate included): never before, so no gather
     program holds an SM while this rank still waits for a peer that may need it."""
     if PDL:
+        # While the previous kernel finishes: this rank's round state (epoch, dispatch rows and rt,
+        # fault record: one 128-byte line) and its signature, the first loads after the wait.
+        _prefetch_l2(flag_value_ptr)
+        _prefetch_l2(own_signature_ptr)
         gdc_wait()  # the previous kernel on this stream has completed and its stores are visible
     _combine_barrier(flag_value_ptr, flags_ptr, signatures_ptr, own_signature_ptr, stride_rank, fault_record_ptr,
                      host_record_ptr, timeout_ns, timeout_ms, active_low, active_high, ep_rank, topk_target_ranks_ptr,

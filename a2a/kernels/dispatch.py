@@ -28,8 +28,8 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_wait
 
 from a2a.kernels.routing import _route_block, _store_counts
-from a2a.kernels.signal import (_fence_acquire_system, _phase_barrier, _program_awaits_previous_gathers,
-                               _record_ordering_trouble)
+from a2a.kernels.signal import (FLAG_ROW_GATHER, _fence_acquire_system, _phase_barrier, _prefetch_l2,
+                               _program_awaits_previous_gathers, _record_ordering_trouble)
 
 
 @triton.jit
@@ -180,7 +180,7 @@ def _dispatch_copy_kernel(
     if _last_program_done(election_ptr, dispatch_rows_ptr, dispatch_rt_ptr, num_rows, runtime_max_tokens):
         _phase_barrier(flag_value_ptr, flags_ptr, signatures_ptr, own_signature_ptr, stride_rank, fault_record_ptr,
                        host_record_ptr, timeout_ns, timeout_ms, active_low, active_high, ep_rank, PHASE, FLAG_ROW,
-                       EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE, SIGNATURE_WORDS, WAIT, HAS_HOST_RECORD)
+                       EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE, SIGNATURE_WORDS, WAIT, HAS_HOST_RECORD, PDL)
 
 
 @triton.jit(do_not_specialize=["num_tokens", "runtime_max_tokens", "ep_rank", "stride_rank", "host_record_ptr",
@@ -235,6 +235,10 @@ def _fused_dispatch_kernel(
     election records any trouble as this rank's fault, writes the counters (remote ones only when
     healthy) and runs the dispatch barrier like `_dispatch_copy_kernel`'s."""
     if PDL:
+        # While the previous kernel finishes: the own-state words below (one 128-byte line of round
+        # state) and the gather flags this program polls.
+        _prefetch_l2(gather_count_ptr)
+        _prefetch_l2(flags_ptr + FLAG_ROW_GATHER * FLAG_ARRAY_STRIDE + ep_rank.to(tl.int64) * stride_rank)
         gdc_wait()  # the previous kernel on this stream has completed and its stores are visible
     token = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
@@ -301,7 +305,7 @@ def _fused_dispatch_kernel(
                       stride_rank, active_low, active_high, ep_rank, EP_SIZE, EP_PAD)
         _phase_barrier(flag_value_ptr, flags_ptr, signatures_ptr, own_signature_ptr, stride_rank, fault_record_ptr,
                        host_record_ptr, timeout_ns, timeout_ms, active_low, active_high, ep_rank, PHASE, FLAG_ROW,
-                       EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE, SIGNATURE_WORDS, WAIT, HAS_HOST_RECORD)
+                       EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE, SIGNATURE_WORDS, WAIT, HAS_HOST_RECORD, PDL)
 
 
 @triton.jit(do_not_specialize=["stride_rank", "ep_rank", "active_low", "active_high"],

@@ -27,6 +27,7 @@ instead (WAIT=False), since interpreted programs run one after another on the ca
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents
 
 # a2a.runtime.protocol's numbers.
 FLAG_EPOCH_MASK = tl.constexpr(0x7FFFFFFF)
@@ -56,6 +57,17 @@ def _fence_acquire_system():
 def _fence_acquire_gpu():
     tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False,
                               pack=1)
+
+
+@triton.jit
+def _prefetch_l2(ptrs):
+    """Start bringing the lines at `ptrs` (own-GPU addresses) into L2 and go on: no data comes
+    back, so a program may issue it before `griddepcontrol.wait` (PDL) without racing the previous
+    kernel. L2 is where every store to this GPU's memory lands (its own SMs' and peers' over
+    NVLink), so a line prefetched early is never stale; the program's later loads, issued after
+    the wait, find it there instead of in HBM."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)
 
 
 @triton.jit
@@ -148,6 +160,20 @@ def _global_time_ns_lanes(lanes):
 
 
 @triton.jit
+def _flag_tally(own_flags_ptr, value, ranks, rank_mask, deadline, CHECK_CLOCK: tl.constexpr):
+    """One poll of the flags under `rank_mask`: (flags, their tally). The tally packs three
+    counts over the rank lanes into one reduction (lanes <= MAX_RANKS = 64 < 256): bits 0..7,
+    flags neither `value` nor poisoned; bits 8..15, poisoned flags; bits 16.., with CHECK_CLOCK,
+    lanes whose clock passed `deadline`. One reduction a poll, not three: in a program of several
+    warps each is a round through shared memory and a bar.sync."""
+    flags = tl.load(own_flags_ptr + ranks, mask=rank_mask, other=value, volatile=True)
+    lane = tl.where(flags < 0, 1 << 8, tl.where(flags == value, 0, 1))
+    if CHECK_CLOCK:
+        lane += tl.where(_global_time_ns_lanes(ranks) > deadline, 1 << 16, 0)
+    return flags, tl.sum(lane, axis=0)
+
+
+@triton.jit
 def _await_flags(own_flags_ptr, value, ranks, rank_mask, timeout_ns, poison_ends_wait):
     """Spin until every flag under `rank_mask` equals `value` (or, when `poison_ends_wait`, one
     is FLAG_POISON; otherwise a poisoned flag counts as done), or `timeout_ns` pass. Returns
@@ -157,22 +183,15 @@ def _await_flags(own_flags_ptr, value, ranks, rank_mask, timeout_ns, poison_ends
     Every decision is a reduction over the rank lanes, so all warps of the program agree on it
     (lanes span several warps when EP_PAD > 32): each lane reads the clock itself and the wait
     times out when any lane has passed its deadline."""
-    flags = tl.load(own_flags_ptr + ranks, mask=rank_mask, other=value, volatile=True)
-    arrived = flags == value
-    poisoned = flags < 0
     deadline = _global_time_ns_lanes(ranks) + timeout_ns
-    timed_out = tl.sum((deadline < 0).to(tl.int32), axis=0) > 0  # false; the loop reassigns it
-    num_poisoned = tl.sum(poisoned.to(tl.int32), axis=0)
-    pending = (tl.sum(((~arrived) & (~poisoned)).to(tl.int32), axis=0) > 0) & ((num_poisoned == 0) | (~poison_ends_wait))
+    flags, tally = _flag_tally(own_flags_ptr, value, ranks, rank_mask, deadline, False)
+    pending = ((tally & 0xFF) > 0) & ((((tally >> 8) & 0xFF) == 0) | (~poison_ends_wait))
+    timed_out = pending & (~pending)  # false; the loop reassigns it
     while pending:
-        flags = tl.load(own_flags_ptr + ranks, mask=rank_mask, other=value, volatile=True)
-        arrived = flags == value
-        poisoned = flags < 0
-        timed_out = tl.sum((_global_time_ns_lanes(ranks) > deadline).to(tl.int32), axis=0) > 0
-        num_poisoned = tl.sum(poisoned.to(tl.int32), axis=0)
-        pending = (tl.sum(((~arrived) & (~poisoned)).to(tl.int32), axis=0) > 0) & ((num_poisoned == 0) | (~poison_ends_wait))
-        pending = pending & (~timed_out)
-    return arrived, poisoned, timed_out
+        flags, tally = _flag_tally(own_flags_ptr, value, ranks, rank_mask, deadline, True)
+        timed_out = (tally >> 16) > 0
+        pending = ((tally & 0xFF) > 0) & ((((tally >> 8) & 0xFF) == 0) | (~poison_ends_wait)) & (~timed_out)
+    return flags == value, flags < 0, timed_out
 
 
 @triton.jit
@@ -237,9 +256,12 @@ def _phase_barrier(flag_value_ptr, flags_ptr, signatures_ptr, own_signature_ptr,
                    host_record_ptr, timeout_ns, timeout_ms, active_low, active_high, ep_rank, PHASE: tl.constexpr,
                    FLAG_ROW: tl.constexpr, EP_SIZE: tl.constexpr, EP_PAD: tl.constexpr,
                    FLAG_ARRAY_STRIDE: tl.constexpr, SIGNATURE_WORDS: tl.constexpr, WAIT: tl.constexpr,
-                   HAS_HOST_RECORD: tl.constexpr):
+                   HAS_HOST_RECORD: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr):
     """One program: signal this phase (signature, then epoch) and, with WAIT, wait and judge.
     Returns whether this rank has a fault recorded afterwards (from before, or by this wait).
+    LAUNCH_DEPENDENTS (the caller is a PDL launch's only program): let the next kernel on the
+    stream launch as soon as the wait ends, so its programs start while this one still compares
+    signatures and judges (they wait for this kernel to complete before they touch memory).
 
     flags_ptr: the flag block `[3, EP_SIZE]` of segment 0 (rows FLAG_ARRAY_STRIDE apart; segment t
     at + t * stride_rank). signatures_ptr: this phase's `[EP_SIZE, SIGNATURE_WORDS]` signatures of
@@ -268,6 +290,8 @@ def _phase_barrier(flag_value_ptr, flags_ptr, signatures_ptr, own_signature_ptr,
         if WAIT:
             own_flags = phase_flags + ep_rank.to(tl.int64) * stride_rank
             arrived, poisoned, timed_out = _await_flags(own_flags, value, ranks, rank_mask, timeout_ns, healthy)
+            if LAUNCH_DEPENDENTS:
+                gdc_launch_dependents()
             _fence_acquire_system()  # the peers' signatures, rows and planes are read after this
             own_rows = signatures_ptr + ep_rank.to(tl.int64) * stride_rank
             mismatched, fields, first_rank, first_field, own_value, peer_value = _compare_signatures(

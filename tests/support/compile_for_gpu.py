@@ -56,7 +56,8 @@ def _gpu_variant(launch):
     return args, constexprs
 
 
-# PTX instructions that touch global memory (parameter loads, `ld.param`, do not).
+# PTX instructions that touch global memory (parameter loads, `ld.param`, do not; nor does
+# `prefetch.global.L2`, a2a.kernels.signal._prefetch_l2: it returns no data, so it may come first).
 _MEMORY_OPS = ("ld.global", "st.global", "atom.", "red.", "ld.volatile", "st.volatile", "ld.relaxed", "st.relaxed",
                "ld.acquire", "st.release", "cp.async")  # fmt: skip
 
