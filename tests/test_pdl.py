@@ -1,6 +1,6 @@
 """Programmatic dependent launch (PDL): on sm_90 and later every a2a kernel is launched so it may
 start while the previous kernel on its stream finishes, and waits for it (griddepcontrol.wait)
-before touching memory; `A2A_PDL=0` or `enable_pdl=False` turns it off. Results must not change.
+before any load or store; `A2A_PDL=0` or `enable_pdl=False` turns it off. Results must not change.
 
 That every kernel waits for its predecessor is checked on its sm_90 code (tests/test_gpu_compile.py);
 the rest of the GPU suite runs with PDL on, as engines get it by default."""

@@ -61,11 +61,11 @@ def _fence_acquire_gpu():
 
 @triton.jit
 def _prefetch_l2(ptrs):
-    """Start bringing the lines at `ptrs` (own-GPU addresses) into L2 and go on: no data comes
-    back, so a program may issue it before `griddepcontrol.wait` (PDL) without racing the previous
-    kernel. L2 is where every store to this GPU's memory lands (its own SMs' and peers' over
-    NVLink), so a line prefetched early is never stale; the program's later loads, issued after
-    the wait, find it there instead of in HBM."""
+    """Start bringing the lines at `ptrs` (own-GPU addresses) into L2 and go on. A prefetch is no
+    memory access in the PTX memory model and returns no data, so a program may issue it before
+    `griddepcontrol.wait` (PDL) without racing the previous kernel; it fills L2 only (never L1),
+    which the hardware keeps coherent with every store to this GPU's memory, its SMs' and its
+    NVLink peers'. The program's loads, issued after the wait, find the line in L2, not HBM."""
     tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
                               is_pure=False, pack=1)
 
@@ -259,9 +259,10 @@ def _phase_barrier(flag_value_ptr, flags_ptr, signatures_ptr, own_signature_ptr,
                    HAS_HOST_RECORD: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr):
     """One program: signal this phase (signature, then epoch) and, with WAIT, wait and judge.
     Returns whether this rank has a fault recorded afterwards (from before, or by this wait).
-    LAUNCH_DEPENDENTS (the caller is a PDL launch's only program): let the next kernel on the
-    stream launch as soon as the wait ends, so its programs start while this one still compares
-    signatures and judges (they wait for this kernel to complete before they touch memory).
+    LAUNCH_DEPENDENTS (the caller is a PDL launch's last program: its only one, or the last of an
+    election whose others have exited): let the next kernel on the stream launch as soon as the
+    wait ends, so its programs start while this one still compares signatures and judges (they
+    wait for this kernel to complete before they load or store).
 
     flags_ptr: the flag block `[3, EP_SIZE]` of segment 0 (rows FLAG_ARRAY_STRIDE apart; segment t
     at + t * stride_rank). signatures_ptr: this phase's `[EP_SIZE, SIGNATURE_WORDS]` signatures of

@@ -2,7 +2,9 @@
 
 Two launches (routing, then the copy with the barrier in its last program), or, for a round of at
 most one routing block whose grid fits on the GPU beside every peer's and top_k <= 8, one fused
-launch of both (`_fused_dispatch_kernel`; A2A_FUSED_DISPATCH=0 turns it off)."""
+launch of both (`_fused_dispatch_kernel`; A2A_FUSED_DISPATCH=0 turns it off). With PDL the
+kernel after a dispatch may launch once the barrier's wait for the peers ends (it waits for the
+dispatch to complete before it loads or stores)."""
 
 from __future__ import annotations
 
@@ -65,7 +67,7 @@ def moe_a2a_dispatch(
     uint64 `[1]` tensor (`moe_a2a_active_rank_mask`) or None (every rank).
     enable_pdl: as in FlashInfer, None launches every kernel with programmatic dependent launch on
     GPUs of compute capability 9.0 and later (each kernel may start while the previous one on the
-    stream finishes, and waits for it before touching memory), False does not; `A2A_PDL=0` turns
+    stream finishes, and waits for it before any load or store), False does not; `A2A_PDL=0` turns
     it off everywhere. It changes no result. backend, recv_view_cache: accepted as in FlashInfer;
     they change no result (the receive views are cached per call signature anyway).
 

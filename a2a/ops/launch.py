@@ -34,7 +34,8 @@ def use_pdl(device: torch.device, enable_pdl: bool | None) -> bool:
     """Whether a plan's launches on `device` use programmatic dependent launch: on a CUDA GPU of
     compute capability 9.0 or later, unless `enable_pdl` (FlashInfer's argument) is False or
     A2A_PDL=0. A launch that uses it may start while the previous kernel on its stream finishes;
-    every a2a kernel waits for that kernel (`griddepcontrol.wait`) before it touches memory."""
+    every a2a kernel waits for that kernel (`griddepcontrol.wait`) before it loads or stores (it may prefetch
+    into L2 first: a2a.kernels.signal._prefetch_l2)."""
     return enable_pdl is not False and envs.pdl_allowed() and pdl_capable(device)
 
 
