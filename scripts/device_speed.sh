@@ -3,7 +3,8 @@
 # the benchmark sweep of the base tree in .base/ (git archive of the base commit, carried) and of
 # this tree, interleaved base / this / base / this, then each tree's per-kernel durations of one
 # round (bench/profile/round_timeline.py, summarised per kernel). Results and logs go to $OUT.
-#   BASE_DIR (.base: the base tree, carried) BASE_COMMIT (default 544fef1) TOKENS (16,128,1024,4096) TIMELINE_TOKENS (16 1024) PASSES (1) BASELINE (none)
+#   BRIEF (0; 1 prints one short line per phase instead of bench.run's: the device tool keeps only the last
+#   12,000 characters of a call's output) BASE_DIR (.base: the base tree, carried) BASE_COMMIT (default 544fef1) TOKENS (16,128,1024,4096) TIMELINE_TOKENS (16 1024) PASSES (1) BASELINE (none)
 #   HOST_TOKENS (none: e.g. "16 128" times one functional call's host cost in both trees, HOST_RUNS times each,
 #   alternated, pinned to one core: bench/profile/host_breakdown.py) HOST_TREE (.base: the older tree to compare,
 #   e.g. .pre12) HOST_RUNS (4: one run of a tree can be 2x slower than the next, so compare the fastest runs)
@@ -18,6 +19,17 @@ TOKENS=${TOKENS:-16,128,1024,4096}
 BASELINE=${BASELINE:-none}
 if [ "$BASELINE" = fi_functional ]; then source .fi/setup.sh; fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+
+brief() {  # bench.run's lines, or with BRIEF=1 "tokens= N phase graph US [baseline US]" only
+  if [ "${BRIEF:-0}" = 1 ]; then  # errors are kept
+    awk '/tokens=/ { match($0, /tokens= *[0-9]+ [a-z_]+ +graph +[0-9.]+/); line = substr($0, RSTART, RLENGTH)
+                     if (match($0, /baseline [0-9.]+/)) line = line " " substr($0, RSTART, RLENGTH)
+                     gsub(/ +/, " ", line); print line }
+         /Error|Traceback|Timeout/ { print }'
+  else
+    tail -30
+  fi
+}
 
 summarise() {  # kernel name -> median duration over the ranks of one replay
   python3 -c '
@@ -39,10 +51,10 @@ PYTHONPATH=$PWD timeout 120 python3 -m bench.run --ranks 8 --tokens 16 --iterati
 for pass in $(seq 1 "${PASSES:-1}"); do
   echo "== pass $pass: base $BASE_COMMIT"
   (cd "${BASE_DIR:-.base}" && PYTHONPATH=$PWD timeout 280 python3 -m bench.run --ranks 8 --tokens "$TOKENS" --iterations 20 \
-    --commit "$BASE_COMMIT" --out "$OUT/base$pass") 2>&1 | grep -v Warning | tail -30
+    --commit "$BASE_COMMIT" --out "$OUT/base$pass") 2>&1 | grep -v Warning | brief
   echo "== pass $pass: this tree $HEAD_COMMIT"
   PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} timeout 280 python3 -m bench.run --ranks 8 --tokens "$TOKENS" --iterations 20 --commit "$HEAD_COMMIT" \
-    --out "$OUT/new$pass" --baseline "$BASELINE" 2>&1 | grep -v Warning | tail -30
+    --out "$OUT/new$pass" --baseline "$BASELINE" 2>&1 | grep -v Warning | brief
 done
 if [ -n "${HOST_TOKENS:-}" ]; then  # host time per functional call, an older tree then this one, alternated
   for run in $(seq 1 "${HOST_RUNS:-4}"); do
