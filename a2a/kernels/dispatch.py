@@ -28,7 +28,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_wait
 
 from a2a.kernels.routing import _route_block, _store_counts
-from a2a.kernels.signal import (FLAG_ROW_GATHER, _fence_acquire_system, _phase_barrier, _prefetch_l2,
+from a2a.kernels.signal import (_fence_acquire_system, _phase_barrier, _prefetch_previous_gathers,
                                _program_awaits_previous_gathers, _record_ordering_trouble)
 
 
@@ -235,10 +235,7 @@ def _fused_dispatch_kernel(
     election records any trouble as this rank's fault, writes the counters (remote ones only when
     healthy) and runs the dispatch barrier like `_dispatch_copy_kernel`'s."""
     if PDL:
-        # While the previous kernel finishes: the own-state words below (one 128-byte line of round
-        # state) and the gather flags this program polls.
-        _prefetch_l2(gather_count_ptr)
-        _prefetch_l2(flags_ptr + FLAG_ROW_GATHER * FLAG_ARRAY_STRIDE + ep_rank.to(tl.int64) * stride_rank)
+        _prefetch_previous_gathers(gather_count_ptr, flags_ptr, stride_rank, ep_rank, FLAG_ARRAY_STRIDE)
         gdc_wait()  # the previous kernel on this stream has completed and its stores are visible
     token = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)

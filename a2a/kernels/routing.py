@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_wait
 
-from a2a.kernels.signal import FLAG_ROW_GATHER, _await_previous_gathers, _prefetch_l2, _rank_is_active
+from a2a.kernels.signal import _await_previous_gathers, _prefetch_previous_gathers, _rank_is_active
 
 
 @triton.jit
@@ -152,10 +152,7 @@ def _route_kernel(
     PDL: tl.constexpr,  # launched with programmatic dependent launch: wait for the previous kernel first
 ):
     if PDL:
-        # While the previous kernel finishes: the own-state words below (one 128-byte line of round
-        # state) and the gather flags the last program polls.
-        _prefetch_l2(gather_count_ptr)
-        _prefetch_l2(flags_ptr + FLAG_ROW_GATHER * FLAG_ARRAY_STRIDE + ep_rank.to(tl.int64) * stride_rank)
+        _prefetch_previous_gathers(gather_count_ptr, flags_ptr, stride_rank, ep_rank, FLAG_ARRAY_STRIDE)
         gdc_wait()  # the previous kernel on this stream has completed and its stores are visible
     block = tl.program_id(0)
     tokens = block.to(tl.int64) * BLOCK_TOKENS + tl.arange(0, BLOCK_TOKENS)

@@ -307,6 +307,16 @@ def _phase_barrier(flag_value_ptr, flags_ptr, signatures_ptr, own_signature_ptr,
 
 
 @triton.jit
+def _prefetch_previous_gathers(round_state_ptr, flags_ptr, stride_rank, ep_rank, FLAG_ARRAY_STRIDE: tl.constexpr):
+    """Before `griddepcontrol.wait`: the lines a dispatch's wait for the previous gathers reads
+    first (`_await_previous_gathers`, `_program_awaits_previous_gathers`): the round state
+    (`round_state_ptr`, any word of its one 128-byte line: gather count and mask, fault record)
+    and this rank's gather flags (`flags_ptr`: the flag block of segment 0)."""
+    _prefetch_l2(round_state_ptr)
+    _prefetch_l2(flags_ptr + FLAG_ROW_GATHER * FLAG_ARRAY_STRIDE + ep_rank.to(tl.int64) * stride_rank)
+
+
+@triton.jit
 def _await_previous_gathers(count, previous_low, previous_high, healthy, flags_ptr, stride_rank, fault_record_ptr,
                             host_record_ptr, timeout_ns, timeout_ms, active_low, active_high, ep_rank,
                             EP_SIZE: tl.constexpr, EP_PAD: tl.constexpr, FLAG_ARRAY_STRIDE: tl.constexpr,
