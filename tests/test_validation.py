@@ -152,6 +152,28 @@ def test_sanitize_rule(name, mutate, error, message):
         a2a.moe_a2a_sanitize_expert_ids(**args)
 
 
+@requires_interpreter
+@pytest.mark.parametrize("op, name, mutate, error, message",
+                         [("dispatch", *rule) for rule in DISPATCH_RULES] + [("combine", *rule) for rule in COMBINE_RULES],
+                         ids=[f"dispatch: {r[0]}" for r in DISPATCH_RULES] + [f"combine: {r[0]}" for r in COMBINE_RULES])
+def test_rule_holds_after_a_valid_round_built_the_plans(op, name, mutate, error, message):
+    """A rank's plans are found by a key of the call's signature (a2a.ops.context); a broken call
+    must not match the key of the valid call that built a plan before it, or it would skip the
+    checks: each rule is broken after one valid round on the same workspace."""
+    dispatch, combine, _ = make_call()
+    world = a2a.SimulatedWorld(EP, "cpu")  # a parked stream: nothing runs, the host's round state advances
+    with world.stream(RANK).activate():
+        a2a.moe_a2a_dispatch(**dispatch)
+        a2a.moe_a2a_combine(**combine)
+        if op == "combine":
+            a2a.moe_a2a_dispatch(**dispatch)  # the combine's own round
+        args = dispatch if op == "dispatch" else combine
+        mutate(args)
+        # A combine's count and offset now meet the live round's check first, which names them too.
+        with pytest.raises(error, match=f"(?:{message})|(?:must be the dispatch's)"):
+            getattr(a2a, f"moe_a2a_{op}")(**args)
+
+
 def world_of(ep_size: int) -> a2a.SimulatedWorld:
     return a2a.SimulatedWorld(ep_size, "cpu")
 

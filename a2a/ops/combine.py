@@ -21,7 +21,7 @@ from a2a.layout import MAX_TOP_K, PLANE_ALIGN, RoundState, combine_scales_offset
 from a2a.runtime.protocol import FlagArray, Phase, mask_halves
 from a2a.runtime.scheduler import run_steps
 from a2a.runtime.current_stream import current_stream
-from a2a.ops.context import plan_key, resolve_context, tensor_key, timeout_of_plan
+from a2a.ops.context import resolve_context, tensor_key, timeout_of_plan
 from a2a.workspace import RankWorkspace
 
 COMBINE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -152,10 +152,14 @@ def combine_plan(rank_workspace: RankWorkspace, payload, payload_scales, local_n
 
 def _plan_key(payload: object, output: object, scales: object, rt: object, ep_size: object, top_k: object,
               offset: object, in_workspace: object, active_rank_mask: object, enable_pdl: object) -> object:  # fmt: skip
-    """Combine's call signature (a2a.ops.context.plan_key); the output's rows are the token count,
-    so only its row shape counts."""
-    return plan_key("combine", lambda: (tensor_key(payload), tensor_key(output, rows=False), tensor_key(scales)),
-                    (rt, ep_size, top_k, offset, in_workspace, active_rank_mask, enable_pdl))
+    """Combine's call signature (a2a.ops.context.plan_key's kind of key, built flat as dispatch's);
+    the output's rows are the token count, so only its row shape counts."""
+    try:
+        return ("combine", tensor_key(payload), tensor_key(output, rows=False), tensor_key(scales), rt, ep_size,
+                top_k, offset, in_workspace, active_rank_mask, enable_pdl, type(rt), type(ep_size), type(top_k),
+                type(offset), type(in_workspace), type(active_rank_mask), type(enable_pdl))  # fmt: skip
+    except (AttributeError, TypeError):  # not tensors: a key no plan has, so the full checks report them
+        return object()
 
 
 class _CombinePlan:

@@ -30,19 +30,19 @@ def tensor_key(tensor: object, *, rows: bool = True) -> tuple | None:
     the 1-D token count, whose one dimension stays in the key)."""
     if tensor is None:
         return None
-    if rows:
-        shape = tensor.shape  # type: ignore[attr-defined]
-    else:  # cheaper than slicing a torch.Size (0.4 us), and it tells a [5] token count from a [1]
-        ndim = tensor.dim()  # type: ignore[attr-defined]
-        shape = (ndim, tensor.shape[-1] if ndim else None)  # type: ignore[attr-defined]
-    return (tensor.dtype, shape, tensor.is_contiguous(), tensor.get_device(), tensor.data_ptr() & 15)  # type: ignore[attr-defined]
+    shape = tensor.shape  # type: ignore[attr-defined]
+    if not rows:  # one torch.Size read, then tuple work: 0.67 vs 0.90 us with dim() and shape[-1]
+        shape = (len(shape), shape[-1] if shape else None)
+    # The device itself, not get_device(): that is -1 for a CPU and a meta tensor alike.
+    return (tensor.dtype, shape, tensor.is_contiguous(), tensor.device, tensor.data_ptr() & 15)  # type: ignore[attr-defined]
 
 
 def plan_key(op: str, tensors: Callable[[], tuple], values: tuple) -> object:
     """The call-signature key of one op: what its validation and kernel variants depend on, the
     int arguments with their types included. Equal keys: the same checks pass and the same plan
     applies. `tensors` builds the tensor part (from `tensor_key`); arguments that are not tensors
-    make a key no plan has, so the full build's checks report them."""
+    make a key no plan has, so the full build's checks report them. (Dispatch and combine, called
+    every layer, build the same kind of key inline: a2a.ops.dispatch / combine `_plan_key`.)"""
     try:
         tensor_part = tensors()
     except (AttributeError, TypeError):

@@ -23,7 +23,7 @@ from a2a.runtime.protocol import FlagArray, Phase, mask_halves
 from a2a.runtime.scheduler import run_steps
 from a2a.runtime.current_stream import current_stream
 from a2a.ops.sanitize import expert_id_sanitize_launch
-from a2a.ops.context import plan_key, resolve_context, tensor_key, timeout_of_plan
+from a2a.ops.context import resolve_context, tensor_key, timeout_of_plan
 from a2a.workspace import RankWorkspace, segment_view
 
 
@@ -125,18 +125,27 @@ def dispatch_plan(rank_workspace: RankWorkspace, token_selected_experts, input_p
 def _plan_key(experts: object, payloads: object, token_count: object, rt: object, ep_size: object, top_k: object,
               num_experts: object, active_rank_mask: object, eplb_local_stats: object,
               enable_pdl: object) -> object:  # fmt: skip
-    """Dispatch's call signature (a2a.ops.context.plan_key); the token count (rows) is not part of it."""
-    return plan_key("dispatch", lambda: (tensor_key(experts, rows=False), type(payloads),
-                                         tuple(tensor_key(p, rows=False) for p in payloads),  # type: ignore[attr-defined]
-                                         tensor_key(token_count, rows=False), tensor_key(eplb_local_stats)),
-                    (rt, ep_size, top_k, num_experts, active_rank_mask, enable_pdl))  # fmt: skip
+    """Dispatch's call signature (a2a.ops.context.plan_key's kind of key, built flat in one
+    expression: 2.6 vs 5.2 us for three payloads); the token count (rows) is not part of it. The
+    payload keys are spread, so their number is the key's length less the fixed parts."""
+    try:
+        return ("dispatch", tensor_key(experts, rows=False), type(payloads),
+                *[tensor_key(p, rows=False) for p in payloads],  # type: ignore[attr-defined]
+                tensor_key(token_count, rows=False), tensor_key(eplb_local_stats), rt, ep_size, top_k, num_experts,
+                active_rank_mask, enable_pdl, type(rt), type(ep_size), type(top_k), type(num_experts),
+                type(active_rank_mask), type(enable_pdl))  # fmt: skip
+    except (AttributeError, TypeError):  # not tensors: a key no plan has, so the full checks report them
+        return object()
 
 
 def _token_count(experts: torch.Tensor, payloads: Sequence[torch.Tensor], rt: int) -> int | None:
     """The local token count if it passes the per-call checks a plan leaves open, else None."""
     num_tokens = experts.shape[0]
-    if num_tokens > rt or any(p.shape[0] != num_tokens for p in payloads):
+    if num_tokens > rt:
         return None
+    for payload in payloads:  # a loop, not any() over a generator: 0.3 us less a call
+        if payload.shape[0] != num_tokens:
+            return None
     return num_tokens
 
 
