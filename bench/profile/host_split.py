@@ -3,7 +3,8 @@
     python -m bench.profile.host_split [tokens ...] [--batches N] [--profile]
 
 The rounds of bench/profile/host_per_call.py (8 simulated ranks, DeepSeek bf16, the GPU kept asleep
-ahead of the host), in batches whose every bound launch's compiled launcher is
+ahead of the host; every other round's combine takes its payload in the workspace instead of
+staging it), in batches whose every bound launch's compiled launcher is
   launch: called as usual;
   parse:  called with an empty grid (it parses every argument, then skips cuLaunchKernelEx);
   python: not called at all (the op's Python and torch calls only).
@@ -13,8 +14,11 @@ launch - parse is the driver's launch call, parse - python the launcher's argume
 
 Then the floor of one launch through the same path: an empty Triton kernel with 1 and with 40 int
 parameters, with and without PDL, launched 2000 times (median per launch), and torch's own empty
-kernel (`torch.cuda._sleep(0)`). `--profile` adds a cProfile of rank 0's calls in launch mode
-(read it for where, not for how much: cProfile slows Python calls, not C ones).
+kernel (`torch.cuda._sleep(0)`). `--profile` adds a cProfile of the calls in launch mode (read
+it for where, not for how much: cProfile slows Python calls, not C ones). `--baseline MODULE`
+(e.g. fi_functional) times that library's functional calls on the same inputs in batches of
+their own, alternated with a2a's (its combine with the payload in the workspace; at most
+bench.baseline.MAX_CONCURRENT_COMBINE_ROWS rows, else its dispatch only).
 """
 
 from __future__ import annotations
@@ -34,7 +38,10 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+import a2a  # noqa: E402
 from a2a.ops import launch as launch_module  # noqa: E402
+from a2a.workspace import segment_view  # noqa: E402
+from bench import baseline as peer  # noqa: E402
 from bench.profile import host_per_call  # noqa: E402
 
 MODES = ("launch", "parse", "python")
@@ -66,50 +73,137 @@ def _set_mode(mode: str) -> None:
             bound._launch = lambda *values: None
 
 
-def _batch(round_, mode: str) -> tuple[list[float], list[float]]:
-    world = round_.world
+def _in_workspace_planes(round_) -> list:
+    """Each rank's combine plane for the round's geometry, at the offset its dispatch returns."""
+    planes = []
+    for r, moe in enumerate(round_.ranks):
+        row_bytes = [p.shape[1] * p.element_size() for p in round_.payloads[r]]
+        offset = a2a.WorkspaceLayout.from_metainfo(moe.metainfo).round_layout(round_.tokens, row_bytes).combine_offset
+        planes.append(segment_view(moe.workspace, r, offset, torch.bfloat16,
+                                   (round_.world.ep_size, round_.tokens, round_.hidden)))  # fmt: skip
+    return planes
+
+
+def _a2a_round(round_, planes) -> tuple[list[float], list[float]]:
+    """host_per_call's functional round, the combine's payload in the workspace when `planes` is given."""
+    if planes is None:
+        return host_per_call.functional_round(round_)
+    world, ep, tokens = round_.world, round_.world.ep_size, round_.tokens
+    dispatch_us, combine_us, offsets = [], [], []
+    for r, moe in enumerate(round_.ranks):
+        with world.stream(r).activate():
+            begin = time.perf_counter()
+            _, offset, *_ = a2a.moe_a2a_dispatch(round_.experts[r], round_.payloads[r], moe.workspace, moe.metainfo,
+                                                 tokens, r, ep, moe.top_k, moe.num_experts)  # fmt: skip
+            dispatch_us.append((time.perf_counter() - begin) * 1e6)
+        offsets.append(offset)
+    for r, moe in enumerate(round_.ranks):
+        with world.stream(r).activate():
+            begin = time.perf_counter()
+            a2a.moe_a2a_combine(planes[r], tokens, moe.workspace, moe.metainfo, tokens, r, ep, moe.top_k, offsets[r],
+                                payload_in_workspace=True)  # fmt: skip
+            combine_us.append((time.perf_counter() - begin) * 1e6)
+    return dispatch_us, combine_us
+
+
+def _baseline_round(run) -> tuple[list[float], list[float]]:
+    """The baseline library's functional calls, each rank's on its own stream: host us per call."""
+    world, ep, tokens = run.world, run.ep_size, run.tokens
+    dispatch_us, combine_us = [], []
+    for r in range(ep):
+        with world.stream(r).activate():
+            begin = time.perf_counter()
+            recv, run.offsets[r], _ = run.module.moe_a2a_dispatch(run.experts[r], run.payloads[r], run.workspace,
+                                                                  run.metainfo[r], tokens, r, ep, run.top_k,
+                                                                  run.num_experts)  # fmt: skip
+            dispatch_us.append((time.perf_counter() - begin) * 1e6)
+    if not run.combine_runs_concurrently:
+        return dispatch_us, combine_us
+    planes = run.planes()
+    for r in range(ep):
+        with world.stream(r).activate():
+            begin = time.perf_counter()
+            run.module.moe_a2a_combine(planes[r], tokens, run.workspace, run.metainfo[r], tokens, r, ep, run.top_k,
+                                       run.offsets[r], payload_in_workspace=True)  # fmt: skip
+            combine_us.append((time.perf_counter() - begin) * 1e6)
+    return dispatch_us, combine_us
+
+
+def _asleep(world) -> None:
     world.synchronize()
     for r in range(world.ep_size):
         with world.stream(r).activate():
             torch.cuda._sleep(host_per_call.SLEEP_CYCLES)
+
+
+def _batch(round_, planes, mode: str) -> tuple[list[float], list[float], list[float]]:
+    """ROUNDS_PER_BATCH rounds in `mode`: host us of each dispatch, staged combine, in-workspace combine."""
+    world = round_.world
+    _asleep(world)
     _set_mode(mode)
-    dispatch_us, combine_us = [], []
-    for _ in range(ROUNDS_PER_BATCH):
-        dispatch, combine = host_per_call.functional_round(round_)
+    dispatch_us, staged_us, in_workspace_us = [], [], []
+    for i in range(ROUNDS_PER_BATCH):
+        dispatch, combine = _a2a_round(round_, planes if i % 2 else None)
         dispatch_us += dispatch
-        combine_us += combine
+        (in_workspace_us if i % 2 else staged_us).extend(combine)
     _set_mode("launch")
     world.synchronize()
+    return dispatch_us, staged_us, in_workspace_us
+
+
+def _baseline_batch(run) -> tuple[list[float], list[float]]:
+    _asleep(run.world)
+    dispatch_us, combine_us = [], []
+    for _ in range(ROUNDS_PER_BATCH):
+        dispatch, combine = _baseline_round(run)
+        dispatch_us += dispatch
+        combine_us += combine
+    run.world.synchronize()
     return dispatch_us, combine_us
 
 
-def split(tokens: int, batches: int, profile: bool) -> None:
+def split(tokens: int, batches: int, profile: bool, baseline_module=None) -> None:
     round_ = host_per_call.checked_round(tokens)
-    calls = {mode: ([], []) for mode in MODES}
+    planes = _in_workspace_planes(round_)
+    run = None
+    if baseline_module is not None:
+        run = peer.FunctionalBaseline(baseline_module, round_.world, round_.experts, round_.payloads, tokens,
+                                      round_.hidden, round_.num_experts)  # fmt: skip
+        run.check()
+    ops = ("dispatch", "combine, staged", "combine, in workspace")
+    calls = {mode: ([], [], []) for mode in MODES}
+    peer_calls: tuple[list, list] = ([], [])
     for i in range(batches + 1):  # batch 0 of each mode warms up
         for mode in MODES if i % 2 == 0 else MODES[::-1]:
-            dispatch, combine = _batch(round_, mode)
+            measured = _batch(round_, planes, mode)
             if i:
-                calls[mode][0].extend(dispatch)
-                calls[mode][1].extend(combine)
+                for op, values in enumerate(measured):
+                    calls[mode][op].extend(values)
+        if run is not None:
+            measured = _baseline_batch(run)
+            if i:
+                for op, values in enumerate(measured):
+                    peer_calls[op].extend(values)
     round_.check()  # the rounds that launched left every rank's state consistent
-    for op, name in enumerate(("dispatch", "combine")):
+    for op, name in enumerate(ops):
         medians = {mode: statistics.median(calls[mode][op]) for mode in MODES}
-        print(f"host split {tokens:5d} tokens {name:8s}: whole call {medians['launch']:5.1f} us = Python and torch "
+        print(f"host split {tokens:5d} tokens {name:22s}: whole call {medians['launch']:5.1f} us = Python and torch "
               f"{medians['python']:5.1f} + launcher parsing {medians['parse'] - medians['python']:4.1f} + "
               f"cuLaunchKernelEx {medians['launch'] - medians['parse']:4.1f} (medians of {len(calls['launch'][op])} "
               f"calls a mode)", flush=True)  # fmt: skip
+    if run is not None:
+        for op, name in enumerate(("dispatch", "combine, in workspace")):
+            if peer_calls[op]:
+                print(f"host split {tokens:5d} tokens {name:22s}: baseline {baseline_module.__name__} "
+                      f"{statistics.median(peer_calls[op]):5.1f} us a call (medians of {len(peer_calls[op])})", flush=True)
     if profile:
         profiler = cProfile.Profile()
         world = round_.world
         for _ in range(5):
-            world.synchronize()
-            for r in range(world.ep_size):
-                with world.stream(r).activate():
-                    torch.cuda._sleep(host_per_call.SLEEP_CYCLES)
+            _asleep(world)
             profiler.enable()
-            for _ in range(ROUNDS_PER_BATCH):
-                host_per_call.functional_round(round_)
+            for i in range(ROUNDS_PER_BATCH):
+                _a2a_round(round_, planes if i % 2 else None)
             profiler.disable()
         world.synchronize()
         text = io.StringIO()
@@ -160,10 +254,12 @@ def main() -> None:
     parser.add_argument("tokens", type=int, nargs="*", default=[1, 16])
     parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--baseline", default="none", help="a module with FlashInfer's functional API (bench.baseline)")
     args = parser.parse_args()
     _register_bound_launches()
+    baseline_module = peer.load(args.baseline)
     for tokens in args.tokens:
-        split(tokens, args.batches, args.profile)
+        split(tokens, args.batches, args.profile, baseline_module)
     launch_floor()
 
 
