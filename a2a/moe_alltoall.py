@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from functools import cached_property
 from dataclasses import dataclass
 
 import torch
@@ -294,8 +295,8 @@ class MoeAlltoAll:
             raise ValueError("active_rank_mask needs an instance made with enable_rank_mask=True (as in FlashInfer)")
         return validation.rank_mask_argument(active_rank_mask, True, self.ep_size)
 
-    @property
-    def _owner_name(self) -> str:
+    @cached_property
+    def _owner_name(self) -> str:  # built once: an f-string with the id costs ~0.5 us a dispatch
         return f"MoeAlltoAll(ep_rank={self.ep_rank}, top_k={self.top_k}, num_experts={self.num_experts}) at {id(self):#x}"
 
     def _check_dispatched(self, what: str, runtime_max_tokens_per_rank: int) -> None:
