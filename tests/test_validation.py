@@ -14,6 +14,7 @@ import torch
 
 import a2a
 from a2a.layout import MAX_PAYLOADS
+from a2a.ops.validation import row_major as validation_row_major
 from tests.conftest import requires_interpreter
 
 EP, RANK, TOP_K, EXPERTS, RT, CAPACITY, HIDDEN = 2, 0, 2, 4, 3, 4, 8
@@ -74,6 +75,9 @@ DISPATCH_RULES: list[tuple[str, Mutation, type, str]] = [
     ("payload rows != tokens", lambda a: a.update(input_payloads=[torch.zeros(3, HIDDEN)]), ValueError, r"input_payloads\[0\] first dim must equal the local token count 2"),
     ("payload width 0", lambda a: a.update(input_payloads=[torch.zeros(2, 0)]), ValueError, "at least one element per token"),
     ("payload strided", lambda a: a.update(input_payloads=[torch.zeros(HIDDEN, 2).t()]), ValueError, r"input_payloads\[0\] must be contiguous"),
+    ("payload conjugate view", lambda a: a.update(input_payloads=[torch.zeros(2, HIDDEN, dtype=torch.complex64).conj()]), ValueError, r"input_payloads\[0\] is a lazy conjugate or negative view"),
+    ("payload negative view", lambda a: a.update(input_payloads=[torch._neg_view(torch.zeros(2, HIDDEN, dtype=torch.bfloat16))]), ValueError, r"input_payloads\[0\] is a lazy conjugate or negative view"),
+    ("experts sparse", lambda a: a.update(token_selected_experts=torch.zeros(2, TOP_K, dtype=torch.int32).to_sparse()), ValueError, "token_selected_experts must be a dense"),
     ("top_k 0", lambda a: a.update(top_k=0), ValueError, r"top_k must be in \[1, 22\], got 0"),
     ("top_k 23", lambda a: a.update(top_k=23), ValueError, r"top_k must be in \[1, 22\], got 23"),
     ("top_k float", lambda a: a.update(top_k=2.0), TypeError, "top_k must be an int"),
@@ -104,6 +108,7 @@ COMBINE_RULES: list[tuple[str, Mutation, type, str]] = [
     ("plane does not fit", lambda a: a.update(payload=torch.zeros(EP, RT, 100 * HIDDEN)), ValueError, "insufficient for the combine plane"),
     ("in-workspace pointer", lambda a: a.update(payload_in_workspace=True), ValueError, "payload_in_workspace is True but payload is not this rank's combine plane"),
     ("output shape", lambda a: a.update(output=torch.zeros(3, HIDDEN)), ValueError, r"output must have shape \[2, 8\]"),
+    ("payload negative view", lambda a: a.update(payload=torch._neg_view(torch.zeros(EP, RT, HIDDEN))), ValueError, "payload is a lazy conjugate or negative view"),
     ("output dtype", lambda a: a.update(output=torch.zeros(2, HIDDEN, dtype=torch.float16)), TypeError, "output must be float32"),
 ]
 
@@ -172,6 +177,22 @@ def test_rule_holds_after_a_valid_round_built_the_plans(op, name, mutate, error,
         # A combine's count and offset now meet the live round's check first, which names them too.
         with pytest.raises(error, match=f"(?:{message})|(?:must be the dispatch's)"):
             getattr(a2a, f"moe_a2a_{op}")(**args)
+
+
+@requires_interpreter
+def test_a_contiguous_payload_with_other_strides_on_a_size_one_dimension_is_taken():
+    """torch calls a one-row tensor contiguous whatever its row stride; the plan (which views the
+    payload's bytes as copy units) takes it as it takes the same row with row-major strides."""
+    dispatch, _, _ = make_call()
+    buffer = torch.arange(99 + HIDDEN, dtype=torch.float32).to(torch.bfloat16)
+    row = buffer.as_strided((1, HIDDEN), (99, 1))
+    assert row.is_contiguous() and row.stride() != (HIDDEN, 1)
+    dispatch.update(token_selected_experts=torch.zeros(1, TOP_K, dtype=torch.int32), input_payloads=[row])
+    world = a2a.SimulatedWorld(EP, "cpu")  # a parked stream: validation and planning only
+    with world.stream(RANK).activate():
+        a2a.moe_a2a_dispatch(**dispatch)
+    assert validation_row_major(row).stride() == (HIDDEN, 1)
+    assert torch.equal(validation_row_major(row), row)
 
 
 def world_of(ep_size: int) -> a2a.SimulatedWorld:

@@ -158,8 +158,8 @@ def _plan_key(payload: object, output: object, scales: object, rt: object, ep_si
         return ("combine", tensor_key(payload), tensor_key(output, rows=False), tensor_key(scales), rt, ep_size,
                 top_k, offset, in_workspace, active_rank_mask, enable_pdl, type(rt), type(ep_size), type(top_k),
                 type(offset), type(in_workspace), type(active_rank_mask), type(enable_pdl))  # fmt: skip
-    except (AttributeError, TypeError):  # not tensors: a key no plan has, so the full checks report them
-        return object()
+    except (AttributeError, TypeError, RuntimeError):  # not dense tensors (a sparse one's data_ptr raises):
+        return object()  # a key no plan has, so the full checks report them
 
 
 class _CombinePlan:
@@ -313,9 +313,9 @@ class _CombinePlan:
         gather_grid = (rows, gather_tiles)
 
         def stage() -> None:
-            self.stage(self.stage_grid, payload if self.stage.fast else payload.view(torch.uint8).view(self.stage_unit))
+            self.stage(self.stage_grid, payload if self.stage.fast else _as_units(payload, self.stage_unit))
             if self.stage_scales is not None:
-                scales = payload_scales if self.stage_scales.fast else payload_scales.view(self.stage_scales_unit)
+                scales = payload_scales if self.stage_scales.fast else _as_units(payload_scales, self.stage_scales_unit)
                 self.stage_scales(self.stage_scales_grid, scales)
 
         if self.wait_in_kernel:  # on the current CUDA stream: the barrier kernel (or program) waits and gates
@@ -335,6 +335,12 @@ class _CombinePlan:
                                                 *gate, gather])  # fmt: skip
 
 
+def _as_units(payload: torch.Tensor, unit: torch.dtype) -> torch.Tensor:
+    """The payload's bytes as copy units (validation.row_major first: a contiguous payload may
+    carry other strides on its size-1 dimensions)."""
+    return validation.row_major(payload).view(torch.uint8).view(unit)
+
+
 def _stage_launch(rank_workspace: RankWorkspace, payload: torch.Tensor, combine_offset: int,
                   pdl: bool = False) -> KernelLaunch:  # fmt: skip
     ep_size, rt, hidden = payload.shape
@@ -342,7 +348,7 @@ def _stage_launch(rank_workspace: RankWorkspace, payload: torch.Tensor, combine_
     workspace = rank_workspace.workspace
     plane_address = workspace.data_ptr() + rank_workspace.ep_rank * rank_workspace.segment_stride + combine_offset
     unit = configs.copy_unit(row_bytes, payload.data_ptr(), plane_address)
-    source = payload.view(torch.uint8).view(unit.dtype)
+    source = _as_units(payload, unit.dtype)
     plane = rank_workspace.own(combine_offset, ep_size * rt * unit.row_units, unit.dtype)
     config = configs.stage_config(unit.row_units, unit.unit_bytes)
     return KernelLaunch(

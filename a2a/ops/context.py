@@ -33,8 +33,10 @@ def tensor_key(tensor: object, *, rows: bool = True) -> tuple | None:
     shape = tensor.shape  # type: ignore[attr-defined]
     if not rows:  # one torch.Size read, then tuple work: 0.67 vs 0.90 us with dim() and shape[-1]
         shape = (len(shape), shape[-1] if shape else None)
-    # The device itself, not get_device(): that is -1 for a CPU and a meta tensor alike.
-    return (tensor.dtype, shape, tensor.is_contiguous(), tensor.device, tensor.data_ptr() & 15)  # type: ignore[attr-defined]
+    # The device itself, not get_device(): that is -1 for a CPU and a meta tensor alike. The lazy
+    # conjugate and negative bits: such a view's memory does not hold its values (the checks refuse it).
+    return (tensor.dtype, shape, tensor.is_contiguous(), tensor.device, tensor.data_ptr() & 15,  # type: ignore[attr-defined]
+            tensor.is_conj() or tensor.is_neg())  # type: ignore[attr-defined]
 
 
 def plan_key(op: str, tensors: Callable[[], tuple], values: tuple) -> object:
@@ -45,7 +47,7 @@ def plan_key(op: str, tensors: Callable[[], tuple], values: tuple) -> object:
     every layer, build the same kind of key inline: a2a.ops.dispatch / combine `_plan_key`.)"""
     try:
         tensor_part = tensors()
-    except (AttributeError, TypeError):
+    except (AttributeError, TypeError, RuntimeError):  # RuntimeError: data_ptr() of a sparse tensor
         return object()
     return (op, tensor_part, values, tuple(map(type, values)))
 

@@ -134,8 +134,8 @@ def _plan_key(experts: object, payloads: object, token_count: object, rt: object
                 tensor_key(token_count, rows=False), tensor_key(eplb_local_stats), rt, ep_size, top_k, num_experts,
                 active_rank_mask, enable_pdl, type(rt), type(ep_size), type(top_k), type(num_experts),
                 type(active_rank_mask), type(enable_pdl))  # fmt: skip
-    except (AttributeError, TypeError):  # not tensors: a key no plan has, so the full checks report them
-        return object()
+    except (AttributeError, TypeError, RuntimeError):  # not dense tensors (a sparse one's data_ptr raises):
+        return object()  # a key no plan has, so the full checks report them
 
 
 def _token_count(experts: torch.Tensor, payloads: Sequence[torch.Tensor], rt: int) -> int | None:
@@ -302,11 +302,9 @@ def _share_stats_launch(rank_workspace: RankWorkspace, active_rank_mask: int, pd
 
 
 def _as_bytes(payload: torch.Tensor) -> torch.Tensor:
-    """The payload's bytes `[rows, row_bytes]` uint8. A payload without rows may carry any strides
-    (torch calls `[0, 1]` with strides (1, 0) contiguous); nothing is read from it."""
-    if payload.shape[0] == 0 and payload.stride(-1) != 1:
-        payload = payload.as_strided(payload.shape, (payload.shape[1], 1))
-    return payload.view(torch.uint8)
+    """The payload's bytes `[rows, row_bytes]` uint8 (validation.row_major first: a contiguous
+    payload of one row or none may carry other strides)."""
+    return validation.row_major(payload).view(torch.uint8)
 
 
 def _row_bytes(payload: torch.Tensor) -> int:

@@ -30,6 +30,11 @@ def require_tensor(
 ) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.layout != torch.strided:
+        raise ValueError(f"{name} must be a dense (strided) tensor, got layout {value.layout}")
+    if value.is_conj() or value.is_neg():  # a2a moves the memory, which does not hold such a view's values
+        raise ValueError(f"{name} is a lazy conjugate or negative view (its memory does not hold its values): "
+                         "pass tensor.resolve_conj().resolve_neg()")  # fmt: skip
     if dtypes is not None:
         allowed = tuple(dtypes)
         if value.dtype not in allowed:
@@ -42,6 +47,21 @@ def require_tensor(
     if contiguous and not value.is_contiguous():
         raise ValueError(f"{name} must be contiguous (a2a never copies it silently), got strides {value.stride()}")
     return value
+
+
+def row_major(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous `tensor` with the row-major strides of its shape, nothing copied: torch calls a
+    tensor contiguous whatever the strides of its size-1 dimensions (and of any dimension when it
+    has no elements), while `.view(dtype)` to another element size needs row-major ones."""
+    shape, stride = tensor.shape, tensor.stride()
+    if len(shape) == 2 and stride[1] == 1 and stride[0] == max(shape[1], 1):
+        return tensor  # the usual payload, at no more than two tuple reads a call (the CPU path's views)
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    strides.reverse()
+    return tensor if stride == tuple(strides) else tensor.as_strided(shape, strides)
 
 
 def require_shape(name: str, tensor: torch.Tensor, expected: tuple[int, ...], meaning: str) -> None:
