@@ -26,23 +26,32 @@ ROUNDS = 200
 SLEEP_CYCLES = 50_000_000  # ~25 ms: longer than a batch of rounds' host time
 
 
-def functional_round(round_: Round) -> tuple[list[float], list[float]]:
+def functional_round(round_: Round, planes: list | None = None, dispatch=None,
+                     combine=None) -> tuple[list[float], list[float]]:  # fmt: skip
     """One round through the functional ops, each rank's call on its own stream (made current
-    first, so it is not counted): host us of every rank's dispatch, then of every rank's combine."""
+    first, so it is not counted): host us of every rank's dispatch, then of every rank's combine.
+    With `planes` (each rank's combine plane) the combine takes its payload in the workspace;
+    `dispatch` / `combine` stand in for the ops (same arguments; bench/profile/host_steps.py)."""
+    dispatch = dispatch or a2a.moe_a2a_dispatch
+    combine = combine or a2a.moe_a2a_combine
     world, ep, tokens = round_.world, round_.world.ep_size, round_.tokens
     dispatch_us, combine_us, offsets = [], [], []
     for r, moe in enumerate(round_.ranks):
         with world.stream(r).activate():
             begin = time.perf_counter()
-            _, offset, *_ = a2a.moe_a2a_dispatch(round_.experts[r], round_.payloads[r], moe.workspace, moe.metainfo,
-                                                 tokens, r, ep, moe.top_k, moe.num_experts)  # fmt: skip
+            _, offset, *_ = dispatch(round_.experts[r], round_.payloads[r], moe.workspace, moe.metainfo, tokens, r, ep,
+                                     moe.top_k, moe.num_experts)  # fmt: skip
             dispatch_us.append((time.perf_counter() - begin) * 1e6)
         offsets.append(offset)
     for r, moe in enumerate(round_.ranks):
         with world.stream(r).activate():
             begin = time.perf_counter()
-            a2a.moe_a2a_combine(round_.expert_outputs[r], tokens, moe.workspace, moe.metainfo, tokens, r, ep,
-                                moe.top_k, offsets[r])  # fmt: skip
+            if planes is None:
+                combine(round_.expert_outputs[r], tokens, moe.workspace, moe.metainfo, tokens, r, ep, moe.top_k,
+                        offsets[r])  # fmt: skip
+            else:
+                combine(planes[r], tokens, moe.workspace, moe.metainfo, tokens, r, ep, moe.top_k, offsets[r],
+                        payload_in_workspace=True)  # fmt: skip
             combine_us.append((time.perf_counter() - begin) * 1e6)
     return dispatch_us, combine_us
 

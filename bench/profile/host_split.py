@@ -86,24 +86,7 @@ def _in_workspace_planes(round_) -> list:
 
 def _a2a_round(round_, planes) -> tuple[list[float], list[float]]:
     """host_per_call's functional round, the combine's payload in the workspace when `planes` is given."""
-    if planes is None:
-        return host_per_call.functional_round(round_)
-    world, ep, tokens = round_.world, round_.world.ep_size, round_.tokens
-    dispatch_us, combine_us, offsets = [], [], []
-    for r, moe in enumerate(round_.ranks):
-        with world.stream(r).activate():
-            begin = time.perf_counter()
-            _, offset, *_ = a2a.moe_a2a_dispatch(round_.experts[r], round_.payloads[r], moe.workspace, moe.metainfo,
-                                                 tokens, r, ep, moe.top_k, moe.num_experts)  # fmt: skip
-            dispatch_us.append((time.perf_counter() - begin) * 1e6)
-        offsets.append(offset)
-    for r, moe in enumerate(round_.ranks):
-        with world.stream(r).activate():
-            begin = time.perf_counter()
-            a2a.moe_a2a_combine(planes[r], tokens, moe.workspace, moe.metainfo, tokens, r, ep, moe.top_k, offsets[r],
-                                payload_in_workspace=True)  # fmt: skip
-            combine_us.append((time.perf_counter() - begin) * 1e6)
-    return dispatch_us, combine_us
+    return host_per_call.functional_round(round_, planes)
 
 
 def _baseline_round(run) -> tuple[list[float], list[float]]:

@@ -22,7 +22,6 @@ envs.set_simulation_env()
 
 import torch  # noqa: E402
 
-import a2a  # noqa: E402
 from a2a.ops import combine as combine_ops, dispatch as dispatch_ops, validation  # noqa: E402
 from a2a.ops.context import resolve_context  # noqa: E402
 from bench.profile import host_per_call  # noqa: E402
@@ -66,8 +65,10 @@ class Steps:
         self.mark("d: begin_round", t)
         return plan.recv, plan.combine_offset
 
-    def combine(self, payload, local_num_tokens, workspace, metainfo, rt, ep_rank, ep_size, top_k, offset):
+    def combine(self, payload, local_num_tokens, workspace, metainfo, rt, ep_rank, ep_size, top_k, offset,
+                payload_in_workspace=True):  # fmt: skip
         """moe_a2a_combine's CUDA path, payload in the workspace, other arguments at their defaults."""
+        assert payload_in_workspace, "host_steps times the in-workspace combine"
         t = time.perf_counter_ns()
         validation.check_backend("trtllm")
         validation.check_enable_pdl(None)
@@ -80,7 +81,7 @@ class Steps:
         live = rank_workspace.live_round_for("moe_a2a_combine", 0)
         combine_ops.check_matches_dispatch(live, local_num_tokens, rt, offset)
         t = self.mark("c: fault and live-round checks", t)
-        key = combine_ops._plan_key(payload, None, None, rt, ep_size, top_k, offset, True, mask, None)
+        key = combine_ops._plan_key(payload, None, None, rt, ep_size, top_k, offset, payload_in_workspace, mask, None)
         t = self.mark("c: plan key", t)
         plan = rank_workspace.find_plan(key)
         if plan is None or not plan.accepts(payload, None, local_num_tokens, None):
@@ -96,25 +97,10 @@ class Steps:
 
 
 def _round(round_, planes, steps: Steps | None) -> tuple[list[float], list[float]]:
-    """One round of functional calls (steps timed when `steps` is given): host us of each call."""
-    world, ep, tokens = round_.world, round_.world.ep_size, round_.tokens
-    dispatch = steps.dispatch if steps is not None else lambda *a: a2a.moe_a2a_dispatch(*a)[:2]
-    combine = steps.combine if steps is not None else \
-        lambda *a: a2a.moe_a2a_combine(*a, payload_in_workspace=True)  # fmt: skip
-    dispatch_us, combine_us, offsets = [], [], []
-    for r, moe in enumerate(round_.ranks):
-        with world.stream(r).activate():
-            begin = time.perf_counter()
-            _, offset = dispatch(round_.experts[r], round_.payloads[r], moe.workspace, moe.metainfo, tokens, r, ep,
-                                 moe.top_k, moe.num_experts)  # fmt: skip
-            dispatch_us.append((time.perf_counter() - begin) * 1e6)
-        offsets.append(offset)
-    for r, moe in enumerate(round_.ranks):
-        with world.stream(r).activate():
-            begin = time.perf_counter()
-            combine(planes[r], tokens, moe.workspace, moe.metainfo, tokens, r, ep, moe.top_k, offsets[r])
-            combine_us.append((time.perf_counter() - begin) * 1e6)
-    return dispatch_us, combine_us
+    """One round of functional calls, the combine in the workspace (steps timed when `steps` is given)."""
+    if steps is None:
+        return host_per_call.functional_round(round_, planes)
+    return host_per_call.functional_round(round_, planes, steps.dispatch, steps.combine)
 
 
 def measure(tokens: int) -> None:
