@@ -313,9 +313,10 @@ class _CombinePlan:
         gather_grid = (rows, gather_tiles)
 
         def stage() -> None:
-            self.stage(self.stage_grid, payload if self.stage.fast else _as_units(payload, self.stage_unit))
+            self.stage(self.stage_grid, payload if self.stage.fast else validation.as_units(payload, self.stage_unit))
             if self.stage_scales is not None:
-                scales = payload_scales if self.stage_scales.fast else _as_units(payload_scales, self.stage_scales_unit)
+                scales = payload_scales if self.stage_scales.fast else \
+                    validation.as_units(payload_scales, self.stage_scales_unit)  # fmt: skip
                 self.stage_scales(self.stage_scales_grid, scales)
 
         if self.wait_in_kernel:  # on the current CUDA stream: the barrier kernel (or program) waits and gates
@@ -335,12 +336,6 @@ class _CombinePlan:
                                                 *gate, gather])  # fmt: skip
 
 
-def _as_units(payload: torch.Tensor, unit: torch.dtype) -> torch.Tensor:
-    """The payload's bytes as copy units (validation.row_major first: a contiguous payload may
-    carry other strides on its size-1 dimensions)."""
-    return validation.row_major(payload).view(torch.uint8).view(unit)
-
-
 def _stage_launch(rank_workspace: RankWorkspace, payload: torch.Tensor, combine_offset: int,
                   pdl: bool = False) -> KernelLaunch:  # fmt: skip
     ep_size, rt, hidden = payload.shape
@@ -348,7 +343,7 @@ def _stage_launch(rank_workspace: RankWorkspace, payload: torch.Tensor, combine_
     workspace = rank_workspace.workspace
     plane_address = workspace.data_ptr() + rank_workspace.ep_rank * rank_workspace.segment_stride + combine_offset
     unit = configs.copy_unit(row_bytes, payload.data_ptr(), plane_address)
-    source = _as_units(payload, unit.dtype)
+    source = validation.as_units(payload, unit.dtype)
     plane = rank_workspace.own(combine_offset, ep_size * rt * unit.row_units, unit.dtype)
     config = configs.stage_config(unit.row_units, unit.unit_bytes)
     return KernelLaunch(

@@ -260,7 +260,7 @@ class _DispatchPlan:
         if self.copy.fast:
             sources = tuple(payloads)  # only the addresses matter
         else:
-            sources = tuple(_as_bytes(p).view(dtype) for p, dtype in zip(payloads, self.unit_dtypes))
+            sources = tuple(validation.as_units(p, dtype) for p, dtype in zip(payloads, self.unit_dtypes))
         # At least one token row, so a rank without tokens still runs the barrier.
         copy_grid = (max(1, num_tokens), self.num_tiles)
         if num_tokens <= self.fused_max_tokens:  # one launch routes and copies (never with EPLB statistics)
@@ -299,12 +299,6 @@ def _share_stats_launch(rank_workspace: RankWorkspace, active_rank_mask: int, pd
          rank_workspace.ep_rank),
         dict(NUM_STATS=num, BLOCK=min(1024, configs.next_power_of_2(num)), num_warps=1, **pdl_constexprs(pdl)),
     )
-
-
-def _as_bytes(payload: torch.Tensor) -> torch.Tensor:
-    """The payload's bytes `[rows, row_bytes]` uint8 (validation.row_major first: a contiguous
-    payload of one row or none may carry other strides)."""
-    return validation.row_major(payload).view(torch.uint8)
 
 
 def _row_bytes(payload: torch.Tensor) -> int:
@@ -404,7 +398,7 @@ def _copy_launch(
         unit = configs.copy_unit(
             _row_bytes(payload), payload.data_ptr(), workspace.data_ptr() + offset, rank_workspace.segment_stride
         )
-        sources.append(_as_bytes(payload).view(unit.dtype))
+        sources.append(validation.as_units(payload, unit.dtype))
         plane = rank_workspace.every_rank(offset, size, unit.dtype)
         planes.append(plane)
         strides.append(plane.stride(0))

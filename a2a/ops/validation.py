@@ -64,6 +64,11 @@ def row_major(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if stride == tuple(strides) else tensor.as_strided(shape, strides)
 
 
+def as_units(tensor: torch.Tensor, unit: torch.dtype) -> torch.Tensor:
+    """A contiguous tensor's bytes viewed as copy units of `unit` (row_major first), nothing copied."""
+    return row_major(tensor).view(torch.uint8).view(unit)
+
+
 def require_shape(name: str, tensor: torch.Tensor, expected: tuple[int, ...], meaning: str) -> None:
     if tuple(tensor.shape) != expected:
         raise ValueError(f"{name} must have shape {list(expected)} ({meaning}), got {list(tensor.shape)}")
