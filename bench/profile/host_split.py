@@ -84,11 +84,6 @@ def _in_workspace_planes(round_) -> list:
     return planes
 
 
-def _a2a_round(round_, planes) -> tuple[list[float], list[float]]:
-    """host_per_call's functional round, the combine's payload in the workspace when `planes` is given."""
-    return host_per_call.functional_round(round_, planes)
-
-
 def _baseline_round(run) -> tuple[list[float], list[float]]:
     """The baseline library's functional calls, each rank's on its own stream: host us per call."""
     world, ep, tokens = run.world, run.ep_size, run.tokens
@@ -126,7 +121,7 @@ def _batch(round_, planes, mode: str) -> tuple[list[float], list[float], list[fl
     _set_mode(mode)
     dispatch_us, staged_us, in_workspace_us = [], [], []
     for i in range(ROUNDS_PER_BATCH):
-        dispatch, combine = _a2a_round(round_, planes if i % 2 else None)
+        dispatch, combine = host_per_call.functional_round(round_, planes if i % 2 else None)
         dispatch_us += dispatch
         (in_workspace_us if i % 2 else staged_us).extend(combine)
     _set_mode("launch")
@@ -186,7 +181,7 @@ def split(tokens: int, batches: int, profile: bool, baseline_module=None) -> Non
             _asleep(world)
             profiler.enable()
             for i in range(ROUNDS_PER_BATCH):
-                _a2a_round(round_, planes if i % 2 else None)
+                host_per_call.functional_round(round_, planes if i % 2 else None)
             profiler.disable()
         world.synchronize()
         text = io.StringIO()
