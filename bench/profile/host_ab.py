@@ -16,53 +16,32 @@ per-batch-pair differences (this - older) with the count of pairs where this tre
 from __future__ import annotations
 
 import argparse
-import importlib
 import importlib.util
 import os
 import statistics
-import sys
 from pathlib import Path
 
-THIS_TREE = Path(__file__).resolve().parents[2]
+from bench.profile.trees import THIS_TREE, LoadedTree, own_modules
+
 ROUNDS_PER_BATCH = 10
 SLEEP_CYCLES = 50_000_000  # ~25 ms on an H200: longer than a batch's host time
-_OWN_PREFIXES = ("a2a", "bench")
 
 
-def _own_modules() -> dict:
-    return {name: module for name, module in sys.modules.items() if name.split(".")[0] in _OWN_PREFIXES}
-
-
-class Tree:
-    """One tree's modules and its checked round."""
+class Tree(LoadedTree):
+    """One tree's modules (bench.profile.trees) and its checked round."""
 
     def __init__(self, root: Path, tokens: int):
-        for name in _own_modules():
-            del sys.modules[name]
-        sys.path.insert(0, str(root))
-        try:
-            self.a2a = importlib.import_module("a2a")
-            harness = importlib.import_module("bench.harness")
-            self.round = harness.Round.build(self.a2a.SimulatedWorld(8, "cuda"), tokens, "deepseek", "bf16")
-            self.round.check()
-            # This tree's host_per_call, bound to the tree just imported (it uses only the functional
-            # API and bench.harness's Round, so it measures an older tree too).
-            spec = importlib.util.spec_from_file_location(f"host_per_call_{id(self)}",
-                                                          Path(__file__).with_name("host_per_call.py"))  # fmt: skip
-            host_per_call = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(host_per_call)
-            self.functional_round = host_per_call.functional_round
-        finally:
-            sys.path.remove(str(root))
-        self.root = root
-        self.modules = _own_modules()
-        if not str(Path(self.a2a.__file__).resolve()).startswith(str(root.resolve())):
-            raise RuntimeError(f"imported {self.a2a.__file__}, not the tree at {root}")
-
-    def activate(self) -> None:
-        for name in _own_modules():
-            del sys.modules[name]
-        sys.modules.update(self.modules)
+        super().__init__(root)
+        self.round = self.harness.Round.build(self.a2a.SimulatedWorld(8, "cuda"), tokens, "deepseek", "bf16")
+        self.round.check()
+        # This tree's host_per_call, bound to the tree just imported (it uses only the functional
+        # API and bench.harness's Round, so it measures an older tree too).
+        spec = importlib.util.spec_from_file_location(f"host_per_call_{id(self)}",
+                                                      Path(__file__).with_name("host_per_call.py"))  # fmt: skip
+        host_per_call = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(host_per_call)
+        self.functional_round = host_per_call.functional_round
+        self.modules = own_modules()
 
     def batch(self, rounds: int) -> tuple[list[float], list[float]]:
         """`rounds` rounds of functional calls, each rank's call on its own stream: host us per call."""
