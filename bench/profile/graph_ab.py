@@ -49,6 +49,18 @@ class TreeRound(LoadedTree):
             graphs["combine_in_workspace"] = capture(lambda: round_.combine(planes))
             graphs["round"] = capture(lambda: (round_.dispatch(), round_.combine(planes)))
             self.graphs = {phase: graphs[phase] for phase in phases}
+            # A graph holds addresses, not tensors: the round (inputs, workspace, world) and the planes
+            # must live as long as the graphs, or the next tree's allocations reuse their memory
+            # (a first version dropped them: the first tree's 1024-token dispatch then moved less than
+            # half its rows, 113 us against 230 in bench.run).
+            self.round, self.planes = round_, planes
+            # Bytes each phase reads and writes, as bench.run counts them: a median that moves them
+            # faster than the GPU's memory can is no measurement of the phase (printed as GB/s).
+            ep, pairs = world.ep_size, round_.unique_pairs
+            dispatch_bytes = (ep * tokens + pairs) * harness.dispatch_row_bytes(round_)
+            combine_bytes = (pairs + ep * tokens) * round_.hidden * 2
+            self.bytes = {"dispatch": dispatch_bytes, "combine_in_workspace": combine_bytes,
+                          "round": dispatch_bytes + combine_bytes}  # fmt: skip
             world.synchronize()
             torch.cuda.synchronize()
         self.time_region = harness.time_region
@@ -88,8 +100,9 @@ def main() -> None:
     first = trees[0]
     for phase in phases:
         for tree in trees:
-            line = (f"graph ab {args.tokens:5d} tokens {phase:21s} {str(tree):28s} "
-                    f"{statistics.median(tree.samples[phase]):8.1f} us (median of {len(tree.samples[phase])})")
+            us = statistics.median(tree.samples[phase])
+            line = (f"graph ab {args.tokens:5d} tokens {phase:21s} {str(tree):28s} {us:8.1f} us "
+                    f"{tree.bytes[phase] / us / 1e3:7.1f} GB/s (median of {len(tree.samples[phase])})")
             if tree is not first:
                 differences = [b - a for a, b in zip(first.batch_medians[phase], tree.batch_medians[phase])]
                 faster = sum(d < 0 for d in differences)
