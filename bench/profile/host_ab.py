@@ -42,6 +42,7 @@ class Tree(LoadedTree):
         spec.loader.exec_module(host_per_call)
         self.functional_round = host_per_call.functional_round
         self.modules = own_modules()
+        self.check_modules()
 
     def batch(self, rounds: int) -> tuple[list[float], list[float]]:
         """`rounds` rounds of functional calls, each rank's call on its own stream: host us per call."""

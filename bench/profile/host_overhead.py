@@ -21,13 +21,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import statistics
-import sys
 import time
 from pathlib import Path
 
-THIS_TREE = Path(__file__).resolve().parents[2]
+from bench.profile.trees import THIS_TREE, LoadedTree, own_modules
+
 CALLS_PER_BATCH = 200
-_OWN_PREFIXES = ("a2a", "bench")
 
 
 class StubbedRound:
@@ -82,30 +81,15 @@ class StubbedRound:
         return dispatch_us, combine_us
 
 
-def _own_modules() -> dict:
-    return {name: module for name, module in sys.modules.items() if name.split(".")[0] in _OWN_PREFIXES}
-
-
-class Tree:
-    """A tree's modules (imported from `root`) and its stubbed round."""
+class Tree(LoadedTree):
+    """A tree's modules (bench.profile.trees) and its stubbed round."""
 
     def __init__(self, root: Path, ep: int, tokens: int, hidden: int):
-        for name in _own_modules():
-            del sys.modules[name]
-        sys.path.insert(0, str(root))
-        try:
-            self.round = StubbedRound(ep, tokens, hidden)
-        finally:
-            sys.path.remove(str(root))
-        if not str(Path(self.round.a2a.__file__).resolve()).startswith(str(root.resolve())):
-            raise RuntimeError(f"imported {self.round.a2a.__file__}, not the tree at {root}")
-        self.modules = _own_modules()
+        super().__init__(root)
+        self.round = StubbedRound(ep, tokens, hidden)
+        self.modules = own_modules()
+        self.check_modules()
         self.name = root.name
-
-    def activate(self) -> None:
-        for name in _own_modules():
-            del sys.modules[name]
-        sys.modules.update(self.modules)
 
 
 def compare(older_root: Path, ep: int, tokens: int, hidden: int, batches: int) -> None:
