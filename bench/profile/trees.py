@@ -10,6 +10,7 @@ import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
+from unittest import mock
 
 THIS_TREE = Path(__file__).resolve().parents[2]
 # tests: bench.harness draws its inputs with tests.support.round_inputs, which older trees may lack or differ in.
@@ -56,16 +57,8 @@ class LoadedTree:
     def active(self):
         """This tree's modules and environment variables, the previous values restored after."""
         self.activate()
-        saved = {name: os.environ.get(name) for name in self.env}
-        os.environ.update(self.env)
-        try:
+        with mock.patch.dict(os.environ, self.env):
             yield self
-        finally:
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
 
     def __str__(self) -> str:
         name = "this tree" if self.root == THIS_TREE else self.root.name
