@@ -1,7 +1,7 @@
 """Several a2a trees in one process (e.g. `.base`, a `git archive` of an older commit, and this
-one): each imported under the names `a2a` and `bench`, its own modules swapped into sys.modules
-while it runs, so lazy imports resolve to that tree. Used by host_ab and graph_ab, whose A/B
-differences are smaller than what separate processes of one tree differ by."""
+one): each imported under the names `a2a`, `bench` and `tests`, its own modules swapped into
+sys.modules while it runs, so lazy imports resolve to that tree. Used by host_ab, host_overhead and
+graph_ab, whose A/B differences are smaller than what separate processes of one tree differ by."""
 
 from __future__ import annotations
 
