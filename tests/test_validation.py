@@ -73,6 +73,9 @@ DISPATCH_RULES: list[tuple[str, Mutation, type, str]] = [
     ("too many payloads", lambda a: a.update(input_payloads=[torch.zeros(2, 1)] * (MAX_PAYLOADS + 1)), ValueError, "input_payloads must hold 1 to 8"),
     ("payload 1-D", lambda a: a.update(input_payloads=[torch.zeros(2)]), ValueError, r"input_payloads\[0\] must be 2-D"),
     ("payload rows != tokens", lambda a: a.update(input_payloads=[torch.zeros(3, HIDDEN)]), ValueError, r"input_payloads\[0\] first dim must equal the local token count 2"),
+    # Rows are no part of a plan's key: the same dtypes and widths as the valid call, so after a valid
+    # round only the per-call checks a found plan leaves open can refuse these two.
+    ("payload rows != tokens, same dtype", lambda a: a.update(input_payloads=[torch.zeros(3, HIDDEN, dtype=torch.bfloat16)]), ValueError, r"input_payloads\[0\] first dim must equal the local token count 2"),
     ("payload width 0", lambda a: a.update(input_payloads=[torch.zeros(2, 0)]), ValueError, "at least one element per token"),
     ("payload strided", lambda a: a.update(input_payloads=[torch.zeros(HIDDEN, 2).t()]), ValueError, r"input_payloads\[0\] must be contiguous"),
     ("payload conjugate view", lambda a: a.update(input_payloads=[torch.zeros(2, HIDDEN, dtype=torch.complex64).conj()]), ValueError, r"input_payloads\[0\] is a lazy conjugate or negative view"),
@@ -88,6 +91,7 @@ DISPATCH_RULES: list[tuple[str, Mutation, type, str]] = [
     ("rt 0", lambda a: a.update(runtime_max_tokens_per_rank=0), ValueError, r"runtime_max_tokens_per_rank must be in \[1, 4\], got 0"),
     ("rt over capacity", lambda a: a.update(runtime_max_tokens_per_rank=CAPACITY + 1), ValueError, r"runtime_max_tokens_per_rank must be in \[1, 4\]"),
     ("tokens over rt", lambda a: a.update(runtime_max_tokens_per_rank=1), ValueError, r"local token count \(2\) must be <= runtime_max_tokens_per_rank \(1\)"),
+    ("tokens over rt, same rt", lambda a: a.update(token_selected_experts=torch.zeros(RT + 1, TOP_K, dtype=torch.int32), input_payloads=[torch.zeros(RT + 1, HIDDEN, dtype=torch.bfloat16)]), ValueError, r"local token count \(4\) must be <= runtime_max_tokens_per_rank \(3\)"),
     ("workspace dtype", lambda a: a.update(workspace=a["workspace"].view(torch.int8)), TypeError, "workspace must be uint8"),
     ("workspace 1-D", lambda a: a.update(workspace=a["workspace"][0]), ValueError, "workspace must be 2-D"),
     ("workspace rows != ep_size", lambda a: a.update(workspace=a["workspace"][:1]), ValueError, "workspace first dim must equal ep_size=2"),

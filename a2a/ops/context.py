@@ -41,6 +41,15 @@ def tensor_key(tensor: object, *, rows: bool = True) -> tuple | None:
             (dtype.is_complex and tensor.is_conj()) or tensor.is_neg())  # type: ignore[attr-defined]
 
 
+def rows_and_key(tensor: torch.Tensor) -> tuple[int, tuple]:
+    """The rows of a tensor of one or more dimensions and `tensor_key(tensor, rows=False)`, from one
+    read of its shape (dispatch keys its experts and payloads and checks their rows in one pass)."""
+    shape = tensor.shape
+    dtype = tensor.dtype
+    return shape[0], (dtype, (len(shape), shape[-1]), tensor.is_contiguous(), tensor.device, tensor.data_ptr() & 15,
+                      (dtype.is_complex and tensor.is_conj()) or tensor.is_neg())  # fmt: skip
+
+
 def plan_key(op: str, tensors: Callable[[], tuple], values: tuple) -> object:
     """The call-signature key of one op: what its validation and kernel variants depend on, the
     int arguments with their types included. Equal keys: the same checks pass and the same plan

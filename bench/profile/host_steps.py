@@ -53,10 +53,10 @@ class Steps:
         rank_workspace.raise_if_faulted()
         rank_workspace.check_no_live_round("moe_a2a_dispatch", 0)
         t = self.mark("d: fault and live-round checks", t)
-        key = dispatch_ops._plan_key(experts, payloads, None, rt, ep_size, top_k, num_experts, mask, None, None)
+        key, rows = dispatch_ops._plan_key(experts, payloads, None, rt, ep_size, top_k, num_experts, mask, None, None)
         t = self.mark("d: plan key", t)
         plan = rank_workspace.find_plan(key)
-        num_tokens = dispatch_ops._token_count(experts, payloads, rt)
+        num_tokens = rows if plan is not None and 0 <= rows <= rt else None
         rank_workspace.check_returning_ranks(plan.active_rank_mask)
         t = self.mark("d: find plan, token count, returning ranks", t)
         plan.launch(experts, payloads, None, num_tokens, None)
