@@ -50,9 +50,9 @@ class TreeRound(LoadedTree):
             graphs["round"] = capture(lambda: (round_.dispatch(), round_.combine(planes)))
             self.graphs = {phase: graphs[phase] for phase in phases}
             # A graph holds addresses, not tensors: the round (inputs, workspace, world) and the planes
-            # must live as long as the graphs, or the next tree's allocations reuse their memory
-            # (a first version dropped them: the first tree's 1024-token dispatch then moved less than
-            # half its rows, 113 us against 230 in bench.run).
+            # must live as long as the graphs, or the next tree's allocations reuse their memory (a
+            # first version dropped them; its first tree's 1024-token dispatch timed 113 us, faster
+            # than the GPU's memory allows, against 230 in bench.run).
             self.round, self.planes = round_, planes
             # Bytes each phase reads and writes, as bench.run counts them: a median that moves them
             # faster than the GPU's memory can is no measurement of the phase (printed as GB/s).
