@@ -29,9 +29,10 @@ The top-k arrays reserve `MAX_TOP_K` entries per token but are indexed with the 
 as row stride: entry `(token i, k)` sits at element `i * top_k + k`.
 
 Payload region (per round: depends on `runtime_max_tokens_per_rank` and the payload list):
-receive plane `p` is `[ep, rt, bytes_p]` (row `source * rt + slot`), planes packed in payload order,
-each starting on a 16-byte boundary so the widest vector copy is always legal. The combine plane
-`[ep, rt, combine_bytes]` starts at the next 128-byte boundary after the last receive plane.
+receive plane `p` is `[ep, rt, bytes_p]` (row `source * rt + slot`), planes in payload order,
+then the combine plane `[ep, rt, combine_bytes]`, each starting on the next PLANE_START_ALIGN
+(4096-byte) boundary: any 16-byte boundary makes the widest vector copy legal, and 4096-byte
+ones keep the copies at their speed (a2a.runtime.alignment.SEGMENT_ALIGN says by how much).
 
 Because the planes move with the round's geometry, a round's receive planes may cover bytes that
 were the previous round's combine plane. That is safe because a rank's dispatch writes only after
@@ -47,7 +48,7 @@ from dataclasses import dataclass
 
 import torch
 
-from a2a.runtime.alignment import align_up
+from a2a.runtime.alignment import SEGMENT_ALIGN, align_up
 from a2a.runtime.protocol import FAULT_RECORD_WORDS, SIGNATURE_WORDS
 
 MAX_RANKS = 64
@@ -56,11 +57,15 @@ MAX_PAYLOADS = 8
 # Tokens handled by one routing program; the per-block scratch is sized by it.
 ROUTE_BLOCK_TOKENS = 64
 REGION_ALIGN = 128
+# A plane offset a caller passes (combine_payload_offset) must be a multiple of this (16-byte vectors).
 PLANE_ALIGN = 16
-# Counted in `aux_data_size` though the payload begins before it: what the 16-byte alignment of up
-# to MAX_PAYLOADS receive planes and the 128-byte start of the combine plane can add to a round,
-# so FlashInfer's sizing formula (aux + payloads + combine, each padded to 128) always fits.
-ALIGNMENT_RESERVE = PLANE_ALIGN * MAX_PAYLOADS
+# Where this layout starts each plane: segments start on SEGMENT_ALIGN boundaries (every world's
+# allocator), so planes at these offsets are 4096-byte aligned in memory.
+PLANE_START_ALIGN = SEGMENT_ALIGN
+# Counted in `aux_data_size` though the payload begins before it: what starting up to MAX_PAYLOADS
+# receive planes and the combine plane on PLANE_START_ALIGN boundaries can add to a round, so
+# FlashInfer's sizing formula (aux + payloads + combine, each padded to 128) always fits.
+ALIGNMENT_RESERVE = PLANE_START_ALIGN * (MAX_PAYLOADS + 1)
 
 
 
@@ -191,14 +196,14 @@ class WorkspaceLayout:
         cursor = self.payload_offset
         for row_bytes in dispatch_bytes_per_token:
             size = self.ep_size * runtime_max_tokens * row_bytes
-            offsets.append(cursor)
+            offsets.append(align_up(cursor, PLANE_START_ALIGN))
             sizes.append(size)
-            cursor = align_up(cursor + size, PLANE_ALIGN)
+            cursor = offsets[-1] + size
         return RoundLayout(
             runtime_max_tokens=runtime_max_tokens,
             recv_plane_offsets=tuple(offsets),
             recv_plane_sizes=tuple(sizes),
-            combine_offset=align_up(cursor, REGION_ALIGN),
+            combine_offset=align_up(cursor, PLANE_START_ALIGN),
         )
 
     # The metainfo tensor: the same facts as this dataclass, as the CPU int64 tensor the

@@ -102,8 +102,8 @@ def workspace_example() -> str:
     aux = layout.payload_offset
     reserve = layout_module.ALIGNMENT_RESERVE
     lines.append(f"| aux region | the fields above: where the payload begins | | | **{_n(aux)}** |")
-    lines.append(f"| aux data size | `moe_a2a_get_aux_data_size({ep}, {tokens})`: the aux region + {reserve} bytes "
-                 f"the planes' alignment may use | | | {_n(a2a.moe_a2a_get_aux_data_size(ep, tokens))} |")
+    lines.append(f"| aux data size | `moe_a2a_get_aux_data_size({ep}, {tokens})`: the aux region + {_n(reserve)} bytes "
+                 f"the planes' 4096-byte starts may use | | | {_n(a2a.moe_a2a_get_aux_data_size(ep, tokens))} |")
 
     row_bytes = [b for _, b in DISPATCH_PAYLOADS]
     round_layout = layout.round_layout(tokens, row_bytes)
@@ -135,7 +135,8 @@ def workspace_example() -> str:
         f"That is {exact / 2**20:.1f} MiB a rank, {ep * exact / 2**30:.2f} GiB over the {ep} ranks.",
         f"The summed form is {summed - exact} bytes larger: it is FlashInfer's formula, `aux data size` + the",
         "summed planes + the combine plane, each rounded up to 128, and the aux data size counts the",
-        f"{reserve} bytes the alignment of up to {layout_module.MAX_PAYLOADS} planes may use.",
+        f"{_n(reserve)} bytes that starting up to {layout_module.MAX_PAYLOADS} receive planes and the combine plane on",
+        "4096-byte boundaries may use.",
     ]
     return "\n".join(lines)
 

@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import a2a
+from a2a.runtime.alignment import SEGMENT_ALIGN, align_up
 from a2a.runtime.protocol import SIGNATURE_WORDS
 from a2a.layout import (
     MAX_PAYLOADS,
@@ -15,6 +16,7 @@ from a2a.layout import (
     METAINFO_FIELDS,
     ROUND_STATE_LEN,
     PLANE_ALIGN,
+    PLANE_START_ALIGN,
     REGION_ALIGN,
     WorkspaceLayout,
     num_route_blocks,
@@ -61,7 +63,7 @@ def test_regions_are_aligned_ordered_and_disjoint(ep_size, max_num_tokens, eplb)
     row_bytes=st.lists(st.integers(1, 5000), min_size=1, max_size=MAX_PAYLOADS),
     combine_bytes=st.integers(1, 9000),
 )
-def test_round_planes_are_16_byte_aligned_and_fit_the_advertised_size(
+def test_round_planes_start_on_4096_byte_boundaries_and_fit_the_advertised_size(
     ep_size, max_num_tokens, runtime, row_bytes, combine_bytes
 ):
     runtime = min(runtime, max_num_tokens)
@@ -69,10 +71,10 @@ def test_round_planes_are_16_byte_aligned_and_fit_the_advertised_size(
     planes = layout.round_layout(runtime, row_bytes)
     end = layout.payload_offset
     for offset, size, row in zip(planes.recv_plane_offsets, planes.recv_plane_sizes, row_bytes):
-        assert offset % PLANE_ALIGN == 0 and offset >= end
+        assert offset == align_up(end, PLANE_START_ALIGN) and offset % PLANE_ALIGN == 0  # no more padding
         assert size == ep_size * runtime * row
         end = offset + size
-    assert planes.combine_offset % REGION_ALIGN == 0 and planes.combine_offset >= end
+    assert planes.combine_offset % PLANE_START_ALIGN == 0 and planes.combine_offset >= end
     needed = planes.combine_end(ep_size, combine_bytes)
     # Both forms of the size function cover every rt <= capacity.
     assert needed <= a2a.moe_a2a_get_workspace_size_per_rank(ep_size, max_num_tokens, row_bytes, combine_bytes)
@@ -84,7 +86,8 @@ def test_size_formula_matches_the_reference_shape():
     aux = a2a.moe_a2a_get_aux_data_size(ep, tokens)
     assert a2a.moe_a2a_get_workspace_size_per_rank(ep, tokens, 0, 0) == aux  # FlashInfer's rule: no payloads, aux
     exact = a2a.moe_a2a_get_workspace_size_per_rank(ep, tokens, [], 0)
-    assert exact == WorkspaceLayout.compute(ep, tokens).aux_size  # the exact form: the aux region alone
+    # The exact form: the aux region alone, up to where the (empty) combine plane would start.
+    assert exact == align_up(WorkspaceLayout.compute(ep, tokens).aux_size, PLANE_START_ALIGN)
     grown = a2a.moe_a2a_get_workspace_size_per_rank(ep, tokens, [hidden * 2], hidden * 2)
     assert grown - exact == 2 * hidden * 2 * ep * tokens
     helper = a2a.MoeAlltoAll.get_moe_workspace_size_per_rank(ep, top_k, tokens, hidden)
@@ -119,3 +122,17 @@ def test_wrap_payload_tensor_reads_the_right_segment():
     assert view.flatten().tolist() == list(range(2 * 256 + 16, 2 * 256 + 16 + 12))
     with pytest.raises(ValueError, match="segment"):
         a2a.moe_a2a_wrap_payload_tensor_in_workspace(base, [1], 1000, 1100, torch.uint8)
+
+
+@pytest.mark.parametrize("size_per_rank", [1, 4096, 235_679_104 // 1024, 1_000_003])
+def test_simulated_segments_and_planes_start_on_4096_byte_boundaries(device, size_per_rank):
+    """Planes start 4096-byte aligned in memory, not only in a segment: the simulated world's rows
+    are SEGMENT_ALIGN apart from an aligned start, as the process worlds' allocators put them
+    (before, rows were size_per_rank apart, so a plane's address drifted by rank)."""
+    world = a2a.SimulatedWorld(3, device)
+    workspace = world.workspace(("layout-test",), size_per_rank)
+    assert workspace.shape == (3, size_per_rank) and workspace.stride(0) % SEGMENT_ALIGN == 0
+    assert all(workspace[rank].data_ptr() % SEGMENT_ALIGN == 0 for rank in range(3))
+    assert not workspace.any()  # zero-initialised
+    planes = WorkspaceLayout.compute(3, 7).round_layout(5, [14336, 32, 33])
+    assert all(offset % SEGMENT_ALIGN == 0 for offset in (*planes.recv_plane_offsets, planes.combine_offset))

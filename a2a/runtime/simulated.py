@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from a2a import envs
+from a2a.runtime.alignment import SEGMENT_ALIGN, align_up
 from a2a.runtime.driver import check, driver
 from a2a.runtime.streams import SignalStream
 
@@ -101,11 +102,13 @@ class SimulatedWorld:
         return self._streams[rank]
 
     def workspace(self, key: tuple, size_per_rank: int) -> torch.Tensor:
-        """The zero-initialised `[ep_size, size_per_rank]` uint8 workspace for `key`, made once."""
+        """The zero-initialised `[ep_size, size_per_rank]` uint8 workspace for `key`, made once.
+        Its segments start on SEGMENT_ALIGN boundaries in memory, as the process worlds' allocators
+        place them (row stride = align_up(size_per_rank, SEGMENT_ALIGN))."""
         workspace = self._workspaces.get(key)
         if workspace is None or workspace.shape[1] != size_per_rank:
             self.synchronize()
-            workspace = torch.zeros(self.ep_size, size_per_rank, dtype=torch.uint8, device=self.device)
+            workspace = _aligned_segments(self.ep_size, size_per_rank, self.device)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             self._workspaces[key] = workspace
@@ -265,3 +268,11 @@ def _prepare_cuda_for_simulation(num_streams: int) -> None:
             f"{num_streams + 1} (got {connections}): otherwise two ranks' streams share a hardware queue "
             f"and a parked wait blocks the peer it waits for. {fix}"
         )
+
+
+def _aligned_segments(ep_size: int, size_per_rank: int, device: torch.device) -> torch.Tensor:
+    """Zeroed `[ep_size, size_per_rank]` uint8 rows, each starting on a SEGMENT_ALIGN boundary."""
+    stride = align_up(size_per_rank, SEGMENT_ALIGN)
+    memory = torch.zeros(ep_size * stride + SEGMENT_ALIGN, dtype=torch.uint8, device=device)
+    start = -memory.data_ptr() % SEGMENT_ALIGN
+    return memory[start : start + ep_size * stride].view(ep_size, stride)[:, :size_per_rank]
