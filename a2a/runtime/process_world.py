@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from a2a.runtime.bootstrap import Bootstrap, bootstrap_from
+from a2a.runtime.host_mapped import free_released
 from a2a.runtime.streams import SignalStream
 from a2a.runtime.symmetric_memory import SymmetricMemory
 
@@ -129,6 +130,7 @@ class ProcessWorld:
         """Block until this rank's work has run (on CUDA: the whole device; not a barrier)."""
         if self._stream is None:
             torch.cuda.synchronize(self.device)
+            free_released()  # the device is idle (see a2a.runtime.host_mapped)
         else:
             self._stream.synchronize()
 

@@ -29,6 +29,7 @@ import torch
 from a2a import envs
 from a2a.runtime.alignment import SEGMENT_ALIGN, align_up
 from a2a.runtime.driver import check, driver
+from a2a.runtime.host_mapped import free_released
 from a2a.runtime.streams import SignalStream
 
 # CUDA_DEVICE_MAX_CONNECTIONS is at most 32; one queue is left to the caller's stream.
@@ -111,6 +112,7 @@ class SimulatedWorld:
             workspace = _aligned_segments(self.ep_size, size_per_rank, self.device)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
+                free_released()  # the device is idle: no peer spins while the frees wait for it
             self._workspaces[key] = workspace
         return workspace
 
