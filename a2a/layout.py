@@ -13,7 +13,7 @@ Aux region (static for a given `(ep_size, max_num_tokens)`), each field 128-byte
 | dispatch_flags | i32 [ep] | peer `s` stores its epoch into `[s]` after its dispatch copy | own copy kernel's last program (or the host) |
 | combine_flags | i32 [ep] | peer `s` stores its epoch into `[s]` once its combine plane is ready | own combine barrier |
 | gather_flags | i32 [ep] | peer `s` stores its gather count into `[s]` after its gather | own routing's last program (or every program of a fused dispatch), before this rank's next dispatch writes |
-| signatures | i32 [2, ep, SIGNATURE_WORDS] | peer `s` stores its round's signature into `[phase][s]` before its flag | own barrier (compared with its own) |
+| signatures | i32 [2, ep, SIGNATURE_WORDS] | peer `s` stores its round's signature into `[phase][s]` before its flag | own dispatch barrier, own gather (compared with its own) |
 | round_state | i32 [32] | own kernels | see `RoundState`: election counters, the fused combine's gate and the fused dispatch's trouble words (self-resetting), invalid count, epoch and gather counters, fault record |
 | topk_target_ranks | i32 [max_num_tokens * top_k] | own routing | own combine |
 | topk_send_indices | i32 [max_num_tokens * top_k] | own dispatch copy | own combine |

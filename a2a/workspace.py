@@ -179,8 +179,10 @@ class RankWorkspace:
         record = self.state.host_record
         return 0 if record is None else record.device_address
 
-    def flag_wait(self, phase: Phase, active_rank_mask: int, timeout_ms: int) -> FlagWait:
-        """The host wait (CPU path) of `phase` among the active ranks (bit r: rank r)."""
+    def flag_wait(self, phase: Phase, active_rank_mask: int, timeout_ms: int,
+                  compare_signatures: bool = True) -> FlagWait:  # fmt: skip
+        """The host wait (CPU path) of `phase` among the active ranks (bit r: rank r); it compares
+        the peers' signatures unless `compare_signatures` is False (the combine: its gather does)."""
         layout = self.layout
         row = FlagArray.GATHER if phase is Phase.ORDERING else FlagArray(_signature_row(phase))
         flags_offset = layout.dispatch_flags_offset + 4 * layout.flag_array_stride * row
@@ -196,7 +198,7 @@ class RankWorkspace:
         poison = tuple(own_word(t, array) for t in others for array in FlagArray)
         signatures: tuple[int, ...] = ()
         own_signature = 0
-        if phase is not Phase.ORDERING:
+        if phase is not Phase.ORDERING and compare_signatures:
             rows = layout.signatures_offset_of(_signature_row(phase))
             signatures = tuple(self.own_address(rows + 4 * SIGNATURE_WORDS * s) for s in peers)
             own_signature = self.own_address(rows + 4 * SIGNATURE_WORDS * self.ep_rank)

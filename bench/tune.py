@@ -28,7 +28,7 @@ import a2a  # noqa: E402
 from a2a.ops import configs  # noqa: E402
 from a2a.ops.combine import _gather_launch  # noqa: E402
 from a2a.ops.dispatch import _copy_launch, _row_bytes  # noqa: E402
-from a2a.ops.barrier import signature_tensor  # noqa: E402
+from a2a.ops.barrier import combine_signature, signature_tensor  # noqa: E402
 from a2a.ops.context import resolve_context  # noqa: E402
 from bench.harness import Round  # noqa: E402
 
@@ -97,8 +97,12 @@ def tune_shape(world: a2a.SimulatedWorld, shape: str, tokens: int) -> dict[str, 
         heuristic=f"tile={heuristic.tile},warps={heuristic.num_warps}")
 
     output = torch.empty(tokens, round_.hidden, dtype=torch.bfloat16, device="cuda")
+    # The round's own combine signature: the gather compares it with the rows the round left in the
+    # workspace (another one would record a mismatch and write NaN).
+    combine_words = combine_signature(tokens, rank_workspace.layout.max_num_tokens, moe.top_k, planes[0],
+                                      round_layout.combine_offset, False, full)  # fmt: skip
     gather = _gather_launch(rank_workspace, planes[0], round_layout.combine_offset, output, moe.top_k, None, full,
-                            wait_in_kernel=False)  # fmt: skip
+                            signature_tensor(combine_words, output.device), wait_in_kernel=False)  # fmt: skip
     best, timings = autotune(gather, round_.hidden, 2, tokens)
     heuristic = configs._tile_for(round_.hidden, 2)
     results[("combine", configs.table_key(round_.hidden * 2, moe.top_k, world.ep_size))] = dict(

@@ -9,13 +9,17 @@ sum over k = 0..TOP_K-1 (in that order) of segment `t_k`'s combine plane row `[e
 accumulated in fp32 and cast to the output dtype; a k with target -1 adds an exact zero. With
 HAS_SCALES the plane holds quantized (fp8) rows and each row is multiplied by its fp32 scale from
 the scales plane of the same segment before it is added. A k with target TOPK_TARGET_LOST makes
-the row NaN. Every program but the last then counts itself done; the last program of the grid waits
-for them and tells every peer that this rank's gather is done (its gather flag), which the peers'
-next dispatch waits for before writing (a2a.kernels.signal._await_previous_gathers).
+the row NaN, and so does a peer whose combine signature (stored into this rank's segment before its
+signal) differs from this rank's: every program compares them before its stores, its row loads
+already in flight, so the compare adds no round trip to the barrier's path. Every program but the
+last then counts itself done; the last program of the grid waits for them, records a disagreement
+(as a MISMATCH fault; it compared before its wait), and tells every peer that this rank's gather
+is done (its gather flag) unless a fault is recorded; the peers' next dispatch waits for that
+flag before writing (a2a.kernels.signal._await_previous_gathers).
 
 `_combine_barrier_kernel`, one program before the gather: signal "my combine plane is ready", wait
-for the peers' signals and compare their signatures (a2a.kernels.signal._phase_barrier), then gate
-the gather once for all its programs: after a recorded fault, or when the combine's token rows or
+for the peers' signals (a2a.kernels.signal._phase_barrier, without its compare), then gate the
+gather once for all its programs: after a recorded fault, or when the combine's token rows or
 rt differ from this rank's last dispatch (recorded in the workspace by the dispatch copy; that is
 recorded as a fault here), every top-k entry of the combine's rows becomes TOPK_TARGET_LOST, so
 the gather reads no peer row and writes NaN rows (a2a.runtime.protocol). Gating here, not in
@@ -30,8 +34,9 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from a2a.kernels.signal import (FLAG_EPOCH_MASK, _fence_acquire_gpu, _is_faulted, _phase_barrier, _prefetch_l2,
-                               _record_round_mismatch, _signal_gathered)
+from a2a.kernels.signal import (FLAG_EPOCH_MASK, _fence_acquire_gpu, _is_faulted, _load_signatures, _phase_barrier,
+                               _prefetch_l2, _record_disagreement, _record_round_mismatch, _signal_gathered,
+                               _signatures_disagree)
 
 # a2a.runtime.protocol.TOPK_TARGET_LOST
 TOPK_TARGET_LOST = tl.constexpr(-2)
@@ -77,9 +82,16 @@ def _stage_combine_kernel(
 @triton.jit
 def _gather_tile(token, tile, plane_ptr, stride_plane_rank, scales_ptr, stride_scales_rank, out_ptr,
                  topk_target_ranks_ptr, topk_send_indices_ptr, runtime_max_tokens, ep_rank, num_tokens,
-                 HIDDEN: tl.constexpr, TOP_K: tl.constexpr, TILE: tl.constexpr, HAS_SCALES: tl.constexpr):
-    """Output row `token`, column tile `tile`: the sum over k of the top-k rows (see the module docstring)."""
+                 signatures_ptr, own_signature_ptr, stride_rank, active_low, active_high,
+                 HIDDEN: tl.constexpr, TOP_K: tl.constexpr, TILE: tl.constexpr, HAS_SCALES: tl.constexpr,
+                 EP_SIZE: tl.constexpr, EP_PAD: tl.constexpr, SIGNATURE_WORDS: tl.constexpr):
+    """Output row `token`, column tile `tile`: the sum over k of the top-k rows (see the module
+    docstring); NaN when some active rank's combine signature differs from this rank's."""
     if token < num_tokens:
+        # Issued before the rows and reduced after them: the compare adds no round trip to the
+        # program's path (in the barrier it held every gather back by 0.6-0.8 us at 16 tokens).
+        signatures, mine, rank_mask = _load_signatures(signatures_ptr, own_signature_ptr, stride_rank, ep_rank,
+                                                       active_low, active_high, EP_SIZE, EP_PAD, SIGNATURE_WORDS)
         cols = tile * TILE + tl.arange(0, TILE)
         col_mask = cols < HIDDEN
         acc = tl.zeros([TILE], dtype=tl.float32)
@@ -99,6 +111,8 @@ def _gather_tile(token, tile, plane_ptr, stride_plane_rank, scales_ptr, stride_s
                 values = values * tl.where(sends, scale, 0.0)
             acc += values
             lost += tl.where(target == TOPK_TARGET_LOST, float("nan"), 0.0)
+        # A peer disagreeing on the round: its rows are not this round's layout; nothing of them is stored.
+        lost += tl.where(_signatures_disagree(signatures, mine, rank_mask, EP_PAD, SIGNATURE_WORDS), float("nan"), 0.0)
         acc += lost  # a lost round: never hand back numbers that look valid
         if out_ptr.dtype.element_ty == tl.bfloat16:
             result = _round_to_bf16(acc)
@@ -109,10 +123,13 @@ def _gather_tile(token, tile, plane_ptr, stride_plane_rank, scales_ptr, stride_s
 
 @triton.jit
 def _finish_gather(election_ptr, gather_count_ptr, gathered_mask_ptr, flags_ptr, stride_rank, fault_record_ptr,
-                   active_low, active_high, ep_rank, arrivals_ptr, gate_ptr, EP_SIZE: tl.constexpr,
-                   EP_PAD: tl.constexpr, FLAG_ARRAY_STRIDE: tl.constexpr, FUSED: tl.constexpr):
-    """After a program's gather: the last program of the grid waits for every other one, then
-    tells the peers this rank's gather is done (and, FUSED, resets the arrival and gate words)."""
+                   active_low, active_high, ep_rank, arrivals_ptr, gate_ptr, signatures_ptr, own_signature_ptr,
+                   flag_value_ptr, host_record_ptr, EP_SIZE: tl.constexpr, EP_PAD: tl.constexpr,
+                   FLAG_ARRAY_STRIDE: tl.constexpr, PHASE: tl.constexpr, FLAG_ROW: tl.constexpr,
+                   SIGNATURE_WORDS: tl.constexpr, HAS_HOST_RECORD: tl.constexpr, FUSED: tl.constexpr):
+    """After a program's gather: the last program of the grid waits for every other one, records a
+    signature disagreement (every program wrote NaN for it) and tells the peers this rank's gather
+    is done unless a fault is recorded (and, FUSED, resets the arrival and gate words)."""
     # Every program but the last adds itself to the counter with a relaxed reduction it does not
     # wait for. Its loads are done: every loaded value feeds the output store issued before the
     # barrier, and ptxas moves no memory operation across bar.sync. (The PTX model alone does not
@@ -126,11 +143,14 @@ def _finish_gather(election_ptr, gather_count_ptr, gathered_mask_ptr, flags_ptr,
     tl.debug_barrier()
     others = tl.num_programs(0) * tl.num_programs(1) - 1
     if (tl.program_id(0) == tl.num_programs(0) - 1) & (tl.program_id(1) == tl.num_programs(1) - 1):
-        # Own-state words nothing writes during a gather (a fault is recorded before it by the
+        # Own-state words nothing else writes during a gather (a fault is recorded before it by the
         # barrier program, or, fused, by the elected program before it opened the gate this
-        # program passed): loaded before the wait, off the signal's path.
+        # program passed), and the signatures: loaded and compared before the wait, off the signal's path.
         new_count = (tl.load(gather_count_ptr) + 1) & FLAG_EPOCH_MASK
         faulted = _is_faulted(fault_record_ptr)
+        signatures, mine, rank_mask = _load_signatures(signatures_ptr, own_signature_ptr, stride_rank, ep_rank,
+                                                       active_low, active_high, EP_SIZE, EP_PAD, SIGNATURE_WORDS)
+        disagree = _signatures_disagree(signatures, mine, rank_mask, EP_PAD, SIGNATURE_WORDS)
         while tl.load(election_ptr, volatile=True) < others:
             pass
         # Each thread polls on its own and may leave the loop a poll later than another: none may
@@ -143,6 +163,11 @@ def _finish_gather(election_ptr, gather_count_ptr, gathered_mask_ptr, flags_ptr,
         if FUSED:  # every program has passed the gate: the next launch starts from zero too
             tl.store(arrivals_ptr, 0)
             tl.store(gate_ptr, 0)
+        if disagree & (~faulted):  # recorded once, by this program; a fault recorded before outranks it
+            faulted = _record_disagreement(signatures_ptr, own_signature_ptr, flag_value_ptr, flags_ptr, stride_rank,
+                                           fault_record_ptr, host_record_ptr, active_low, active_high, ep_rank, PHASE,
+                                           FLAG_ROW, EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE, SIGNATURE_WORDS,
+                                           HAS_HOST_RECORD)
         _signal_gathered(new_count, faulted, gather_count_ptr, gathered_mask_ptr, flags_ptr, stride_rank, active_low,
                          active_high, ep_rank, EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE)
     else:
@@ -150,7 +175,7 @@ def _finish_gather(election_ptr, gather_count_ptr, gathered_mask_ptr, flags_ptr,
 
 
 @triton.jit(do_not_specialize=["runtime_max_tokens", "ep_rank", "stride_scales_rank", "num_tokens", "stride_rank",
-                               "active_low", "active_high"])
+                               "active_low", "active_high", "host_record_ptr"])
 def _combine_kernel(
     plane_ptr,  # combine plane of segment 0, [EP_SIZE, runtime_max_tokens, HIDDEN], payload dtype
     stride_plane_rank,  # elements between the combine planes of two consecutive segments
@@ -170,6 +195,10 @@ def _combine_kernel(
     fault_record_ptr,  # [FAULT_RECORD_WORDS] int32, own segment
     active_low,  # active-rank mask, bits 0..31 (int32)
     active_high,  # bits 32..63
+    signatures_ptr,  # [EP_SIZE, SIGNATURE_WORDS] int32: the combine signatures of segment 0
+    own_signature_ptr,  # [SIGNATURE_WORDS] int32: this rank's signature of the round
+    flag_value_ptr,  # [1] int32, own segment: this rank's epoch counter (the record of a mismatch names it)
+    host_record_ptr,  # int64 address of the host-mapped copy of the record (0 without one)
     HIDDEN: tl.constexpr,
     TOP_K: tl.constexpr,
     TILE: tl.constexpr,
@@ -177,10 +206,14 @@ def _combine_kernel(
     EP_SIZE: tl.constexpr,
     EP_PAD: tl.constexpr,
     FLAG_ARRAY_STRIDE: tl.constexpr,
+    PHASE: tl.constexpr,  # a2a.runtime.protocol.Phase.COMBINE
+    FLAG_ROW: tl.constexpr,  # protocol.FlagArray.COMBINE
+    SIGNATURE_WORDS: tl.constexpr,
+    HAS_HOST_RECORD: tl.constexpr,
     PDL: tl.constexpr,  # launched with programmatic dependent launch: wait for the previous kernel first
 ):
     if PDL:
-        # Launched while the barrier kernel still judges (it lets this kernel launch once its wait
+        # Launched while the barrier kernel still gates (it lets this kernel launch once its wait
         # ends): bring this token's top-k entries (its first and last of each array) into L2 meanwhile.
         entries = tl.program_id(0).to(tl.int64) * TOP_K + tl.arange(0, 2) * (TOP_K - 1)
         _prefetch_l2(topk_target_ranks_ptr + entries)
@@ -188,10 +221,12 @@ def _combine_kernel(
         gdc_wait()  # the previous kernel on this stream has completed and its stores are visible
     _gather_tile(tl.program_id(0).to(tl.int64), tl.program_id(1), plane_ptr, stride_plane_rank, scales_ptr,
                  stride_scales_rank, out_ptr, topk_target_ranks_ptr, topk_send_indices_ptr, runtime_max_tokens, ep_rank,
-                 num_tokens, HIDDEN, TOP_K, TILE, HAS_SCALES)
+                 num_tokens, signatures_ptr, own_signature_ptr, stride_rank, active_low, active_high, HIDDEN, TOP_K,
+                 TILE, HAS_SCALES, EP_SIZE, EP_PAD, SIGNATURE_WORDS)
     _finish_gather(election_ptr, gather_count_ptr, gathered_mask_ptr, flags_ptr, stride_rank, fault_record_ptr,
-                   active_low, active_high, ep_rank, election_ptr, election_ptr, EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE,
-                   False)
+                   active_low, active_high, ep_rank, election_ptr, election_ptr, signatures_ptr, own_signature_ptr,
+                   flag_value_ptr, host_record_ptr, EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE, PHASE, FLAG_ROW,
+                   SIGNATURE_WORDS, HAS_HOST_RECORD, False)
 
 
 @triton.jit
@@ -228,7 +263,7 @@ def _combine_barrier(flag_value_ptr, flags_ptr, signatures_ptr, own_signature_pt
                      HAS_HOST_RECORD: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr):
     """The combine barrier program's work (see `_combine_barrier_kernel`), in that kernel or in the
     elected program of `_fused_combine_kernel`; LAUNCH_DEPENDENTS lets the next kernel launch
-    (PDL) once the wait is over, before the signature compare and the gate."""
+    (PDL) once the wait is over, before the gate. The gather compares the signatures."""
     # Written by this rank's dispatch copy, an earlier kernel on this stream: loaded off the wait's path.
     dispatch_rows = tl.load(dispatch_rows_ptr)
     dispatch_rt = tl.load(dispatch_rt_ptr)
@@ -237,7 +272,7 @@ def _combine_barrier(flag_value_ptr, flags_ptr, signatures_ptr, own_signature_pt
         faulted = _phase_barrier(flag_value_ptr, flags_ptr, signatures_ptr, own_signature_ptr, stride_rank,
                                  fault_record_ptr, host_record_ptr, timeout_ns, timeout_ms, active_low, active_high,
                                  ep_rank, PHASE, FLAG_ROW, EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE, SIGNATURE_WORDS, WAIT,
-                                 HAS_HOST_RECORD, LAUNCH_DEPENDENTS)
+                                 HAS_HOST_RECORD, LAUNCH_DEPENDENTS, False)
     if LAUNCH_DEPENDENTS:  # already done once the wait ended, unless there was none (a fault recorded before)
         gdc_launch_dependents()
     if GATE:
@@ -306,12 +341,8 @@ def _fused_combine_kernel(
     # `_combine_kernel`'s parameters, in its order:
     plane_ptr, stride_plane_rank, scales_ptr, stride_scales_rank, out_ptr, topk_target_ranks_ptr, topk_send_indices_ptr,
     runtime_max_tokens, ep_rank, num_tokens, election_ptr, gather_count_ptr, gathered_mask_ptr, flags_ptr, stride_rank,
-    fault_record_ptr, active_low, active_high,
+    fault_record_ptr, active_low, active_high, signatures_ptr, own_signature_ptr, flag_value_ptr, host_record_ptr,
     # then `_combine_barrier_kernel`'s that it lacks:
-    flag_value_ptr,  # [1] int32, own segment: this rank's epoch counter
-    signatures_ptr,  # [EP_SIZE, SIGNATURE_WORDS] int32: the combine signatures of segment 0
-    own_signature_ptr,  # [SIGNATURE_WORDS] int32: this rank's signature of the round
-    host_record_ptr,  # int64 address of the host-mapped copy of the record (0 without one)
     timeout_ns,
     timeout_ms,
     dispatch_rows_ptr,  # [1] int32, own segment: token rows of the last dispatch
@@ -336,11 +367,11 @@ def _fused_combine_kernel(
 ):
     """Barrier and gather in one launch, for grids that fit on the GPU beside every peer's
     (a2a.ops.combine decides): the first program to start runs the combine barrier program's work
-    (`_combine_barrier`: signal, wait, compare signatures, gate), then opens the gate; every
-    other program waits for the gate before it reads a top-k entry or a peer's row. Electing the
-    first to arrive, not a fixed program id, means the barrier program is always one that holds
-    an SM, whatever order the GPU schedules the grid in. The last program resets the arrival and
-    gate words with the election (`_finish_gather`)."""
+    (`_combine_barrier`: signal, wait, gate), then opens the gate; every other program waits for
+    the gate before it reads a top-k entry or a peer's row. Every program compares the signatures
+    as `_combine_kernel`'s do. Electing the first to arrive, not a fixed program id, means the
+    barrier program is always one that holds an SM, whatever order the GPU schedules the grid in.
+    The last program resets the arrival and gate words with the election (`_finish_gather`)."""
     if PDL:
         gdc_wait()  # the previous kernel on this stream has completed and its stores are visible
     ticket = tl.atomic_add(arrivals_ptr, 1, sem="relaxed", scope="gpu")
@@ -360,6 +391,9 @@ def _fused_combine_kernel(
             _fence_acquire_gpu()  # peers' rows it acquired at system scope before it opened the gate)
     _gather_tile(tl.program_id(0).to(tl.int64), tl.program_id(1), plane_ptr, stride_plane_rank, scales_ptr,
                  stride_scales_rank, out_ptr, topk_target_ranks_ptr, topk_send_indices_ptr, runtime_max_tokens, ep_rank,
-                 num_tokens, HIDDEN, TOP_K, TILE, HAS_SCALES)
+                 num_tokens, signatures_ptr, own_signature_ptr, stride_rank, active_low, active_high, HIDDEN, TOP_K,
+                 TILE, HAS_SCALES, EP_SIZE, EP_PAD, SIGNATURE_WORDS)
     _finish_gather(election_ptr, gather_count_ptr, gathered_mask_ptr, flags_ptr, stride_rank, fault_record_ptr,
-                   active_low, active_high, ep_rank, arrivals_ptr, gate_ptr, EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE, True)
+                   active_low, active_high, ep_rank, arrivals_ptr, gate_ptr, signatures_ptr, own_signature_ptr,
+                   flag_value_ptr, host_record_ptr, EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE, PHASE, FLAG_ROW,
+                   SIGNATURE_WORDS, HAS_HOST_RECORD, True)

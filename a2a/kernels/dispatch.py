@@ -180,7 +180,7 @@ def _dispatch_copy_kernel(
     if _last_program_done(election_ptr, dispatch_rows_ptr, dispatch_rt_ptr, num_rows, runtime_max_tokens):
         _phase_barrier(flag_value_ptr, flags_ptr, signatures_ptr, own_signature_ptr, stride_rank, fault_record_ptr,
                        host_record_ptr, timeout_ns, timeout_ms, active_low, active_high, ep_rank, PHASE, FLAG_ROW,
-                       EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE, SIGNATURE_WORDS, WAIT, HAS_HOST_RECORD, PDL)
+                       EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE, SIGNATURE_WORDS, WAIT, HAS_HOST_RECORD, PDL, True)
 
 
 @triton.jit(do_not_specialize=["num_tokens", "runtime_max_tokens", "ep_rank", "stride_rank", "host_record_ptr",
@@ -302,7 +302,7 @@ def _fused_dispatch_kernel(
                       stride_rank, active_low, active_high, ep_rank, EP_SIZE, EP_PAD)
         _phase_barrier(flag_value_ptr, flags_ptr, signatures_ptr, own_signature_ptr, stride_rank, fault_record_ptr,
                        host_record_ptr, timeout_ns, timeout_ms, active_low, active_high, ep_rank, PHASE, FLAG_ROW,
-                       EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE, SIGNATURE_WORDS, WAIT, HAS_HOST_RECORD, PDL)
+                       EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE, SIGNATURE_WORDS, WAIT, HAS_HOST_RECORD, PDL, True)
 
 
 @triton.jit(do_not_specialize=["stride_rank", "ep_rank", "active_low", "active_high"],

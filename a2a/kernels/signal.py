@@ -252,17 +252,66 @@ def _compare_signatures(own_row_ptr, own_signature_ptr, ranks, compared, SIGNATU
 
 
 @triton.jit
+def _load_signatures(signatures_ptr, own_signature_ptr, stride_rank, ep_rank, active_low, active_high,
+                     EP_SIZE: tl.constexpr, EP_PAD: tl.constexpr, SIGNATURE_WORDS: tl.constexpr):
+    """This phase's signature rows of every active rank, as stored in this rank's segment
+    (`signatures_ptr`: the `[EP_SIZE, SIGNATURE_WORDS]` rows of segment 0), this rank's own
+    signature, and the active-rank mask: the loads of `_signatures_disagree`, issued early."""
+    ranks = tl.arange(0, EP_PAD)
+    words = tl.arange(0, SIGNATURE_WORDS)
+    rank_mask = (ranks < EP_SIZE) & _rank_is_active(ranks, active_low, active_high)
+    own_rows = signatures_ptr + ep_rank.to(tl.int64) * stride_rank
+    mine = tl.load(own_signature_ptr + words)
+    rows = tl.load(own_rows + ranks[:, None] * SIGNATURE_WORDS + words[None, :], mask=rank_mask[:, None], other=0,
+                   volatile=True)
+    return rows, mine, rank_mask
+
+
+@triton.jit
+def _signatures_disagree(rows, mine, rank_mask, EP_PAD: tl.constexpr, SIGNATURE_WORDS: tl.constexpr):
+    """Whether some active rank's signature row differs from this rank's (one reduction)."""
+    differs = ((rows != mine[None, :]) & rank_mask[:, None]).to(tl.int32)
+    return tl.max(tl.reshape(differs, [EP_PAD * SIGNATURE_WORDS]), axis=0) > 0
+
+
+@triton.jit
+def _record_disagreement(signatures_ptr, own_signature_ptr, flag_value_ptr, flags_ptr, stride_rank, fault_record_ptr,
+                         host_record_ptr, active_low, active_high, ep_rank, PHASE: tl.constexpr,
+                         FLAG_ROW: tl.constexpr, EP_SIZE: tl.constexpr, EP_PAD: tl.constexpr,
+                         FLAG_ARRAY_STRIDE: tl.constexpr, SIGNATURE_WORDS: tl.constexpr,
+                         HAS_HOST_RECORD: tl.constexpr):
+    """For a phase whose barrier did not compare (`_phase_barrier` without COMPARE), once its
+    consumer found a disagreement: record the MISMATCH (ranks, fields, first values) and poison this
+    rank's flags in every peer, as the barrier's judge would have. Returns whether it recorded."""
+    ranks = tl.arange(0, EP_PAD)
+    rank_mask = (ranks < EP_SIZE) & _rank_is_active(ranks, active_low, active_high)
+    own_rows = signatures_ptr + ep_rank.to(tl.int64) * stride_rank
+    mismatched, fields, first_rank, first_field, own_value, peer_value = _compare_signatures(
+        own_rows, own_signature_ptr, ranks, rank_mask, SIGNATURE_WORDS)
+    value = tl.load(flag_value_ptr, volatile=True)
+    timed_out = value < 0  # false: an epoch is never negative
+    return _judge_wait(rank_mask, ranks < 0, timed_out, mismatched, fields, first_rank, first_field, own_value,
+                       peer_value, ranks, rank_mask, value, PHASE, FLAG_ROW, flags_ptr, stride_rank, fault_record_ptr,
+                       host_record_ptr, 0, active_low, active_high, ep_rank, EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE,
+                       HAS_HOST_RECORD)
+
+
+@triton.jit
 def _phase_barrier(flag_value_ptr, flags_ptr, signatures_ptr, own_signature_ptr, stride_rank, fault_record_ptr,
                    host_record_ptr, timeout_ns, timeout_ms, active_low, active_high, ep_rank, PHASE: tl.constexpr,
                    FLAG_ROW: tl.constexpr, EP_SIZE: tl.constexpr, EP_PAD: tl.constexpr,
                    FLAG_ARRAY_STRIDE: tl.constexpr, SIGNATURE_WORDS: tl.constexpr, WAIT: tl.constexpr,
-                   HAS_HOST_RECORD: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr):
+                   HAS_HOST_RECORD: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr, COMPARE: tl.constexpr):
     """One program: signal this phase (signature, then epoch) and, with WAIT, wait and judge.
     Returns whether this rank has a fault recorded afterwards (from before, or by this wait).
     LAUNCH_DEPENDENTS (the caller is a PDL launch's last program: its only one, or the last of an
     election whose others have exited): let the next kernel on the stream launch as soon as the
     wait ends, so its programs start while this one still compares signatures and judges (they
-    wait for this kernel to complete before they load or store).
+    wait for this kernel to complete before they load or store). COMPARE: compare the peers'
+    signatures here (the dispatch); without it the caller's next step compares them (the combine:
+    every gather program before its stores, `_signatures_disagree`, and the gather's last program
+    records a mismatch, `_record_disagreement`), so no load of theirs sits between the wait's end
+    and this kernel's.
 
     flags_ptr: the flag block `[3, EP_SIZE]` of segment 0 (rows FLAG_ARRAY_STRIDE apart; segment t
     at + t * stride_rank). signatures_ptr: this phase's `[EP_SIZE, SIGNATURE_WORDS]` signatures of
@@ -294,9 +343,16 @@ def _phase_barrier(flag_value_ptr, flags_ptr, signatures_ptr, own_signature_ptr,
             if LAUNCH_DEPENDENTS:
                 gdc_launch_dependents()
             _fence_acquire_system()  # the peers' signatures, rows and planes are read after this
-            own_rows = signatures_ptr + ep_rank.to(tl.int64) * stride_rank
-            mismatched, fields, first_rank, first_field, own_value, peer_value = _compare_signatures(
-                own_rows, own_signature_ptr, ranks, rank_mask & arrived, SIGNATURE_WORDS)
+            mismatched = ranks < 0  # none, unless compared here
+            fields = old_value * 0
+            first_rank = fields
+            first_field = fields
+            own_value = fields
+            peer_value = fields
+            if COMPARE:
+                own_rows = signatures_ptr + ep_rank.to(tl.int64) * stride_rank
+                mismatched, fields, first_rank, first_field, own_value, peer_value = _compare_signatures(
+                    own_rows, own_signature_ptr, ranks, rank_mask & arrived, SIGNATURE_WORDS)
             recorded = _judge_wait(arrived, poisoned, timed_out, mismatched, fields, first_rank, first_field,
                                    own_value, peer_value, ranks, rank_mask, value, PHASE, FLAG_ROW, flags_ptr,
                                    stride_rank, fault_record_ptr, host_record_ptr, timeout_ms, active_low, active_high,

@@ -250,8 +250,8 @@ class _CombinePlan:
         # The gather's tile for small rounds and for larger ones (a2a.ops.configs.SMALL_ROUND_TOKENS);
         # often the same variant, bound once.
         gathers = [_gather_launch(rank_workspace, payload, combine_offset, output, top_k,
-                                  scales_offset if self.quantized else None, active_rank_mask, self.wait_in_kernel,
-                                  small_rounds, pdl)
+                                  scales_offset if self.quantized else None, active_rank_mask, self.signature,
+                                  self.wait_in_kernel, small_rounds, pdl)
                    for small_rounds in (True, False)]  # fmt: skip
         # Load every variant before the barrier is enqueued, also those this rank skips: see a2a.ops.launch.
         self.stage = stage.bind(dynamic=("src_ptr",))
@@ -273,7 +273,9 @@ class _CombinePlan:
             else:
                 self.gathers.append((gather.bind(dynamic=("out_ptr", "num_tokens")), gather.grid[1]))
         if not self.wait_in_kernel:
-            self.combine_wait = rank_workspace.flag_wait(Phase.COMBINE, active_rank_mask, timeout_of_plan()[1])
+            # The host waits; the gather compares the signatures (as on CUDA, a2a.kernels.combine).
+            self.combine_wait = rank_workspace.flag_wait(Phase.COMBINE, active_rank_mask, timeout_of_plan()[1],
+                                                         compare_signatures=False)
             self.gate = barrier_launch(rank_workspace, self.signature, active_rank_mask, rt, top_k, False, gate=True,
                                        signal=False).bind(dynamic=("num_tokens",))  # fmt: skip
         # Barrier (CUDA; the gate only on the CPU) and a small round's gather in one launch, for
@@ -357,9 +359,11 @@ def _stage_launch(rank_workspace: RankWorkspace, payload: torch.Tensor, combine_
 
 def _gather_launch(
     rank_workspace: RankWorkspace, payload: torch.Tensor, combine_offset: int, output: torch.Tensor, top_k: int,
-    scales_offset: int | None, active_rank_mask: int, wait_in_kernel: bool, small_rounds: bool = False,
-    pdl: bool = False,
+    scales_offset: int | None, active_rank_mask: int, own_signature: torch.Tensor, wait_in_kernel: bool,
+    small_rounds: bool = False, pdl: bool = False,
 ) -> KernelLaunch:
+    """The gather and top-k reduction; every program compares the peers' combine signatures with
+    `own_signature` before its stores, and the last one records a disagreement (a2a.kernels.combine)."""
     ep_size, rt, hidden = payload.shape
     layout = rank_workspace.layout
     planes = rank_workspace.every_rank(combine_offset, ep_size * rt * hidden * payload.element_size(), payload.dtype)
@@ -379,10 +383,12 @@ def _gather_launch(
          output.shape[0], rank_workspace.round_word(RoundState.GATHER_ELECTION),
          rank_workspace.round_word(RoundState.GATHER_COUNT), rank_workspace.round_words(RoundState.GATHERED_MASK, 2),
          rank_workspace.flag_block_every_rank, rank_workspace.stride_rank, rank_workspace.fault_record,
-         *mask_halves(active_rank_mask)),
+         *mask_halves(active_rank_mask), rank_workspace.signatures_every_rank(Phase.COMBINE), own_signature,
+         rank_workspace.round_word(RoundState.FLAG_VALUE), rank_workspace.host_record_address),
         dict(HIDDEN=hidden, TOP_K=top_k, TILE=config.tile, HAS_SCALES=scales_offset is not None,
              EP_SIZE=ep_size, EP_PAD=protocol["EP_PAD"], FLAG_ARRAY_STRIDE=protocol["FLAG_ARRAY_STRIDE"],
-             num_warps=config.num_warps, **pdl_constexprs(pdl)),
+             PHASE=int(Phase.COMBINE), FLAG_ROW=int(FlagArray.COMBINE), SIGNATURE_WORDS=protocol["SIGNATURE_WORDS"],
+             HAS_HOST_RECORD=protocol["HAS_HOST_RECORD"], num_warps=config.num_warps, **pdl_constexprs(pdl)),
     )
 
 
@@ -393,7 +399,7 @@ def _fused_launch(rank_workspace: RankWorkspace, payload: torch.Tensor, combine_
     (`barrier_launch`) and the arrival and gate words: `_fused_combine_kernel`. On CUDA its elected
     program signals, waits and gates; on the CPU (the host waited before) it only gates."""
     gather = _gather_launch(rank_workspace, payload, combine_offset, output, top_k, scales_offset, active_rank_mask,
-                            wait_in_kernel, small_rounds=True, pdl=pdl)  # fmt: skip
+                            own_signature, wait_in_kernel, small_rounds=True, pdl=pdl)  # fmt: skip
     barrier = barrier_launch(rank_workspace, own_signature, active_rank_mask, rt, top_k, wait_in_kernel,
                              gate=True, signal=wait_in_kernel, pdl=pdl)  # fmt: skip
     barrier_values = dict(zip(_combine_barrier_kernel.arg_names, barrier.args))
@@ -410,8 +416,7 @@ def _fused_launch(rank_workspace: RankWorkspace, payload: torch.Tensor, combine_
 
 
 # The barrier's arguments the fused kernel takes after the gather's (in this order).
-_FUSED_BARRIER_ARGS = ("flag_value_ptr", "signatures_ptr", "own_signature_ptr", "host_record_ptr", "timeout_ns",
-                       "timeout_ms", "dispatch_rows_ptr", "dispatch_rt_ptr")  # fmt: skip
+_FUSED_BARRIER_ARGS = ("timeout_ns", "timeout_ms", "dispatch_rows_ptr", "dispatch_rt_ptr")
 
 
 def _fused_max_tokens(fused, tiles: int, ep_size: int, wait_in_kernel: bool) -> int:
@@ -431,7 +436,7 @@ GATE_BLOCK = 1024
 def barrier_launch(rank_workspace: RankWorkspace, own_signature: torch.Tensor, active_rank_mask: int, rt: int,
                    top_k: int, wait_in_kernel: bool, gate: bool, signal: bool = True, pdl: bool = False) -> KernelLaunch:  # fmt: skip
     """One program: (signal) "my combine plane is ready", with the round's signature, to every peer;
-    (wait_in_kernel) wait for theirs and compare signatures; (gate) let the gather read, or mark
+    (wait_in_kernel) wait for theirs (the gather compares the signatures); (gate) let the gather read, or mark
     the combine's top-k entries lost after a fault or a combine that differs from its dispatch."""
     layout = rank_workspace.layout
     targets = rank_workspace.own(layout.topk_target_ranks_offset, layout.max_num_tokens * MAX_TOP_K)

@@ -16,8 +16,9 @@ records, so every peer that waits on it records `PEER_FAILED` in turn instead of
 data. Its later gathers write NaN rows; the host raises the decoded error at the rank's next call.
 
 Signatures. With each dispatch and combine signal a rank stores `SIGNATURE_WORDS` int32 words
-describing its round (fields below) into `signatures[phase][me]` of every peer; each waiter
-compares every peer's words with its own before using any of their data.
+describing its round (fields below) into `signatures[phase][me]` of every peer; each rank
+compares every peer's words with its own before using any of their data: the dispatch waiter
+after its wait, the combine's gather before it stores anything of theirs (its loads in flight).
 """
 
 from __future__ import annotations

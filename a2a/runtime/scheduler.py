@@ -19,9 +19,12 @@ phases), `g` its gather count:
     stage combine plane (optional)                  stage
     combine barrier (one program): v += 1,          combine barrier
       signature, combine_flags[0] := v @ 0, @ 1 ->
-      spin until own combine_flags == v; compare <-
-    gather-reduce (peers' planes); last program:    gather-reduce
-      g += 1, gather_flags[0] := g @ 0, @ 1 ---->
+      spin until own combine_flags == v        <-
+    gather-reduce (peers' planes; every program     gather-reduce
+      compares the signatures before its stores);
+      last program: g += 1, gather_flags[0] :=
+      g @ 0, @ 1 (or, on a disagreement, records
+      it and poisons instead) ---->
 
 Why each wait is enough:
 - dispatch wait: a peer stores my flag only after all its copy programs (and its routing, which
