@@ -97,8 +97,8 @@ def tune_shape(world: a2a.SimulatedWorld, shape: str, tokens: int) -> dict[str, 
         heuristic=f"tile={heuristic.tile},warps={heuristic.num_warps}")
 
     output = torch.empty(tokens, round_.hidden, dtype=torch.bfloat16, device="cuda")
-    # The round's own combine signature: the gather compares it with the rows the round left in the
-    # workspace (another one would record a mismatch and write NaN).
+    # The round's own combine signature: the gather compares it with the rows check()'s combine left
+    # in the workspace (another one would record a mismatch and write NaN).
     combine_words = combine_signature(tokens, rank_workspace.layout.max_num_tokens, moe.top_k, planes[0],
                                       round_layout.combine_offset, False, full)  # fmt: skip
     gather = _gather_launch(rank_workspace, planes[0], round_layout.combine_offset, output, moe.top_k, None, full,

@@ -84,14 +84,16 @@ def _gather_tile(token, tile, plane_ptr, stride_plane_rank, scales_ptr, stride_s
                  topk_target_ranks_ptr, topk_send_indices_ptr, runtime_max_tokens, ep_rank, num_tokens,
                  signatures_ptr, own_signature_ptr, stride_rank, active_low, active_high,
                  HIDDEN: tl.constexpr, TOP_K: tl.constexpr, TILE: tl.constexpr, HAS_SCALES: tl.constexpr,
-                 EP_SIZE: tl.constexpr, EP_PAD: tl.constexpr, SIGNATURE_WORDS: tl.constexpr):
+                 EP_SIZE: tl.constexpr, EP_PAD: tl.constexpr, SIGNATURE_WORDS: tl.constexpr,
+                 COMPARED_WORDS: tl.constexpr):
     """Output row `token`, column tile `tile`: the sum over k of the top-k rows (see the module
     docstring); NaN when some active rank's combine signature differs from this rank's."""
     if token < num_tokens:
         # Issued before the rows and reduced after them: the compare adds no round trip to the
         # program's path (in the barrier it held every gather back by 0.6-0.8 us at 16 tokens).
         signatures, mine, rank_mask = _load_signatures(signatures_ptr, own_signature_ptr, stride_rank, ep_rank,
-                                                       active_low, active_high, EP_SIZE, EP_PAD, SIGNATURE_WORDS)
+                                                       active_low, active_high, EP_SIZE, EP_PAD, SIGNATURE_WORDS,
+                                                       COMPARED_WORDS)
         cols = tile * TILE + tl.arange(0, TILE)
         col_mask = cols < HIDDEN
         acc = tl.zeros([TILE], dtype=tl.float32)
@@ -112,7 +114,7 @@ def _gather_tile(token, tile, plane_ptr, stride_plane_rank, scales_ptr, stride_s
             acc += values
             lost += tl.where(target == TOPK_TARGET_LOST, float("nan"), 0.0)
         # A peer disagreeing on the round: its rows are not this round's layout; nothing of them is stored.
-        lost += tl.where(_signatures_disagree(signatures, mine, rank_mask, EP_PAD, SIGNATURE_WORDS), float("nan"), 0.0)
+        lost += tl.where(_signatures_disagree(signatures, mine, rank_mask, EP_PAD, COMPARED_WORDS), float("nan"), 0.0)
         acc += lost  # a lost round: never hand back numbers that look valid
         if out_ptr.dtype.element_ty == tl.bfloat16:
             result = _round_to_bf16(acc)
@@ -126,7 +128,8 @@ def _finish_gather(election_ptr, gather_count_ptr, gathered_mask_ptr, flags_ptr,
                    active_low, active_high, ep_rank, arrivals_ptr, gate_ptr, signatures_ptr, own_signature_ptr,
                    flag_value_ptr, host_record_ptr, EP_SIZE: tl.constexpr, EP_PAD: tl.constexpr,
                    FLAG_ARRAY_STRIDE: tl.constexpr, PHASE: tl.constexpr, FLAG_ROW: tl.constexpr,
-                   SIGNATURE_WORDS: tl.constexpr, HAS_HOST_RECORD: tl.constexpr, FUSED: tl.constexpr):
+                   SIGNATURE_WORDS: tl.constexpr, COMPARED_WORDS: tl.constexpr, HAS_HOST_RECORD: tl.constexpr,
+                   FUSED: tl.constexpr):
     """After a program's gather: the last program of the grid waits for every other one, records a
     signature disagreement (every program wrote NaN for it) and tells the peers this rank's gather
     is done unless a fault is recorded (and, FUSED, resets the arrival and gate words)."""
@@ -149,8 +152,9 @@ def _finish_gather(election_ptr, gather_count_ptr, gathered_mask_ptr, flags_ptr,
         new_count = (tl.load(gather_count_ptr) + 1) & FLAG_EPOCH_MASK
         faulted = _is_faulted(fault_record_ptr)
         signatures, mine, rank_mask = _load_signatures(signatures_ptr, own_signature_ptr, stride_rank, ep_rank,
-                                                       active_low, active_high, EP_SIZE, EP_PAD, SIGNATURE_WORDS)
-        disagree = _signatures_disagree(signatures, mine, rank_mask, EP_PAD, SIGNATURE_WORDS)
+                                                       active_low, active_high, EP_SIZE, EP_PAD, SIGNATURE_WORDS,
+                                                       COMPARED_WORDS)
+        disagree = _signatures_disagree(signatures, mine, rank_mask, EP_PAD, COMPARED_WORDS)
         while tl.load(election_ptr, volatile=True) < others:
             pass
         # Each thread polls on its own and may leave the loop a poll later than another: none may
@@ -209,6 +213,7 @@ def _combine_kernel(
     PHASE: tl.constexpr,  # a2a.runtime.protocol.Phase.COMBINE
     FLAG_ROW: tl.constexpr,  # protocol.FlagArray.COMBINE
     SIGNATURE_WORDS: tl.constexpr,
+    COMPARED_WORDS: tl.constexpr,  # leading signature words compared (the combine's fields; the rest are 0)
     HAS_HOST_RECORD: tl.constexpr,
     PDL: tl.constexpr,  # launched with programmatic dependent launch: wait for the previous kernel first
 ):
@@ -222,11 +227,11 @@ def _combine_kernel(
     _gather_tile(tl.program_id(0).to(tl.int64), tl.program_id(1), plane_ptr, stride_plane_rank, scales_ptr,
                  stride_scales_rank, out_ptr, topk_target_ranks_ptr, topk_send_indices_ptr, runtime_max_tokens, ep_rank,
                  num_tokens, signatures_ptr, own_signature_ptr, stride_rank, active_low, active_high, HIDDEN, TOP_K,
-                 TILE, HAS_SCALES, EP_SIZE, EP_PAD, SIGNATURE_WORDS)
+                 TILE, HAS_SCALES, EP_SIZE, EP_PAD, SIGNATURE_WORDS, COMPARED_WORDS)
     _finish_gather(election_ptr, gather_count_ptr, gathered_mask_ptr, flags_ptr, stride_rank, fault_record_ptr,
                    active_low, active_high, ep_rank, election_ptr, election_ptr, signatures_ptr, own_signature_ptr,
                    flag_value_ptr, host_record_ptr, EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE, PHASE, FLAG_ROW,
-                   SIGNATURE_WORDS, HAS_HOST_RECORD, False)
+                   SIGNATURE_WORDS, COMPARED_WORDS, HAS_HOST_RECORD, False)
 
 
 @triton.jit
@@ -316,8 +321,9 @@ def _combine_barrier_kernel(
     PDL: tl.constexpr,  # launched with programmatic dependent launch: wait for the previous kernel first
 ):
     """One program between staging and gather: everything this rank's stream did before is visible
-    to every peer, then (WAIT) every peer's signal for the combine has arrived and its signature
-    matches (or a fault is recorded), then (GATE) the gather is let through or marked lost.
+    to every peer, then (WAIT) every peer's signal for the combine has arrived (or a fault is
+    recorded), then (GATE) the gather is let through or marked lost; the gather compares the
+    signatures.
 
     With PDL the gather may launch once the wait is over (its programs then wait in
     `griddepcontrol.wait` for this kernel to complete, gate included): never before, so no gather
@@ -359,6 +365,7 @@ def _fused_combine_kernel(
     PHASE: tl.constexpr,  # a2a.runtime.protocol.Phase.COMBINE
     FLAG_ROW: tl.constexpr,  # protocol.FlagArray.COMBINE
     SIGNATURE_WORDS: tl.constexpr,
+    COMPARED_WORDS: tl.constexpr,
     GATE_BLOCK: tl.constexpr,
     SIGNAL: tl.constexpr,  # signal and (WAIT) wait in the elected program; else the host did both before
     WAIT: tl.constexpr,  # CUDA: the programs run concurrently (the interpreter runs them one by one)
@@ -392,8 +399,8 @@ def _fused_combine_kernel(
     _gather_tile(tl.program_id(0).to(tl.int64), tl.program_id(1), plane_ptr, stride_plane_rank, scales_ptr,
                  stride_scales_rank, out_ptr, topk_target_ranks_ptr, topk_send_indices_ptr, runtime_max_tokens, ep_rank,
                  num_tokens, signatures_ptr, own_signature_ptr, stride_rank, active_low, active_high, HIDDEN, TOP_K,
-                 TILE, HAS_SCALES, EP_SIZE, EP_PAD, SIGNATURE_WORDS)
+                 TILE, HAS_SCALES, EP_SIZE, EP_PAD, SIGNATURE_WORDS, COMPARED_WORDS)
     _finish_gather(election_ptr, gather_count_ptr, gathered_mask_ptr, flags_ptr, stride_rank, fault_record_ptr,
                    active_low, active_high, ep_rank, arrivals_ptr, gate_ptr, signatures_ptr, own_signature_ptr,
                    flag_value_ptr, host_record_ptr, EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE, PHASE, FLAG_ROW,
-                   SIGNATURE_WORDS, HAS_HOST_RECORD, True)
+                   SIGNATURE_WORDS, COMPARED_WORDS, HAS_HOST_RECORD, True)

@@ -10,8 +10,9 @@ tests/test_protocol.py checks against it). In short, per phase:
   this kernel, ordered by the caller through an acq_rel election) is visible to a peer that sees
   the flag.
 - wait (WAIT): spin until every active `flags[s]` equals the epoch, a peer's flag is FLAG_POISON,
-  or `timeout_ns` of `%globaltimer` passed; system-scope acquire; then compare every peer's
-  signature with this rank's. A poisoned peer, a timeout or a disagreeing peer is recorded in the
+  or `timeout_ns` of `%globaltimer` passed; system-scope acquire; then (the dispatch) compare
+  every peer's signature with this rank's; the combine's gather compares them instead, before its
+  stores, and its last program records a disagreement (`_record_disagreement`). A poisoned peer, a timeout or a disagreeing peer is recorded in the
   fault record (own segment, and a host-mapped copy the host reads without synchronising), and
   the rank poisons its flags in every peer. Ranks run the same phases in the same order, so their
   epochs agree; a peer can raise a flag again only after a later phase that needs this rank's
@@ -253,12 +254,14 @@ def _compare_signatures(own_row_ptr, own_signature_ptr, ranks, compared, SIGNATU
 
 @triton.jit
 def _load_signatures(signatures_ptr, own_signature_ptr, stride_rank, ep_rank, active_low, active_high,
-                     EP_SIZE: tl.constexpr, EP_PAD: tl.constexpr, SIGNATURE_WORDS: tl.constexpr):
-    """This phase's signature rows of every active rank, as stored in this rank's segment
-    (`signatures_ptr`: the `[EP_SIZE, SIGNATURE_WORDS]` rows of segment 0), this rank's own
-    signature, and the active-rank mask: the loads of `_signatures_disagree`, issued early."""
+                     EP_SIZE: tl.constexpr, EP_PAD: tl.constexpr, SIGNATURE_WORDS: tl.constexpr,
+                     COMPARED_WORDS: tl.constexpr):
+    """The first COMPARED_WORDS words (the phase's fields; the rest are zero on every rank) of this
+    phase's signature rows of every active rank, as stored in this rank's segment (`signatures_ptr`:
+    the `[EP_SIZE, SIGNATURE_WORDS]` rows of segment 0), this rank's own, and the active-rank mask:
+    the loads of `_signatures_disagree`, issued early."""
     ranks = tl.arange(0, EP_PAD)
-    words = tl.arange(0, SIGNATURE_WORDS)
+    words = tl.arange(0, COMPARED_WORDS)
     rank_mask = (ranks < EP_SIZE) & _rank_is_active(ranks, active_low, active_high)
     own_rows = signatures_ptr + ep_rank.to(tl.int64) * stride_rank
     mine = tl.load(own_signature_ptr + words)
@@ -268,10 +271,10 @@ def _load_signatures(signatures_ptr, own_signature_ptr, stride_rank, ep_rank, ac
 
 
 @triton.jit
-def _signatures_disagree(rows, mine, rank_mask, EP_PAD: tl.constexpr, SIGNATURE_WORDS: tl.constexpr):
+def _signatures_disagree(rows, mine, rank_mask, EP_PAD: tl.constexpr, COMPARED_WORDS: tl.constexpr):
     """Whether some active rank's signature row differs from this rank's (one reduction)."""
     differs = ((rows != mine[None, :]) & rank_mask[:, None]).to(tl.int32)
-    return tl.max(tl.reshape(differs, [EP_PAD * SIGNATURE_WORDS]), axis=0) > 0
+    return tl.max(tl.reshape(differs, [EP_PAD * COMPARED_WORDS]), axis=0) > 0
 
 
 @triton.jit
@@ -306,8 +309,8 @@ def _phase_barrier(flag_value_ptr, flags_ptr, signatures_ptr, own_signature_ptr,
     Returns whether this rank has a fault recorded afterwards (from before, or by this wait).
     LAUNCH_DEPENDENTS (the caller is a PDL launch's last program: its only one, or the last of an
     election whose others have exited): let the next kernel on the stream launch as soon as the
-    wait ends, so its programs start while this one still compares signatures and judges (they
-    wait for this kernel to complete before they load or store). COMPARE: compare the peers'
+    wait ends, so its programs start while this one still judges (they wait for this kernel to
+    complete before they load or store). COMPARE: compare the peers'
     signatures here (the dispatch); without it the caller's next step compares them (the combine:
     every gather program before its stores, `_signatures_disagree`, and the gather's last program
     records a mismatch, `_record_disagreement`), so no load of theirs sits between the wait's end
@@ -490,9 +493,10 @@ def _signal_gathered(count, faulted, gather_count_ptr, gathered_mask_ptr, flags_
     """After this rank's gather (every program's loads done: the calling last program saw every other
     one count itself done): store the gather count `count` (the caller's: the old count + 1, loaded
     early), remember this round's active ranks (the next dispatch waits for their gathers), and,
-    unless this rank has recorded a fault (`faulted`, loaded early: nothing records one during a
-    gather, and a fused combine's elected program records any before it opens the gate the caller
-    passed), store the count into `flags[GATHER][me]` of every active segment.
+    unless this rank has recorded a fault (`faulted`: loaded early, since only the caller records
+    one during a gather, a signature disagreement, and a fused combine's elected program records
+    any other before it opens the gate the caller passed; or the caller's own record), store the
+    count into `flags[GATHER][me]` of every active segment.
 
     Relaxed, not release: the flag publishes no data, it only says this rank's loads of the peers'
     planes are over, and they are (every loaded value fed an output store issued before the

@@ -18,13 +18,17 @@ from a2a import envs
 from a2a.kernels import _combine_barrier_kernel, _combine_kernel, _fused_combine_kernel, _stage_combine_kernel
 from a2a.ops.launch import KernelLaunch, capturing, pdl_constexprs, use_pdl
 from a2a.layout import MAX_TOP_K, PLANE_ALIGN, RoundState, combine_scales_offset
-from a2a.runtime.protocol import FlagArray, Phase, mask_halves
+from a2a.runtime.protocol import COMBINE_SIGNATURE_FIELDS, SIGNATURE_WORDS, FlagArray, Phase, mask_halves
 from a2a.runtime.scheduler import run_steps
 from a2a.runtime.current_stream import current_stream
 from a2a.ops.context import resolve_context, tensor_key, timeout_of_plan
 from a2a.workspace import RankWorkspace
 
 COMBINE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Signature words every gather program compares: the combine's fields (words past them are 0 on
+# every rank), so a program holds 16 words a rank, not SIGNATURE_WORDS.
+COMPARED_SIGNATURE_WORDS = configs.next_power_of_2(len(COMBINE_SIGNATURE_FIELDS))
+assert COMPARED_SIGNATURE_WORDS <= SIGNATURE_WORDS
 QUANTIZED_COMBINE_DTYPES = (torch.float8_e4m3fn,)
 
 
@@ -388,7 +392,8 @@ def _gather_launch(
         dict(HIDDEN=hidden, TOP_K=top_k, TILE=config.tile, HAS_SCALES=scales_offset is not None,
              EP_SIZE=ep_size, EP_PAD=protocol["EP_PAD"], FLAG_ARRAY_STRIDE=protocol["FLAG_ARRAY_STRIDE"],
              PHASE=int(Phase.COMBINE), FLAG_ROW=int(FlagArray.COMBINE), SIGNATURE_WORDS=protocol["SIGNATURE_WORDS"],
-             HAS_HOST_RECORD=protocol["HAS_HOST_RECORD"], num_warps=config.num_warps, **pdl_constexprs(pdl)),
+             COMPARED_WORDS=COMPARED_SIGNATURE_WORDS, HAS_HOST_RECORD=protocol["HAS_HOST_RECORD"],
+             num_warps=config.num_warps, **pdl_constexprs(pdl)),
     )
 
 
