@@ -106,11 +106,13 @@ def test_ranks_with_different_payload_widths_raise(device):
     release(moes)
 
 
-@pytest.mark.parametrize("disagreement", ["width", "dtype"])
-def test_ranks_with_different_combine_payloads_raise(device, disagreement):
+@pytest.mark.parametrize("disagreement,counts", [("width", [3, 2]), ("dtype", [3, 2]), ("width", [0, 3])])
+def test_ranks_with_different_combine_payloads_raise(device, disagreement, counts):
+    """Every rank raises naming the field, a rank without tokens too (its gather's last program
+    compares the signatures though it gathers no row), and no rank hands back a number."""
     world = a2a.SimulatedWorld(2, device)
     moes = make_ranks(world, hidden=2 * HIDDEN)
-    inputs = RoundInputs.draw([3, 2], 4, seed=3)
+    inputs = RoundInputs.draw(counts, 4, seed=3)
     shapes = {"width": [(HIDDEN, torch.bfloat16), (HIDDEN // 2, torch.bfloat16)],
               "dtype": [(HIDDEN, torch.bfloat16), (HIDDEN, torch.float16)]}[disagreement]  # fmt: skip
     payloads = [inputs.payloads(r, world.device) for r in range(2)]
