@@ -34,9 +34,9 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from a2a.kernels.signal import (FLAG_EPOCH_MASK, _fence_acquire_gpu, _is_faulted, _load_signatures, _phase_barrier,
-                               _prefetch_l2, _record_disagreement, _record_round_mismatch, _signal_gathered,
-                               _signatures_disagree)
+from a2a.kernels.signal import (FLAG_EPOCH_MASK, _fence_acquire_gpu, _is_faulted, _phase_barrier, _prefetch_l2,
+                               _rank_is_active, _record_disagreement, _record_round_mismatch, _signal_gathered)
+from a2a.kernels.signatures import _load_signatures, _signatures_disagree
 
 # a2a.runtime.protocol.TOPK_TARGET_LOST
 TOPK_TARGET_LOST = tl.constexpr(-2)
@@ -91,9 +91,10 @@ def _gather_tile(token, tile, plane_ptr, stride_plane_rank, scales_ptr, stride_s
     if token < num_tokens:
         # Issued before the rows and reduced after them: the compare adds no round trip to the
         # program's path (in the barrier it held every gather back by 0.6-0.8 us at 16 tokens).
-        signatures, mine, rank_mask = _load_signatures(signatures_ptr, own_signature_ptr, stride_rank, ep_rank,
-                                                       active_low, active_high, EP_SIZE, EP_PAD, SIGNATURE_WORDS,
-                                                       COMPARED_WORDS)
+        ranks = tl.arange(0, EP_PAD)
+        rank_mask = (ranks < EP_SIZE) & _rank_is_active(ranks, active_low, active_high)
+        signatures, mine = _load_signatures(signatures_ptr, own_signature_ptr, stride_rank, ep_rank, rank_mask, EP_PAD,
+                                            SIGNATURE_WORDS, COMPARED_WORDS)
         cols = tile * TILE + tl.arange(0, TILE)
         col_mask = cols < HIDDEN
         acc = tl.zeros([TILE], dtype=tl.float32)
@@ -151,9 +152,10 @@ def _finish_gather(election_ptr, gather_count_ptr, gathered_mask_ptr, flags_ptr,
         # program passed), and the signatures: loaded and compared before the wait, off the signal's path.
         new_count = (tl.load(gather_count_ptr) + 1) & FLAG_EPOCH_MASK
         faulted = _is_faulted(fault_record_ptr)
-        signatures, mine, rank_mask = _load_signatures(signatures_ptr, own_signature_ptr, stride_rank, ep_rank,
-                                                       active_low, active_high, EP_SIZE, EP_PAD, SIGNATURE_WORDS,
-                                                       COMPARED_WORDS)
+        ranks = tl.arange(0, EP_PAD)
+        rank_mask = (ranks < EP_SIZE) & _rank_is_active(ranks, active_low, active_high)
+        signatures, mine = _load_signatures(signatures_ptr, own_signature_ptr, stride_rank, ep_rank, rank_mask, EP_PAD,
+                                            SIGNATURE_WORDS, COMPARED_WORDS)
         disagree = _signatures_disagree(signatures, mine, rank_mask, EP_PAD, COMPARED_WORDS)
         while tl.load(election_ptr, volatile=True) < others:
             pass
