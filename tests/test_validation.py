@@ -229,3 +229,19 @@ def test_sanitize_request_needs_the_payload_index(device):
         moe.dispatch(experts, [experts], 1, invalid_token_expert_id=-1)
     with pytest.raises(ValueError, match=r"expert_id_payload_index must be in \[0, 0\], got 1"):
         moe.dispatch(experts, [experts], 1, invalid_token_expert_id=-1, expert_id_payload_index=1)
+
+
+def test_dispatch_keys_each_tensor_as_tensor_key_does():
+    """Dispatch builds its tensors' keys with `rows_and_key` (one shape read), combine and the rest
+    with `tensor_key`: a property one of them misses would let a cached plan skip a check."""
+    from a2a.ops.context import rows_and_key, tensor_key
+
+    base = torch.arange(24, dtype=torch.float32).view(4, 6)
+    complex_base = torch.randn(4, 3, dtype=torch.complex64)
+    tensors = [base, base[:, 1:], base.t(), base.view(torch.uint8)[:, 1:9], base.to(torch.bfloat16), base[0],
+               torch._neg_view(base), complex_base,
+               complex_base.conj(), torch.empty(4, 6, device="meta"), torch.zeros(0, 6), base.expand(2, 4, 6)]
+    for tensor in tensors:
+        rows, key = rows_and_key(tensor)
+        assert rows == tensor.shape[0] and key == tensor_key(tensor, rows=False), tensor
+    assert rows_and_key(complex_base.conj())[1] != rows_and_key(complex_base)[1]  # the lazy bit is keyed

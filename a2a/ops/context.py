@@ -43,7 +43,9 @@ def tensor_key(tensor: object, *, rows: bool = True) -> tuple | None:
 
 def rows_and_key(tensor: torch.Tensor) -> tuple[int, tuple]:
     """The rows of a tensor of one or more dimensions and `tensor_key(tensor, rows=False)`, from one
-    read of its shape (dispatch keys its experts and payloads and checks their rows in one pass)."""
+    read of its shape (dispatch keys its experts and payloads and checks their rows in one pass).
+    The key's properties are spelled out again rather than shared through a call (0.16 us more a
+    dispatch of three payloads on a 2-core CPU machine); tests/test_validation.py checks the two agree."""
     shape = tensor.shape
     dtype = tensor.dtype
     return shape[0], (dtype, (len(shape), shape[-1]), tensor.is_contiguous(), tensor.device, tensor.data_ptr() & 15,
