@@ -39,17 +39,19 @@ def _compare_signatures(own_row_ptr, own_signature_ptr, ranks, compared, SIGNATU
 
 @triton.jit
 def _load_signatures(signatures_ptr, own_signature_ptr, stride_rank, ep_rank, rank_mask, EP_PAD: tl.constexpr,
-                     SIGNATURE_WORDS: tl.constexpr, COMPARED_WORDS: tl.constexpr):
+                     SIGNATURE_WORDS: tl.constexpr, COMPARED_WORDS: tl.constexpr, VOLATILE: tl.constexpr):
     """The first COMPARED_WORDS words (the phase's fields; the rest are zero on every rank) of this
     phase's signature rows of every active rank, as stored in this rank's segment (`signatures_ptr`:
     the `[EP_SIZE, SIGNATURE_WORDS]` rows of segment 0) under `rank_mask` (the active ranks), and
-    this rank's own: the loads of `_signatures_disagree`, issued early."""
+    this rank's own: the loads of `_signatures_disagree`, issued early. Without VOLATILE they are
+    plain loads that L1 may serve: only for a kernel that starts after the barrier acquired the
+    peers' signals (the gather reads the peers' rows with plain loads on the same grounds)."""
     ranks = tl.arange(0, EP_PAD)
     words = tl.arange(0, COMPARED_WORDS)
     own_rows = signatures_ptr + ep_rank.to(tl.int64) * stride_rank
     mine = tl.load(own_signature_ptr + words)
     rows = tl.load(own_rows + ranks[:, None] * SIGNATURE_WORDS + words[None, :], mask=rank_mask[:, None], other=0,
-                   volatile=True)
+                   volatile=VOLATILE)
     return rows, mine
 
 
