@@ -91,8 +91,9 @@ def _gather_tile(token, tile, plane_ptr, stride_plane_rank, scales_ptr, stride_s
     if token < num_tokens:
         # Issued before the rows and reduced after them: the compare adds no round trip to the
         # program's path (in the barrier it held every gather back by 0.6-0.8 us at 16 tokens).
-        # Plain loads, which L1 serves to the programs after the first on an SM: volatile ones made
-        # each program fetch its 512 bytes (8 ranks) from L2, +24 us of 753 at 4096 tokens per rank.
+        # Plain loads, which L1 can serve to the programs after the first on an SM: with volatile
+        # ones each program fetched its 512 bytes (8 ranks) from L2, and the gather compare cost
+        # 24 us of 753 at 4096 tokens per rank against the barrier's (H200; plain ones not yet timed).
         ranks = tl.arange(0, EP_PAD)
         rank_mask = (ranks < EP_SIZE) & _rank_is_active(ranks, active_low, active_high)
         signatures, mine = _load_signatures(signatures_ptr, own_signature_ptr, stride_rank, ep_rank, rank_mask, EP_PAD,
