@@ -102,7 +102,8 @@ def tune_shape(world: a2a.SimulatedWorld, shape: str, tokens: int) -> dict[str, 
     combine_words = combine_signature(tokens, rank_workspace.layout.max_num_tokens, moe.top_k, planes[0],
                                       round_layout.combine_offset, False, full)  # fmt: skip
     gather = _gather_launch(rank_workspace, planes[0], round_layout.combine_offset, output, moe.top_k, None, full,
-                            signature_tensor(combine_words, output.device), wait_in_kernel=False)  # fmt: skip
+                            signature_tensor(combine_words, output.device), wait_in_kernel=False,
+                            compare=tokens <= configs.GATHER_COMPARE_MAX_TOKENS)  # the variant a round of `tokens` runs
     best, timings = autotune(gather, round_.hidden, 2, tokens)
     heuristic = configs._tile_for(round_.hidden, 2)
     results[("combine", configs.table_key(round_.hidden * 2, moe.top_k, world.ep_size))] = dict(

@@ -106,10 +106,19 @@ def test_ranks_with_different_payload_widths_raise(device):
     release(moes)
 
 
+# Where the combine compares the signatures (a2a.ops.configs.GATHER_COMPARE_MAX_TOKENS): in the
+# gather of every round here, in the barrier (CPU: the host's wait) of every one, or each rank by
+# its own rows (3 rows: the barrier, 2 or 0: the gather).
+COMPARE_PLACEMENTS = {"gather": 128, "barrier": 0, "each rank its own": 2}
+
+
+@pytest.mark.parametrize("compared_in", list(COMPARE_PLACEMENTS))
 @pytest.mark.parametrize("disagreement,counts", [("width", [3, 2]), ("dtype", [3, 2]), ("width", [0, 3])])
-def test_ranks_with_different_combine_payloads_raise(device, disagreement, counts):
+def test_ranks_with_different_combine_payloads_raise(device, monkeypatch, disagreement, counts, compared_in):
     """Every rank raises naming the field, a rank without tokens too (its gather's last program
-    compares the signatures though it gathers no row), and no rank hands back a number."""
+    compares the signatures though it gathers no row, or its barrier does), and no rank hands back
+    a number, wherever each rank compares."""
+    monkeypatch.setattr(a2a.ops.configs, "GATHER_COMPARE_MAX_TOKENS", COMPARE_PLACEMENTS[compared_in])
     world = a2a.SimulatedWorld(2, device)
     moes = make_ranks(world, hidden=2 * HIDDEN)
     inputs = RoundInputs.draw(counts, 4, seed=3)

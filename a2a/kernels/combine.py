@@ -9,25 +9,28 @@ sum over k = 0..TOP_K-1 (in that order) of segment `t_k`'s combine plane row `[e
 accumulated in fp32 and cast to the output dtype; a k with target -1 adds an exact zero. With
 HAS_SCALES the plane holds quantized (fp8) rows and each row is multiplied by its fp32 scale from
 the scales plane of the same segment before it is added. A k with target TOPK_TARGET_LOST makes
-the row NaN, and so does a peer whose combine signature (stored into this rank's segment before its
-signal) differs from this rank's: every program compares them before its stores, its row loads
-already in flight, so the compare adds no round trip to the barrier's path. Every program but the
-last then counts itself done; the last program of the grid waits for them, records a disagreement
-(as a MISMATCH fault; it compared before its wait), and tells every peer that this rank's gather
-is done (its gather flag) unless a fault is recorded; the peers' next dispatch waits for that
-flag before writing (a2a.kernels.signal._await_previous_gathers).
+the row NaN. With COMPARE so does a peer whose combine signature (stored into this rank's segment
+before its signal) differs from this rank's: every program compares them before its stores, its
+row loads already in flight, so the compare adds no round trip to the barrier's path. Every
+program but the last then counts itself done; the last program of the grid waits for them, (COMPARE)
+records a disagreement (as a MISMATCH fault; it compared before its wait), and tells every peer
+that this rank's gather is done (its gather flag) unless a fault is recorded; the peers' next
+dispatch waits for that flag before writing (a2a.kernels.signal._await_previous_gathers).
 
 `_combine_barrier_kernel`, one program before the gather: signal "my combine plane is ready", wait
-for the peers' signals (a2a.kernels.signal._phase_barrier, without its compare), then gate the
-gather once for all its programs: after a recorded fault, or when the combine's token rows or
-rt differ from this rank's last dispatch (recorded in the workspace by the dispatch copy; that is
-recorded as a fault here), every top-k entry of the combine's rows becomes TOPK_TARGET_LOST, so
-the gather reads no peer row and writes NaN rows (a2a.runtime.protocol). Gating here, not in
-every gather program, keeps the gather's loads free of a dependent check.
+for the peers' signals (a2a.kernels.signal._phase_barrier), with COMPARE compare their signatures
+(when the gather does not), then gate the gather once for all its programs: after a recorded
+fault, or when the combine's token rows or rt differ from this rank's last dispatch (recorded in
+the workspace by the dispatch copy; that is recorded as a fault here), every top-k entry of the
+combine's rows becomes TOPK_TARGET_LOST, so the gather reads no peer row and writes NaN rows
+(a2a.runtime.protocol). Gating here, not in every gather program, keeps the gather's loads free of
+a dependent check. Exactly one of the two compares in a round; a2a.ops.combine picks which by the
+round's token rows (configs.GATHER_COMPARE_MAX_TOKENS).
 
 `_fused_combine_kernel`, the gather's grid: both in one launch for small rounds whose grid fits on
 the GPU beside every peer's (a2a.ops.combine decides): the first program to start does the
-barrier program's work and opens a gate the others wait for, then every program gathers.
+barrier program's work and opens a gate the others wait for, then every program gathers and
+compares.
 """
 
 import triton
@@ -85,19 +88,19 @@ def _gather_tile(token, tile, plane_ptr, stride_plane_rank, scales_ptr, stride_s
                  signatures_ptr, own_signature_ptr, stride_rank, active_low, active_high,
                  HIDDEN: tl.constexpr, TOP_K: tl.constexpr, TILE: tl.constexpr, HAS_SCALES: tl.constexpr,
                  EP_SIZE: tl.constexpr, EP_PAD: tl.constexpr, SIGNATURE_WORDS: tl.constexpr,
-                 COMPARED_WORDS: tl.constexpr):
+                 COMPARED_WORDS: tl.constexpr, COMPARE: tl.constexpr):
     """Output row `token`, column tile `tile`: the sum over k of the top-k rows (see the module
-    docstring); NaN when some active rank's combine signature differs from this rank's."""
+    docstring); with COMPARE, NaN when some active rank's combine signature differs from this rank's."""
     if token < num_tokens:
-        # Issued before the rows and reduced after them: the compare adds no round trip to the
-        # program's path (in the barrier it held every gather back by 0.6-0.8 us at 16 tokens).
-        # Plain loads, which L1 can serve to the programs after the first on an SM: with volatile
-        # ones each program fetched its 512 bytes (8 ranks) from L2, and the gather compare cost
-        # 24 us of 753 at 4096 tokens per rank against the barrier's (H200; plain ones not yet timed).
         ranks = tl.arange(0, EP_PAD)
         rank_mask = (ranks < EP_SIZE) & _rank_is_active(ranks, active_low, active_high)
-        signatures, mine = _load_signatures(signatures_ptr, own_signature_ptr, stride_rank, ep_rank, rank_mask, EP_PAD,
-                                            SIGNATURE_WORDS, COMPARED_WORDS, False)
+        if COMPARE:
+            # Issued before the rows and reduced after them: the compare adds no round trip to the
+            # program's path (in the barrier it held every gather back by 0.9 us at 16 tokens).
+            # Plain loads, which L1 can serve to the programs after the first on an SM: with
+            # volatile ones the gather compare cost 24 us of 753 at 4096 tokens per rank.
+            signatures, mine = _load_signatures(signatures_ptr, own_signature_ptr, stride_rank, ep_rank, rank_mask,
+                                                EP_PAD, SIGNATURE_WORDS, COMPARED_WORDS, False)
         cols = tile * TILE + tl.arange(0, TILE)
         col_mask = cols < HIDDEN
         acc = tl.zeros([TILE], dtype=tl.float32)
@@ -117,8 +120,9 @@ def _gather_tile(token, tile, plane_ptr, stride_plane_rank, scales_ptr, stride_s
                 values = values * tl.where(sends, scale, 0.0)
             acc += values
             lost += tl.where(target == TOPK_TARGET_LOST, float("nan"), 0.0)
-        # A peer disagreeing on the round: its rows are not this round's layout; nothing of them is stored.
-        lost += tl.where(_signatures_disagree(signatures, mine, rank_mask, EP_PAD, COMPARED_WORDS), float("nan"), 0.0)
+        if COMPARE:  # a peer disagreeing on the round: its rows are not this round's layout; none is stored
+            lost += tl.where(_signatures_disagree(signatures, mine, rank_mask, EP_PAD, COMPARED_WORDS), float("nan"),
+                             0.0)
         acc += lost  # a lost round: never hand back numbers that look valid
         if out_ptr.dtype.element_ty == tl.bfloat16:
             result = _round_to_bf16(acc)
@@ -133,10 +137,10 @@ def _finish_gather(election_ptr, gather_count_ptr, gathered_mask_ptr, flags_ptr,
                    flag_value_ptr, host_record_ptr, EP_SIZE: tl.constexpr, EP_PAD: tl.constexpr,
                    FLAG_ARRAY_STRIDE: tl.constexpr, PHASE: tl.constexpr, FLAG_ROW: tl.constexpr,
                    SIGNATURE_WORDS: tl.constexpr, COMPARED_WORDS: tl.constexpr, HAS_HOST_RECORD: tl.constexpr,
-                   FUSED: tl.constexpr):
-    """After a program's gather: the last program of the grid waits for every other one, records a
-    signature disagreement (every program wrote NaN for it) and tells the peers this rank's gather
-    is done unless a fault is recorded (and, FUSED, resets the arrival and gate words)."""
+                   FUSED: tl.constexpr, COMPARE: tl.constexpr):
+    """After a program's gather: the last program of the grid waits for every other one, (COMPARE)
+    records a signature disagreement (every program wrote NaN for it) and tells the peers this
+    rank's gather is done unless a fault is recorded (and, FUSED, resets the arrival and gate words)."""
     # Every program but the last adds itself to the counter with a relaxed reduction it does not
     # wait for. Its loads are done: every loaded value feeds the output store issued before the
     # barrier, and ptxas moves no memory operation across bar.sync. (The PTX model alone does not
@@ -155,11 +159,13 @@ def _finish_gather(election_ptr, gather_count_ptr, gathered_mask_ptr, flags_ptr,
         # program passed), and the signatures: loaded and compared before the wait, off the signal's path.
         new_count = (tl.load(gather_count_ptr) + 1) & FLAG_EPOCH_MASK
         faulted = _is_faulted(fault_record_ptr)
-        ranks = tl.arange(0, EP_PAD)
-        rank_mask = (ranks < EP_SIZE) & _rank_is_active(ranks, active_low, active_high)
-        signatures, mine = _load_signatures(signatures_ptr, own_signature_ptr, stride_rank, ep_rank, rank_mask, EP_PAD,
-                                            SIGNATURE_WORDS, COMPARED_WORDS, True)
-        disagree = _signatures_disagree(signatures, mine, rank_mask, EP_PAD, COMPARED_WORDS)
+        disagree = faulted & (~faulted)  # false, unless compared here
+        if COMPARE:
+            ranks = tl.arange(0, EP_PAD)
+            rank_mask = (ranks < EP_SIZE) & _rank_is_active(ranks, active_low, active_high)
+            signatures, mine = _load_signatures(signatures_ptr, own_signature_ptr, stride_rank, ep_rank, rank_mask,
+                                                EP_PAD, SIGNATURE_WORDS, COMPARED_WORDS, True)
+            disagree = _signatures_disagree(signatures, mine, rank_mask, EP_PAD, COMPARED_WORDS)
         while tl.load(election_ptr, volatile=True) < others:
             pass
         # Each thread polls on its own and may leave the loop a poll later than another: none may
@@ -221,6 +227,7 @@ def _combine_kernel(
     COMPARED_WORDS: tl.constexpr,  # leading signature words compared (the combine's fields; the rest are 0)
     HAS_HOST_RECORD: tl.constexpr,
     PDL: tl.constexpr,  # launched with programmatic dependent launch: wait for the previous kernel first
+    COMPARE: tl.constexpr,  # the programs compare the signatures (else the barrier kernel did, a2a.ops.combine)
 ):
     if PDL:
         # Launched while the barrier kernel still gates (it lets this kernel launch once its wait
@@ -232,11 +239,11 @@ def _combine_kernel(
     _gather_tile(tl.program_id(0).to(tl.int64), tl.program_id(1), plane_ptr, stride_plane_rank, scales_ptr,
                  stride_scales_rank, out_ptr, topk_target_ranks_ptr, topk_send_indices_ptr, runtime_max_tokens, ep_rank,
                  num_tokens, signatures_ptr, own_signature_ptr, stride_rank, active_low, active_high, HIDDEN, TOP_K,
-                 TILE, HAS_SCALES, EP_SIZE, EP_PAD, SIGNATURE_WORDS, COMPARED_WORDS)
+                 TILE, HAS_SCALES, EP_SIZE, EP_PAD, SIGNATURE_WORDS, COMPARED_WORDS, COMPARE)
     _finish_gather(election_ptr, gather_count_ptr, gathered_mask_ptr, flags_ptr, stride_rank, fault_record_ptr,
                    active_low, active_high, ep_rank, election_ptr, election_ptr, signatures_ptr, own_signature_ptr,
                    flag_value_ptr, host_record_ptr, EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE, PHASE, FLAG_ROW,
-                   SIGNATURE_WORDS, COMPARED_WORDS, HAS_HOST_RECORD, False)
+                   SIGNATURE_WORDS, COMPARED_WORDS, HAS_HOST_RECORD, False, COMPARE)
 
 
 @triton.jit
@@ -270,10 +277,11 @@ def _combine_barrier(flag_value_ptr, flags_ptr, signatures_ptr, own_signature_pt
                      FLAG_ROW: tl.constexpr, EP_SIZE: tl.constexpr, EP_PAD: tl.constexpr,
                      FLAG_ARRAY_STRIDE: tl.constexpr, SIGNATURE_WORDS: tl.constexpr, TOP_K: tl.constexpr,
                      GATE_BLOCK: tl.constexpr, SIGNAL: tl.constexpr, WAIT: tl.constexpr, GATE: tl.constexpr,
-                     HAS_HOST_RECORD: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr):
+                     HAS_HOST_RECORD: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr, COMPARE: tl.constexpr):
     """The combine barrier program's work (see `_combine_barrier_kernel`), in that kernel or in the
     elected program of `_fused_combine_kernel`; LAUNCH_DEPENDENTS lets the next kernel launch
-    (PDL) once the wait is over, before the gate. The gather compares the signatures."""
+    (PDL) once the wait is over, before the gate. COMPARE: compare the signatures after the wait
+    (a disagreement is recorded, so the gate marks the round lost); else the gather compares them."""
     # Written by this rank's dispatch copy, an earlier kernel on this stream: loaded off the wait's path.
     dispatch_rows = tl.load(dispatch_rows_ptr)
     dispatch_rt = tl.load(dispatch_rt_ptr)
@@ -282,7 +290,7 @@ def _combine_barrier(flag_value_ptr, flags_ptr, signatures_ptr, own_signature_pt
         faulted = _phase_barrier(flag_value_ptr, flags_ptr, signatures_ptr, own_signature_ptr, stride_rank,
                                  fault_record_ptr, host_record_ptr, timeout_ns, timeout_ms, active_low, active_high,
                                  ep_rank, PHASE, FLAG_ROW, EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE, SIGNATURE_WORDS, WAIT,
-                                 HAS_HOST_RECORD, LAUNCH_DEPENDENTS, False)
+                                 HAS_HOST_RECORD, LAUNCH_DEPENDENTS, COMPARE)
     if LAUNCH_DEPENDENTS:  # already done once the wait ended, unless there was none (a fault recorded before)
         gdc_launch_dependents()
     if GATE:
@@ -324,11 +332,12 @@ def _combine_barrier_kernel(
     GATE: tl.constexpr,  # then decide whether the gather may read (_gate_gather)
     HAS_HOST_RECORD: tl.constexpr,
     PDL: tl.constexpr,  # launched with programmatic dependent launch: wait for the previous kernel first
+    COMPARE: tl.constexpr,  # (WAIT) compare the peers' signatures after the wait; else the gather does
 ):
     """One program between staging and gather: everything this rank's stream did before is visible
     to every peer, then (WAIT) every peer's signal for the combine has arrived (or a fault is
-    recorded), then (GATE) the gather is let through or marked lost; the gather compares the
-    signatures.
+    recorded) and (COMPARE) their signatures agree with this rank's (or a MISMATCH is recorded),
+    then (GATE) the gather is let through or marked lost.
 
     With PDL the gather may launch once the wait is over (its programs then wait in
     `griddepcontrol.wait` for this kernel to complete, gate included): never before, so no gather
@@ -343,7 +352,7 @@ def _combine_barrier_kernel(
                      host_record_ptr, timeout_ns, timeout_ms, active_low, active_high, ep_rank, topk_target_ranks_ptr,
                      dispatch_rows_ptr, dispatch_rt_ptr, num_tokens, runtime_max_tokens, PHASE, FLAG_ROW, EP_SIZE,
                      EP_PAD, FLAG_ARRAY_STRIDE, SIGNATURE_WORDS, TOP_K, GATE_BLOCK, SIGNAL, WAIT, GATE,
-                     HAS_HOST_RECORD, PDL)
+                     HAS_HOST_RECORD, PDL, COMPARE)
 
 
 @triton.jit(do_not_specialize=["runtime_max_tokens", "ep_rank", "stride_scales_rank", "num_tokens", "stride_rank",
@@ -392,7 +401,7 @@ def _fused_combine_kernel(
                          host_record_ptr, timeout_ns, timeout_ms, active_low, active_high, ep_rank,
                          topk_target_ranks_ptr, dispatch_rows_ptr, dispatch_rt_ptr, num_tokens, runtime_max_tokens,
                          PHASE, FLAG_ROW, EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE, SIGNATURE_WORDS, TOP_K, GATE_BLOCK,
-                         SIGNAL, WAIT, True, HAS_HOST_RECORD, False)
+                         SIGNAL, WAIT, True, HAS_HOST_RECORD, False, False)
         # Every thread's gate stores (a lost round's marks) are issued before the release publishes them.
         tl.debug_barrier()
         tl.atomic_xchg(gate_ptr, 1, sem="release", scope="gpu")
@@ -404,8 +413,8 @@ def _fused_combine_kernel(
     _gather_tile(tl.program_id(0).to(tl.int64), tl.program_id(1), plane_ptr, stride_plane_rank, scales_ptr,
                  stride_scales_rank, out_ptr, topk_target_ranks_ptr, topk_send_indices_ptr, runtime_max_tokens, ep_rank,
                  num_tokens, signatures_ptr, own_signature_ptr, stride_rank, active_low, active_high, HIDDEN, TOP_K,
-                 TILE, HAS_SCALES, EP_SIZE, EP_PAD, SIGNATURE_WORDS, COMPARED_WORDS)
+                 TILE, HAS_SCALES, EP_SIZE, EP_PAD, SIGNATURE_WORDS, COMPARED_WORDS, True)
     _finish_gather(election_ptr, gather_count_ptr, gathered_mask_ptr, flags_ptr, stride_rank, fault_record_ptr,
                    active_low, active_high, ep_rank, arrivals_ptr, gate_ptr, signatures_ptr, own_signature_ptr,
                    flag_value_ptr, host_record_ptr, EP_SIZE, EP_PAD, FLAG_ARRAY_STRIDE, PHASE, FLAG_ROW,
-                   SIGNATURE_WORDS, COMPARED_WORDS, HAS_HOST_RECORD, True)
+                   SIGNATURE_WORDS, COMPARED_WORDS, HAS_HOST_RECORD, True, True)

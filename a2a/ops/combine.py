@@ -251,12 +251,15 @@ class _CombinePlan:
             output = torch.empty((1, self.hidden), dtype=self.output_dtype, device=self.device)
         stage = _stage_launch(rank_workspace, payload, combine_offset, pdl)
         self.stage_grid = stage.grid
-        # The gather's tile for small rounds and for larger ones (a2a.ops.configs.SMALL_ROUND_TOKENS);
-        # often the same variant, bound once.
-        gathers = [_gather_launch(rank_workspace, payload, combine_offset, output, top_k,
-                                  scales_offset if self.quantized else None, active_rank_mask, self.signature,
-                                  self.wait_in_kernel, small_rounds, pdl)
-                   for small_rounds in (True, False)]  # fmt: skip
+        # The gather's tile for small rounds and for larger ones (a2a.ops.configs.SMALL_ROUND_TOKENS),
+        # and whether its programs compare the signatures (configs.GATHER_COMPARE_MAX_TOKENS; else the
+        # barrier does): a small round's with and without, a larger round's without. Variants that
+        # come out the same are bound once.
+        gathers = {(small_rounds, compare): _gather_launch(rank_workspace, payload, combine_offset, output, top_k,
+                                                           scales_offset if self.quantized else None, active_rank_mask,
+                                                           self.signature, self.wait_in_kernel, small_rounds, pdl,
+                                                           compare)
+                   for small_rounds, compare in ((True, True), (True, False), (False, False))}  # fmt: skip
         # Load every variant before the barrier is enqueued, also those this rank skips: see a2a.ops.launch.
         self.stage = stage.bind(dynamic=("src_ptr",))
         self.stage_unit = stage.args[0].dtype
@@ -266,20 +269,24 @@ class _CombinePlan:
             self.stage_scales_grid = stage_scales.grid
             self.stage_scales = stage_scales.bind(dynamic=("src_ptr",))
             self.stage_scales_unit = stage_scales.args[0].dtype
-        # CUDA: one launch signals, waits and gates. CPU: a signal launch, the host's wait, a gate launch.
-        barrier = barrier_launch(rank_workspace, self.signature, active_rank_mask, rt, top_k, self.wait_in_kernel,
-                                 gate=self.wait_in_kernel, pdl=pdl)  # fmt: skip
-        self.barrier = barrier.bind(dynamic=("num_tokens",))
-        self.gathers = []  # (bound launch, column tiles): for small rounds, then for larger ones
-        for gather in gathers:
-            if self.gathers and gather.constexprs == gathers[0].constexprs:
-                self.gathers.append(self.gathers[0])
-            else:
-                self.gathers.append((gather.bind(dynamic=("out_ptr", "num_tokens")), gather.grid[1]))
+        # CUDA: one launch signals, waits, compares unless the gather does, and gates. CPU: a signal
+        # launch, the host's wait (comparing unless the gather does), a gate launch.
+        # Keyed by whether the barrier compares.
+        self.barriers = {compare: barrier_launch(rank_workspace, self.signature, active_rank_mask, rt, top_k,
+                                                 self.wait_in_kernel, gate=self.wait_in_kernel, pdl=pdl,
+                                                 compare=compare and self.wait_in_kernel).bind(dynamic=("num_tokens",))
+                         for compare in (False, True)}  # fmt: skip
+        bound = {}  # constexprs -> (bound launch, column tiles)
+        self.gathers = {}  # (small round, compares) -> (bound launch, column tiles)
+        for variant, gather in gathers.items():
+            key = tuple(sorted(gather.constexprs.items()))
+            if key not in bound:
+                bound[key] = (gather.bind(dynamic=("out_ptr", "num_tokens")), gather.grid[1])
+            self.gathers[variant] = bound[key]
         if not self.wait_in_kernel:
-            # The host waits; the gather compares the signatures (as on CUDA, a2a.kernels.combine).
-            self.combine_wait = rank_workspace.flag_wait(Phase.COMBINE, active_rank_mask, timeout_of_plan()[1],
-                                                         compare_signatures=False)
+            self.combine_waits = {compare: rank_workspace.flag_wait(Phase.COMBINE, active_rank_mask,
+                                                                    timeout_of_plan()[1], compare_signatures=compare)
+                                  for compare in (False, True)}  # fmt: skip
             self.gate = barrier_launch(rank_workspace, self.signature, active_rank_mask, rt, top_k, False, gate=True,
                                        signal=False).bind(dynamic=("num_tokens",))  # fmt: skip
         # Barrier (CUDA; the gate only on the CPU) and a small round's gather in one launch, for
@@ -312,10 +319,13 @@ class _CombinePlan:
         # CUDA graph, which hides host time, the two launches finished sooner (19.3-19.6 vs 20.7-21.1
         # us at 8 tokens, 8 ranks on one H200; bench/RESULTS.md).
         fused = rows <= self.fused_max_tokens and not (self.wait_in_kernel and capturing(self.device))
+        # Who compares the signatures: a small round's gather programs, a larger round's barrier.
+        gather_compares = rows <= configs.GATHER_COMPARE_MAX_TOKENS  # a fused round's always do (fused_max_tokens)
         if fused:
             bound_gather, gather_tiles = self.fused, self.fused_tiles
         else:
-            bound_gather, gather_tiles = self.gathers[local_num_tokens > configs.SMALL_ROUND_TOKENS]
+            bound_gather, gather_tiles = self.gathers[(local_num_tokens <= configs.SMALL_ROUND_TOKENS, gather_compares)]
+        barrier = self.barriers[not gather_compares]
         gather_grid = (rows, gather_tiles)
 
         def stage() -> None:
@@ -329,7 +339,7 @@ class _CombinePlan:
             if not self.in_workspace:
                 stage()
             if not fused:
-                self.barrier((1,), local_num_tokens)
+                barrier((1,), local_num_tokens)
             bound_gather(gather_grid, output, local_num_tokens)
             return
 
@@ -338,8 +348,8 @@ class _CombinePlan:
 
         steps = [] if self.in_workspace else [stage]
         gate = [] if fused else [lambda: self.gate((1,), local_num_tokens)]  # the fused launch gates itself
-        run_steps(current_stream(self.device), [*steps, lambda: self.barrier((1,), local_num_tokens), self.combine_wait,
-                                                *gate, gather])  # fmt: skip
+        run_steps(current_stream(self.device), [*steps, lambda: barrier((1,), local_num_tokens),
+                                                self.combine_waits[not gather_compares], *gate, gather])  # fmt: skip
 
 
 def _stage_launch(rank_workspace: RankWorkspace, payload: torch.Tensor, combine_offset: int,
@@ -364,10 +374,11 @@ def _stage_launch(rank_workspace: RankWorkspace, payload: torch.Tensor, combine_
 def _gather_launch(
     rank_workspace: RankWorkspace, payload: torch.Tensor, combine_offset: int, output: torch.Tensor, top_k: int,
     scales_offset: int | None, active_rank_mask: int, own_signature: torch.Tensor, wait_in_kernel: bool,
-    small_rounds: bool = False, pdl: bool = False,
+    small_rounds: bool = False, pdl: bool = False, compare: bool = True,
 ) -> KernelLaunch:
-    """The gather and top-k reduction; every program compares the peers' combine signatures with
-    `own_signature` before its stores, and the last one records a disagreement (a2a.kernels.combine)."""
+    """The gather and top-k reduction; with `compare` every program compares the peers' combine
+    signatures with `own_signature` before its stores, and the last one records a disagreement
+    (a2a.kernels.combine); without it the barrier must have compared them."""
     ep_size, rt, hidden = payload.shape
     layout = rank_workspace.layout
     planes = rank_workspace.every_rank(combine_offset, ep_size * rt * hidden * payload.element_size(), payload.dtype)
@@ -393,7 +404,7 @@ def _gather_launch(
              EP_SIZE=ep_size, EP_PAD=protocol["EP_PAD"], FLAG_ARRAY_STRIDE=protocol["FLAG_ARRAY_STRIDE"],
              PHASE=int(Phase.COMBINE), FLAG_ROW=int(FlagArray.COMBINE), SIGNATURE_WORDS=protocol["SIGNATURE_WORDS"],
              COMPARED_WORDS=COMPARED_SIGNATURE_WORDS, HAS_HOST_RECORD=protocol["HAS_HOST_RECORD"],
-             num_warps=config.num_warps, **pdl_constexprs(pdl)),
+             COMPARE=compare, num_warps=config.num_warps, **pdl_constexprs(pdl)),
     )
 
 
@@ -402,7 +413,8 @@ def _fused_launch(rank_workspace: RankWorkspace, payload: torch.Tensor, combine_
                   wait_in_kernel: bool, pdl: bool = False) -> KernelLaunch:  # fmt: skip
     """The gather of a small round (`_gather_launch`'s arguments and tile) with the barrier's
     (`barrier_launch`) and the arrival and gate words: `_fused_combine_kernel`. On CUDA its elected
-    program signals, waits and gates; on the CPU (the host waited before) it only gates."""
+    program signals, waits and gates; on the CPU (the host waited before) it only gates. Every
+    program compares the signatures, as the comparing gather's do."""
     gather = _gather_launch(rank_workspace, payload, combine_offset, output, top_k, scales_offset, active_rank_mask,
                             own_signature, wait_in_kernel, small_rounds=True, pdl=pdl)  # fmt: skip
     barrier = barrier_launch(rank_workspace, own_signature, active_rank_mask, rt, top_k, wait_in_kernel,
@@ -416,7 +428,7 @@ def _fused_launch(rank_workspace: RankWorkspace, payload: torch.Tensor, combine_
         gather.grid,
         (*gather.args, *(barrier_values[name] for name in _FUSED_BARRIER_ARGS),
          rank_workspace.round_word(RoundState.COMBINE_ARRIVALS), rank_workspace.round_word(RoundState.COMBINE_GATE)),
-        {name: value for name, value in constexprs.items() if name != "GATE"},
+        {name: value for name, value in constexprs.items() if name not in ("GATE", "COMPARE")},
     )
 
 
@@ -427,11 +439,14 @@ _FUSED_BARRIER_ARGS = ("timeout_ns", "timeout_ms", "dispatch_rows_ptr", "dispatc
 def _fused_max_tokens(fused, tiles: int, ep_size: int, wait_in_kernel: bool) -> int:
     """The most tokens a round may have to run fused: on CUDA what fits beside every peer
     (`configs.fused_combine_max_tokens`; never where the GPU's capacity is unknown), on the CPU
-    (interpreted programs run one after another, nothing spins) every small round."""
+    (interpreted programs run one after another, nothing spins) every small round; and only rounds
+    whose gather compares the signatures (configs.GATHER_COMPARE_MAX_TOKENS), as the fused one does."""
     if not wait_in_kernel:
-        return configs.SMALL_ROUND_TOKENS
+        return configs.GATHER_COMPARE_MAX_TOKENS
     resident = fused.resident_programs()
-    return -1 if resident is None else configs.fused_combine_max_tokens(resident, tiles, ep_size)
+    if resident is None:
+        return -1
+    return min(configs.GATHER_COMPARE_MAX_TOKENS, configs.fused_combine_max_tokens(resident, tiles, ep_size))
 
 
 # The gate marks up to max_num_tokens * MAX_TOP_K entries of a lost round, this many per step.
@@ -439,10 +454,12 @@ GATE_BLOCK = 1024
 
 
 def barrier_launch(rank_workspace: RankWorkspace, own_signature: torch.Tensor, active_rank_mask: int, rt: int,
-                   top_k: int, wait_in_kernel: bool, gate: bool, signal: bool = True, pdl: bool = False) -> KernelLaunch:  # fmt: skip
+                   top_k: int, wait_in_kernel: bool, gate: bool, signal: bool = True, pdl: bool = False,
+                   compare: bool = False) -> KernelLaunch:  # fmt: skip
     """One program: (signal) "my combine plane is ready", with the round's signature, to every peer;
-    (wait_in_kernel) wait for theirs (the gather compares the signatures); (gate) let the gather read, or mark
-    the combine's top-k entries lost after a fault or a combine that differs from its dispatch."""
+    (wait_in_kernel) wait for theirs and (compare) compare their signatures with this rank's, for a
+    gather that does not; (gate) let the gather read, or mark the combine's top-k entries lost after
+    a fault or a combine that differs from its dispatch."""
     layout = rank_workspace.layout
     targets = rank_workspace.own(layout.topk_target_ranks_offset, layout.max_num_tokens * MAX_TOP_K)
     return KernelLaunch(
@@ -452,6 +469,7 @@ def barrier_launch(rank_workspace: RankWorkspace, own_signature: torch.Tensor, a
          targets, rank_workspace.round_word(RoundState.DISPATCH_ROWS), rank_workspace.round_word(RoundState.DISPATCH_RT),
          0, rt),
         dict(PHASE=int(Phase.COMBINE), FLAG_ROW=int(FlagArray.COMBINE), TOP_K=top_k, GATE_BLOCK=GATE_BLOCK,
-             SIGNAL=signal, GATE=gate, num_warps=1, **protocol_constexprs(rank_workspace, wait_in_kernel),
+             SIGNAL=signal, GATE=gate, COMPARE=compare, num_warps=1,
+             **protocol_constexprs(rank_workspace, wait_in_kernel),
              **pdl_constexprs(pdl)),
     )
