@@ -254,7 +254,10 @@ class _CombinePlan:
         # The gather's tile for small rounds and for larger ones (a2a.ops.configs.SMALL_ROUND_TOKENS),
         # and whether its programs compare the signatures (configs.GATHER_COMPARE_MAX_TOKENS; else the
         # barrier does): a small round's with and without, a larger round's without. Variants that
-        # come out the same are bound once.
+        # come out the same are bound once. Both limits are read here, once: a plan's choices never
+        # change after it is built.
+        self.small_round_tokens = configs.SMALL_ROUND_TOKENS
+        self.gather_compare_max_tokens = min(configs.GATHER_COMPARE_MAX_TOKENS, self.small_round_tokens)
         gathers = {(small_rounds, compare): _gather_launch(rank_workspace, payload, combine_offset, output, top_k,
                                                            scales_offset if self.quantized else None, active_rank_mask,
                                                            self.signature, self.wait_in_kernel, small_rounds, pdl,
@@ -298,7 +301,8 @@ class _CombinePlan:
                                   self.wait_in_kernel, pdl)  # fmt: skip
             self.fused = fused.bind(dynamic=("out_ptr", "num_tokens"))
             self.fused_tiles = fused.grid[1]
-            self.fused_max_tokens = _fused_max_tokens(self.fused, self.fused_tiles, ep_size, self.wait_in_kernel)
+            self.fused_max_tokens = min(self.gather_compare_max_tokens,  # the fused programs compare
+                                        _fused_max_tokens(self.fused, self.fused_tiles, ep_size, self.wait_in_kernel))
 
     def accepts(self, payload: torch.Tensor, payload_scales: torch.Tensor | None, local_num_tokens: object,
                 output: torch.Tensor | None) -> bool:  # fmt: skip
@@ -320,11 +324,11 @@ class _CombinePlan:
         # us at 8 tokens, 8 ranks on one H200; bench/RESULTS.md).
         fused = rows <= self.fused_max_tokens and not (self.wait_in_kernel and capturing(self.device))
         # Who compares the signatures: a small round's gather programs, a larger round's barrier.
-        gather_compares = rows <= configs.GATHER_COMPARE_MAX_TOKENS  # a fused round's always do (fused_max_tokens)
+        gather_compares = rows <= self.gather_compare_max_tokens  # a fused round's always do (fused_max_tokens)
         if fused:
             bound_gather, gather_tiles = self.fused, self.fused_tiles
         else:
-            bound_gather, gather_tiles = self.gathers[(local_num_tokens <= configs.SMALL_ROUND_TOKENS, gather_compares)]
+            bound_gather, gather_tiles = self.gathers[(rows <= self.small_round_tokens, gather_compares)]
         barrier = self.barriers[not gather_compares]
         gather_grid = (rows, gather_tiles)
 
@@ -439,14 +443,11 @@ _FUSED_BARRIER_ARGS = ("timeout_ns", "timeout_ms", "dispatch_rows_ptr", "dispatc
 def _fused_max_tokens(fused, tiles: int, ep_size: int, wait_in_kernel: bool) -> int:
     """The most tokens a round may have to run fused: on CUDA what fits beside every peer
     (`configs.fused_combine_max_tokens`; never where the GPU's capacity is unknown), on the CPU
-    (interpreted programs run one after another, nothing spins) every small round; and only rounds
-    whose gather compares the signatures (configs.GATHER_COMPARE_MAX_TOKENS), as the fused one does."""
+    (interpreted programs run one after another, nothing spins) every small round."""
     if not wait_in_kernel:
-        return configs.GATHER_COMPARE_MAX_TOKENS
+        return configs.SMALL_ROUND_TOKENS
     resident = fused.resident_programs()
-    if resident is None:
-        return -1
-    return min(configs.GATHER_COMPARE_MAX_TOKENS, configs.fused_combine_max_tokens(resident, tiles, ep_size))
+    return -1 if resident is None else configs.fused_combine_max_tokens(resident, tiles, ep_size)
 
 
 # The gate marks up to max_num_tokens * MAX_TOP_K entries of a lost round, this many per step.
