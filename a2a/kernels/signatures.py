@@ -1,8 +1,9 @@
 """Round signatures inside kernels: each rank's words describing its round (a2a.runtime.protocol's
-fields), compared with every peer's. The dispatch barrier compares them after its wait
-(`_compare_signatures`, a2a.kernels.signal._phase_barrier); the combine's gather programs load
-them early and reduce them after their rows (`_load_signatures`, `_signatures_disagree`), and the
-gather's last program records a difference (a2a.kernels.signal._record_disagreement)."""
+fields), compared with every peer's. The dispatch barrier, and the combine barrier of a larger
+round, compare them after the wait (`_compare_signatures`, a2a.kernels.signal._phase_barrier); a
+small round's combine gather programs load them early and reduce them after their rows
+(`_load_signatures`, `_signatures_disagree`), and the gather's last program records a difference
+(a2a.kernels.signal._record_disagreement)."""
 
 import triton
 import triton.language as tl

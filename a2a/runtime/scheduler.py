@@ -20,8 +20,10 @@ phases), `g` its gather count:
     combine barrier (one program): v += 1,          combine barrier
       signature, combine_flags[0] := v @ 0, @ 1 ->
       spin until own combine_flags == v        <-
-    gather-reduce (peers' planes; every program     gather-reduce
-      compares the signatures before its stores);
+      (rounds over 32 rows: compare signatures)
+    gather-reduce (peers' planes; up to 32 rows     gather-reduce
+      every program compares the signatures
+      before its stores);
       last program: g += 1, gather_flags[0] :=
       g @ 0, @ 1 (or, on a disagreement, records
       it and poisons instead) ---->
