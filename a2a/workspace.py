@@ -182,7 +182,7 @@ class RankWorkspace:
     def flag_wait(self, phase: Phase, active_rank_mask: int, timeout_ms: int,
                   compare_signatures: bool = True) -> FlagWait:  # fmt: skip
         """The host wait (CPU path) of `phase` among the active ranks (bit r: rank r); it compares
-        the peers' signatures unless `compare_signatures` is False (the combine: its gather does)."""
+        the peers' signatures unless `compare_signatures` is False (a combine whose gather does)."""
         layout = self.layout
         row = FlagArray.GATHER if phase is Phase.ORDERING else FlagArray(_signature_row(phase))
         flags_offset = layout.dispatch_flags_offset + 4 * layout.flag_array_stride * row

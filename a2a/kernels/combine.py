@@ -390,8 +390,9 @@ def _fused_combine_kernel(
     (a2a.ops.combine decides): the first program to start runs the combine barrier program's work
     (`_combine_barrier`: signal, wait, gate), then opens the gate; every other program waits for
     the gate before it reads a top-k entry or a peer's row. Every program compares the signatures
-    as `_combine_kernel`'s do. Electing the first to arrive, not a fixed program id, means the
-    barrier program is always one that holds an SM, whatever order the GPU schedules the grid in.
+    as `_combine_kernel`'s do with COMPARE (a2a.ops.combine fuses only rounds whose gather
+    compares). Electing the first to arrive, not a fixed program id, means the barrier program
+    is always one that holds an SM, whatever order the GPU schedules the grid in.
     The last program resets the arrival and gate words with the election (`_finish_gather`)."""
     if PDL:
         gdc_wait()  # the previous kernel on this stream has completed and its stores are visible

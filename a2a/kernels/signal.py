@@ -11,9 +11,10 @@ tests/test_protocol.py checks against it). In short, per phase:
   the flag.
 - wait (WAIT): spin until every active `flags[s]` equals the epoch, a peer's flag is FLAG_POISON,
   or `timeout_ns` of `%globaltimer` passed; system-scope acquire; then (COMPARE: the dispatch,
-  a larger round's combine) compare every peer's signature with this rank's
-  (a2a.kernels.signatures); a small round's combine gather compares them instead, before its
-  stores, and its last program records a disagreement (`_record_disagreement`). A poisoned peer, a timeout or a disagreeing peer is recorded in the
+  a combine of more than GATHER_COMPARE_MAX_TOKENS rows) compare every peer's signature with
+  this rank's (a2a.kernels.signatures); a combine of fewer rows compares them in its gather
+  instead, before its stores, and the gather's last program records a disagreement
+  (`_record_disagreement`). A poisoned peer, a timeout or a disagreeing peer is recorded in the
   fault record (own segment, and a host-mapped copy the host reads without synchronising), and
   the rank poisons its flags in every peer. Ranks run the same phases in the same order, so their
   epochs agree; a peer can raise a flag again only after a later phase that needs this rank's
@@ -260,10 +261,10 @@ def _phase_barrier(flag_value_ptr, flags_ptr, signatures_ptr, own_signature_ptr,
     election whose others have exited): let the next kernel on the stream launch as soon as the
     wait ends, so its programs start while this one still judges (they wait for this kernel to
     complete before they load or store). COMPARE: compare the peers' signatures here (the
-    dispatch, a larger round's combine); without it the caller's next step compares them (a small
-    round's combine: every gather program before its stores, and the gather's last program records
-    a mismatch, `_record_disagreement`), so no load of theirs sits between the wait's end and this
-    kernel's.
+    dispatch, a combine of more than a2a.ops.configs.GATHER_COMPARE_MAX_TOKENS rows); without it
+    the caller's next step compares them (a combine of fewer rows: every gather program before
+    its stores, and the gather's last program records a mismatch, `_record_disagreement`), so no
+    load of theirs sits between the wait's end and this kernel's.
 
     flags_ptr: the flag block `[3, EP_SIZE]` of segment 0 (rows FLAG_ARRAY_STRIDE apart; segment t
     at + t * stride_rank). signatures_ptr: this phase's `[EP_SIZE, SIGNATURE_WORDS]` signatures of

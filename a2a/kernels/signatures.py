@@ -1,8 +1,9 @@
 """Round signatures inside kernels: each rank's words describing its round (a2a.runtime.protocol's
-fields), compared with every peer's. The dispatch barrier, and the combine barrier of a larger
-round, compare them after the wait (`_compare_signatures`, a2a.kernels.signal._phase_barrier); a
-small round's combine gather programs load them early and reduce them after their rows
-(`_load_signatures`, `_signatures_disagree`), and the gather's last program records a difference
+fields), compared with every peer's. The dispatch barrier, and the combine barrier of a round of
+more than a2a.ops.configs.GATHER_COMPARE_MAX_TOKENS rows, compare them after the wait
+(`_compare_signatures`, a2a.kernels.signal._phase_barrier); in a combine of fewer rows the gather
+programs load them early and reduce them after their rows (`_load_signatures`,
+`_signatures_disagree`), and the gather's last program records a difference
 (a2a.kernels.signal._record_disagreement)."""
 
 import triton

@@ -5,7 +5,8 @@ kernel and the gather, or, for a small round whose grid fits on the GPU beside e
 (`configs.fused_combine_max_tokens`; A2A_FUSED_COMBINE=0 turns it off) called outside CUDA-graph
 capture, one fused launch of both.
 On the CPU the host waits between a signal launch and the gate: gate and gather are then one
-fused launch for small rounds, or two launches."""
+fused launch for small rounds, or two launches. A fused launch serves only rounds whose gather
+compares the signatures (`configs.GATHER_COMPARE_MAX_TOKENS` rows or fewer)."""
 
 from __future__ import annotations
 
@@ -323,7 +324,8 @@ class _CombinePlan:
         # CUDA graph, which hides host time, the two launches finished sooner (19.3-19.6 vs 20.7-21.1
         # us at 8 tokens, 8 ranks on one H200; bench/RESULTS.md).
         fused = rows <= self.fused_max_tokens and not (self.wait_in_kernel and capturing(self.device))
-        # Who compares the signatures: a small round's gather programs, a larger round's barrier.
+        # Who compares the signatures: the gather's programs up to gather_compare_max_tokens rows, else
+        # the barrier.
         gather_compares = rows <= self.gather_compare_max_tokens  # a fused round's always do (fused_max_tokens)
         if fused:
             bound_gather, gather_tiles = self.fused, self.fused_tiles
@@ -443,7 +445,8 @@ _FUSED_BARRIER_ARGS = ("timeout_ns", "timeout_ms", "dispatch_rows_ptr", "dispatc
 def _fused_max_tokens(fused, tiles: int, ep_size: int, wait_in_kernel: bool) -> int:
     """The most tokens a round may have to run fused: on CUDA what fits beside every peer
     (`configs.fused_combine_max_tokens`; never where the GPU's capacity is unknown), on the CPU
-    (interpreted programs run one after another, nothing spins) every small round."""
+    (interpreted programs run one after another, nothing spins) every small round (the plan then
+    caps both at the gather-compare limit)."""
     if not wait_in_kernel:
         return configs.SMALL_ROUND_TOKENS
     resident = fused.resident_programs()

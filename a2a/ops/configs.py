@@ -108,7 +108,7 @@ SMALL_ROUND_TOKENS = 128
 # The combine compares its peers' round signatures in every gather program for rounds of at most
 # this many token rows a rank, and in the barrier kernel after its wait for larger ones
 # (a2a.kernels.combine). In the barrier the compare delays every gather by 0.9 us at 16 tokens; in
-# the gather it is hidden there but cost 2.65 us at 128 tokens and 2 us at 4096 (graph A/B of the
+# the gather it is hidden there but cost 2.4-2.65 us at 128 tokens and 2 us at 4096 (graph A/B of the
 # two placements against 544fef1, 8 ranks on one H200, bench/RESULTS.md session 16).
 GATHER_COMPARE_MAX_TOKENS = 32
 assert GATHER_COMPARE_MAX_TOKENS <= SMALL_ROUND_TOKENS  # the gathers of larger rounds never compare

@@ -42,10 +42,10 @@ Why each wait is enough:
   combine signal, issued after my sanitize / MoE reads of those planes.
 - flags are never reset: a flag equals v only once this round's signal arrived, and a peer
   cannot store the next value into it before this rank signalled.
-- faults: a wait that sees a poisoned peer, times out or (dispatch) sees a different signature,
-  or a gather that sees a different combine signature, records a fault; from then on the rank
-  makes no remote store and its flags read FLAG_POISON in every peer, so the fault spreads to
-  every rank that waits on it (a2a.runtime.protocol).
+- faults: a wait that sees a poisoned peer, times out or (dispatch; combine over 32 rows) sees a
+  different signature, or a gather that sees a different combine signature, records a fault;
+  from then on the rank makes no remote store and its flags read FLAG_POISON in every peer, so
+  the fault spreads to every rank that waits on it (a2a.runtime.protocol).
 """
 
 from __future__ import annotations
