@@ -7,12 +7,23 @@ from __future__ import annotations
 import os
 import random
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from a2a.ops import configs
 from tests.conftest import requires_cuda
 from tests.support.engine_traffic import COMPILED_LAYERS, GraphTraffic, LayerSpec, Traffic, TrafficCase, traffic_cases
+
+
+@pytest.fixture(autouse=True)
+def compare_in_both_places(monkeypatch):
+    """The combine compares the signatures in the gather up to GATHER_COMPARE_MAX_TOKENS rows and in
+    the barrier (CPU: the host's wait) above; the traffic here draws at most 8 (CPU) or 32 (GPU)
+    rows a rank, so at the default (32) it would never reach the barrier's compare. At 4 both
+    places run, and ranks of one round often pick differently."""
+    monkeypatch.setattr(configs, "GATHER_COMPARE_MAX_TOKENS", 4)
 
 
 def run_case(case: TrafficCase, device: str) -> None:
