@@ -4,13 +4,14 @@
 rank's signature and epoch into its words of every peer's arrays. The stream waits (`wait`): it
 holds later work until the awaited flags hold the expected epoch, then judges the wait exactly as
 the kernels do on CUDA (a2a.runtime.protocol): a poisoned peer, a timeout or (when the wait is
-given signature addresses: the dispatch's) a peer whose round signature differs is recorded in the
-rank's fault record, and the rank poisons its flags in every peer. A combine's signatures are
-compared by this wait or by its gather kernel, as on CUDA (a2a.ops.combine picks by the round's
-rows); a disagreement the gather finds is recorded there and raised at the rank's next call. A rank that has recorded a fault passes every later wait at once; its
-kernels then make no remote store. Words are read and written through their addresses (a CPU
-workspace, possibly shared between processes; x86 stores of aligned words are atomic and not
-reordered with earlier stores, so data written before a flag is visible to whoever sees the flag).
+given signature addresses) a peer whose round signature differs is recorded in the rank's fault
+record, and the rank poisons its flags in every peer. The dispatch's wait compares; a combine's
+signatures are compared by this wait or by its gather kernel, as on CUDA (a2a.ops.combine picks by
+the round's rows), and a disagreement the gather finds is recorded there and raised at the rank's
+next call. A rank that has recorded a fault passes every later wait at once; its kernels then make
+no remote store. Words are read and written through their addresses (a CPU workspace, possibly
+shared between processes; x86 stores of aligned words are atomic and not reordered with earlier
+stores, so data written before a flag is visible to whoever sees the flag).
 
 Two ways to wait:
 - blocking (no scheduler): poll until done or `A2A_SIGNAL_TIMEOUT_S` passes; a fault raises at
